@@ -1,0 +1,117 @@
+"""Turning decoded shard samples into model inputs, and padding multi-view products into batches.
+
+A product has 1-5 views; a batch stacks them into ``[B, V, 3, H, W]`` with ``V`` the largest view
+count in the batch and a boolean ``[B, V]`` mask saying which slots hold a real view.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .schema import MAX_VIEWS
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+TextMode = Literal["short", "long", "mixed"]
+
+
+class ResizeToTensor:
+    """Default transform: square resize and [0, 1] scaling. Backbones replace it with their own."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(img.convert("RGB").resize((self.size, self.size), Image.BICUBIC), dtype=np.float32)
+        return torch.from_numpy(arr / 255.0).permute(2, 0, 1)
+
+
+def _stack_views(views: list[Image.Image], transform: ImageTransform) -> torch.Tensor:
+    return torch.stack([transform(v) for v in views[:MAX_VIEWS]])
+
+
+def _views(sample: dict[str, Any], prefix: str) -> list[Image.Image]:
+    views = []
+    for i in range(MAX_VIEWS):
+        img = sample.get(f"{prefix}{i}.jpg")
+        if img is None:
+            img = sample.get(f"{prefix}{i}.png")
+        if img is None:
+            break
+        views.append(img)
+    if not views:
+        raise ValueError(f"sample {sample.get('__key__', '?')} in {sample.get('__url__', '?')} has no "
+                         f"'{prefix}0.jpg' member: not a {'gallery' if prefix == 'view' else 'triplet'} sample")
+    return views
+
+
+def pick_text(triplet: dict[str, Any], mode: TextMode, rng: random.Random) -> str:
+    short, long = triplet["modification_short"], triplet.get("modification_long") or ""
+    if mode == "long" and long:
+        return long
+    if mode == "mixed" and long and rng.random() < 0.5:
+        return long
+    return short
+
+
+class TripletExample:
+    """Sample → dict for one triplet. A class (not a closure) so DataLoader workers can pickle it."""
+
+    def __init__(self, transform: ImageTransform, text_mode: TextMode, with_target: bool = True,
+                 seed: int = 0) -> None:
+        self.transform = transform
+        self.text_mode = text_mode
+        self.with_target = with_target
+        self.rng = random.Random(seed)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        meta = sample["json"]
+        t = meta["triplet"]
+        out = {
+            "source_images": _stack_views(_views(sample, "src"), self.transform),
+            "text": pick_text(t, self.text_mode, self.rng),
+            "source_id": t["source_id"],
+            "target_id": t["target_id"],
+            "dataset": t["dataset"],
+            "meta": meta,
+        }
+        if self.with_target:
+            out["target_images"] = _stack_views(_views(sample, "tgt"), self.transform)
+        return out
+
+
+class GalleryExample:
+    def __init__(self, transform: ImageTransform) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        meta = sample["json"]
+        return {"images": _stack_views(_views(sample, "view"), self.transform),
+                "product_id": meta["product_id"], "dataset": meta["dataset"], "meta": meta}
+
+
+def pad_views(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    v = max(s.shape[0] for s in stacks)
+    out = stacks[0].new_zeros((len(stacks), v, *stacks[0].shape[1:]))
+    mask = torch.zeros(len(stacks), v, dtype=torch.bool)
+    for i, s in enumerate(stacks):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return out, mask
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pads every ``*images`` field and adds its ``*mask``; other fields become lists."""
+    batch: dict[str, Any] = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if key.endswith("images"):
+            batch[key], batch[key.replace("images", "mask")] = pad_views(values)
+        else:
+            batch[key] = values
+    return batch

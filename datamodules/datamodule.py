@@ -1,0 +1,198 @@
+"""Streams a shard folder (see ``shards.py``) for training and evaluation.
+
+Training: resampled shards with a fixed number of batches per worker (``with_epoch``) so every
+DDP rank runs the same number of full batches and none waits forever in a collective. Evaluation:
+every shard exactly once, split over ranks and workers; the validation step sees the gallery
+(dataloader 0) before the queries (dataloader 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import webdataset as wds
+
+from .batching import GalleryExample, ImageTransform, ResizeToTensor, TextMode, TripletExample, collate
+from .shards import SkipCounter, decode_sample, read_manifest, shard_urls
+from .synthetic import write_synthetic
+
+log = logging.getLogger(__name__)
+
+
+class TagSkipped:
+    """Last pipeline stage: attach this worker's skip count so the main process can total it."""
+
+    def __init__(self, loader: str, counter: SkipCounter) -> None:
+        self.loader = loader
+        self.counter = counter
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        info = torch.utils.data.get_worker_info()
+        batch["_skipped"] = (self.loader, info.id if info else 0, self.counter.count)
+        return batch
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Triplet and gallery shards of one shard folder.
+
+    Args:
+        data_dir: folder with ``manifest.json`` and the shards.
+        batch_size: triplets per batch per device.
+        eval_batch_size: gallery products / queries per batch in evaluation.
+        num_workers: DataLoader worker processes per device.
+        image_size: side of the default square resize; a model replaces the transform with its
+            backbone's own preprocessing through ``set_image_transform``.
+        train_text: which modification text training uses (evaluation always uses the short one).
+        shuffle_buffer: samples held for shuffling in each training worker.
+        val_split: the split evaluated by ``validate``/``test``.
+        seed: seed of shard resampling and shuffling.
+    """
+
+    def __init__(self, data_dir: str = "data/synthetic", batch_size: int = 32, eval_batch_size: int = 64,
+                 num_workers: int = 2, image_size: int = 64, train_text: TextMode = "short",
+                 shuffle_buffer: int = 500, val_split: str = "val", seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.image_transform: ImageTransform = ResizeToTensor(image_size)
+        self.skipped: dict[tuple[str, int], int] = {}
+        self._manifest: dict[str, Any] | None = None
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def set_image_transform(self, transform: ImageTransform) -> None:
+        self.image_transform = transform
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.data_dir)
+        return self._manifest
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.manifest["datasets"])
+
+    def prepare_data(self) -> None:
+        read_manifest(self.data_dir)  # fail here, with the fix in the message, rather than in a worker
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "_skipped" in batch:
+            loader, worker, count = batch.pop("_skipped")
+            self.skipped[(loader, worker)] = count
+        return batch
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def _loader(self, pipeline: wds.DataPipeline, n_shards: int) -> wds.WebLoader:
+        workers = min(self.hparams.num_workers, n_shards)
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
+                             persistent_workers=workers > 0)
+
+    def train_batches_per_worker(self) -> tuple[int, int]:
+        """(batches per worker, workers): equal on every rank whatever the shard count."""
+        _, world = self._world()
+        n = self.manifest["splits"]["train"]["triplets"]
+        batches = max(1, n // (self.hparams.batch_size * world))
+        workers = max(1, self.hparams.num_workers)
+        return math.ceil(batches / workers), workers
+
+    def train_dataloader(self) -> wds.WebLoader:
+        urls = shard_urls(self.data_dir, self.manifest, "train", "triplets")
+        counter = SkipCounter("train")
+        per_worker, workers = self.train_batches_per_worker()
+        stages = [
+            wds.ResampledShards(urls, seed=self.hparams.seed, deterministic=True),
+            wds.tarfile_to_samples(handler=counter),
+            wds.detshuffle(self.hparams.shuffle_buffer, initial=self.hparams.shuffle_buffer // 4,
+                           seed=self.hparams.seed),
+            wds.map(decode_sample, handler=counter),
+            wds.map(TripletExample(self.image_transform, self.hparams.train_text, seed=self.hparams.seed),
+                    handler=counter),
+            wds.batched(self.hparams.batch_size, collation_fn=collate, partial=False),
+            wds.map(TagSkipped("train", counter)),
+        ]
+        pipeline = wds.DataPipeline(*stages).with_epoch(per_worker).with_length(per_worker * workers,
+                                                                                silent=True)
+        # Resampled shards make the stream endless, so every worker may read every shard.
+        workers_used = self.hparams.num_workers
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=workers_used,
+                             persistent_workers=workers_used > 0)
+
+    def _eval_pipeline(self, urls: list[str], name: str, example: Any) -> wds.DataPipeline:
+        counter = SkipCounter(name)
+        return wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(handler=counter),
+            wds.map(decode_sample, handler=counter),
+            wds.map(example, handler=counter),
+            wds.batched(self.hparams.eval_batch_size, collation_fn=collate, partial=True),
+            wds.map(TagSkipped(name, counter)),
+        )
+
+    def eval_dataloaders(self, split: str) -> list[wds.WebLoader]:
+        gallery = shard_urls(self.data_dir, self.manifest, split, "gallery")
+        queries = shard_urls(self.data_dir, self.manifest, split, "triplets")
+        return [
+            self._loader(self._eval_pipeline(gallery, f"{split}-gallery", GalleryExample(self.image_transform)),
+                         len(gallery)),
+            self._loader(self._eval_pipeline(queries, f"{split}-queries",
+                                             TripletExample(self.image_transform, "short")), len(queries)),
+        ]
+
+    def val_dataloader(self) -> list[wds.WebLoader]:
+        return self.eval_dataloaders(self.hparams.val_split)
+
+    def test_dataloader(self) -> list[wds.WebLoader]:
+        return self.eval_dataloaders(self.hparams.val_split)
+
+    def predict_dataloader(self) -> list[wds.WebLoader]:
+        return self.eval_dataloaders(self.hparams.val_split)
+
+
+class SyntheticDataModule(ShardDataModule):
+    """The generated multi-view dataset; ``prepare_data`` writes its shards when they are missing.
+
+    Args:
+        products: products to generate (train and val together).
+        generator_seed: seed of the generator (the data itself, not the loader order).
+        val_fraction: share of product families held out for validation.
+    """
+
+    def __init__(self, data_dir: str = "data/synthetic", products: int = 1500, generator_seed: int = 0,
+                 val_fraction: float = 0.2, batch_size: int = 32, eval_batch_size: int = 64,
+                 num_workers: int = 2, image_size: int = 64, train_text: TextMode = "short",
+                 shuffle_buffer: int = 500, val_split: str = "val", seed: int = 0) -> None:
+        super().__init__(data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         num_workers=num_workers, image_size=image_size, train_text=train_text,
+                         shuffle_buffer=shuffle_buffer, val_split=val_split, seed=seed)
+        self.save_hyperparameters()
+
+    def prepare_data(self) -> None:
+        manifest = self.data_dir / "manifest.json"
+        if manifest.is_file():
+            source = read_manifest(self.data_dir)["source"]
+            wanted = (self.hparams.products, self.hparams.generator_seed, self.hparams.val_fraction)
+            found = (source.get("products"), source.get("seed"), source.get("val_fraction"))
+            if found != wanted:
+                raise ValueError(
+                    f"{manifest} was generated with (products, seed, val_fraction)={found}, the config asks "
+                    f"for {wanted}: delete {self.data_dir} to regenerate, or point data_dir elsewhere."
+                )
+            return
+        log.info("generating %d synthetic products into %s", self.hparams.products, self.data_dir)
+        write_synthetic(self.data_dir, products=self.hparams.products, seed=self.hparams.generator_seed,
+                        val_fraction=self.hparams.val_fraction)

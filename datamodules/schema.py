@@ -1,0 +1,105 @@
+"""The two records every dataset in the framework is converted to.
+
+A **product** is what a gallery holds and what a query starts from: one to five views of the same
+item. A **triplet** is a training or evaluation query: source product + modification text → target
+product. Real datasets (FashionIQ: one view; FashionMV: several) and the generated one all become
+these two records before they are written to shards, so models never see dataset-specific layouts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image
+
+MAX_VIEWS = 5
+VIEW_NAMES = ("front", "back", "side_left", "side_right", "detail")
+# WebDataset splits a member name at its first dot into key and extension: a dot in a key
+# would silently corrupt every sample that follows it.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class SchemaError(ValueError):
+    """A record that does not satisfy the schema; the message names the record and the field."""
+
+
+def check_key(key: str, what: str) -> str:
+    if not _KEY_RE.match(key):
+        raise SchemaError(
+            f"{what} {key!r} must contain only letters, digits, '_' and '-' (no dots, slashes or spaces): "
+            "WebDataset uses the first dot to split key from extension. Map real ids with safe_key()."
+        )
+    return key
+
+
+def safe_key(raw: str) -> str:
+    """Turn an arbitrary id (nested paths, dots) into a shard-safe key, reversibly enough to read."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", raw)
+
+
+@dataclass
+class Product:
+    """One item of a gallery.
+
+    ``views`` and ``view_names`` are parallel; ``view_captions`` holds one caption per view when a
+    dataset provides them (empty list otherwise).
+    """
+
+    product_id: str
+    dataset: str
+    category: str
+    views: list[Image.Image]
+    view_names: list[str]
+    short_caption: str = ""
+    long_caption: str = ""
+    view_captions: list[str] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_key(self.product_id, "product_id")
+        check_key(self.dataset, "dataset")
+        if not 1 <= len(self.views) <= MAX_VIEWS:
+            raise SchemaError(
+                f"product {self.product_id!r} has {len(self.views)} views; a product needs 1 to {MAX_VIEWS}"
+            )
+        if len(self.view_names) != len(self.views):
+            raise SchemaError(f"product {self.product_id!r}: view_names and views differ in length")
+        if self.view_captions and len(self.view_captions) != len(self.views):
+            raise SchemaError(f"product {self.product_id!r}: view_captions and views differ in length")
+
+    def meta(self) -> dict[str, Any]:
+        """Everything but the pixels, as written to the shard's ``json`` member."""
+        d = asdict(self)
+        d.pop("views")
+        return d
+
+
+@dataclass
+class Triplet:
+    """A query (source product + modification text) and its answer (the target product)."""
+
+    source_id: str
+    target_id: str
+    dataset: str
+    modification_short: str
+    modification_long: str = ""
+    views_involved: list[str] = field(default_factory=list)
+    changes: dict[str, list[str]] = field(default_factory=dict)  # attribute -> [old, new]
+
+    def __post_init__(self) -> None:
+        check_key(self.source_id, "source_id")
+        check_key(self.target_id, "target_id")
+        check_key(self.dataset, "dataset")
+        if self.source_id == self.target_id:
+            raise SchemaError(f"triplet {self.source_id}->{self.target_id}: source and target are the same")
+        if not self.modification_short.strip():
+            raise SchemaError(f"triplet {self.source_id}->{self.target_id}: empty modification_short")
+
+    @property
+    def key(self) -> str:
+        return f"{self.source_id}--{self.target_id}"
+
+    def meta(self) -> dict[str, Any]:
+        return asdict(self)

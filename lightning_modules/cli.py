@@ -1,0 +1,102 @@
+"""``lightning`` / ``cir``: LightningCLI for every model family and data module of the project.
+
+``lightning fit --config experiments/demo.yaml`` runs an experiment. Experiment files hold
+overrides only and name the reusable fragments they start from under ``defaults:`` (paths relative
+to the experiment file), e.g.::
+
+    defaults:
+      - ../configs/trainer/cpu.yaml
+      - ../configs/model/clip4cir_tiny.yaml
+    trainer:
+      max_epochs: 3
+
+The fragments are loaded first, in order, then the experiment file, then the command line, and
+OmegaConf interpolation (``${data.init_args.batch_size}``, ``${oc.env:VAR,default}``) is resolved
+over the merged result.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from callbacks.mlflow_logging import LogConfigToMLflow
+from datamodules.datamodule import ShardDataModule
+from lightning_modules.retrieval import RetrievalModule
+
+_CONFIG_FLAGS = ("--config", "-c")
+
+
+def _defaults_of(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
+    """Fragments named under ``defaults:`` of ``path``, depth first, each before what includes it."""
+    if path in chain:
+        raise ValueError(f"config {path} includes itself through 'defaults': {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        where = f" (listed under 'defaults' in {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"config file {path} not found{where}")
+    data = yaml.safe_load(path.read_text()) or {}
+    names = (data.get("defaults") or []) if isinstance(data, dict) else []
+    if not isinstance(names, list):
+        raise ValueError(f"{path}: 'defaults' must be a list of config file paths, got {type(names).__name__}")
+    out: list[Path] = []
+    for name in names:
+        fragment = (path.parent / name).resolve()
+        out += _defaults_of(fragment, (*chain, path)) + [fragment]
+    return out
+
+
+def expand_defaults(argv: list[str]) -> list[str]:
+    """Insert ``--config FRAGMENT`` before every ``--config FILE`` whose file lists ``defaults``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg in _CONFIG_FLAGS and i + 1 < len(argv):
+            value, consumed = argv[i + 1], 2
+        elif arg.startswith("--config="):
+            value, consumed = arg.split("=", 1)[1], 1
+        if value is not None and value.endswith((".yaml", ".yml")):
+            for fragment in _defaults_of(Path(value).resolve()):
+                out += ["--config", str(fragment)]
+            out += argv[i : i + consumed]
+            i += consumed
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+class CIRCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--defaults", type=list[str] | None, default=None,
+                            help="Config fragments this config starts from (resolved before parsing).")
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> CIRCLI:
+    """The CLI over ``args`` (default: the command line); ``run=False`` only instantiates."""
+    argv = expand_defaults(list(sys.argv[1:] if args is None else args))
+    return CIRCLI(
+        model_class=RetrievalModule,
+        datamodule_class=ShardDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LogConfigToMLflow,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        auto_configure_optimizers=False,
+        args=argv,
+        run=run,
+    )
+
+
+def main() -> None:
+    """Console-script entry point (returns None: a returned object would become the exit status)."""
+    build_cli()
+
+
+if __name__ == "__main__":
+    main()

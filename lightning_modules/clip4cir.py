@@ -1,0 +1,75 @@
+"""CLIP4CIR: CLIP image and text encoders with a fusion head (sum or the CLIP4Cir Combiner).
+
+Stage 1 (this module as configured by ``experiments/demo.yaml``) fine-tunes both encoders and the
+fusion head with in-batch negatives. Multi-view products are embedded by mean-pooling the image
+features of their views (the view mask excludes padding), for the source and the target alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from .backbones.clip import CLIPBackbone, HFImageTransform
+from .fusion import SumFusion
+from .losses import SymmetricInfoNCE
+from .retrieval import RetrievalModule, default_optimizer, save_config_hyperparameters
+from .search import Backend
+
+
+def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the view axis of ``[B, V, D]`` features, counting only views where ``mask``."""
+    m = mask.unsqueeze(-1).to(features.dtype)
+    return (features * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class CLIP4CIR(RetrievalModule):
+    """CLIP4CIR stage 1.
+
+    Args:
+        backbone: the CLIP encoders.
+        fusion: image + text features → query (``SumFusion`` or ``Combiner``).
+        loss: contrastive loss; defaults to symmetric InfoNCE, τ=0.07, learnable.
+        freeze_backbone: train the fusion head only (CLIP4Cir's combiner-training stage).
+    """
+
+    def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
+                 optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
+                 freeze_backbone: bool = False, top_k: tuple[int, ...] = (1, 5, 10),
+                 search_backend: Backend = "torch") -> None:
+        super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler, top_k=top_k,
+                         search_backend=search_backend)
+        save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler"])
+        self.backbone = backbone
+        self.fusion = fusion or SumFusion()
+        fusion_dim = getattr(self.fusion, "dim", None)
+        if fusion_dim is not None and fusion_dim != backbone.dim:
+            raise ValueError(
+                f"model.init_args.fusion.init_args.dim={fusion_dim} but the backbone "
+                f"{backbone.name_or_path!r} embeds in {backbone.dim} dimensions: set the fusion dim to {backbone.dim}."
+            )
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    def image_transform(self) -> HFImageTransform:
+        return self.backbone.image_transform
+
+    def encode_views(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, V, 3, H, W]`` views → ``[B, D]`` product features (mean over the real views)."""
+        b, v = mask.shape
+        feats = self.backbone.encode_images(images[mask])
+        full = feats.new_zeros(b, v, feats.shape[-1])
+        full[mask] = feats
+        return masked_mean(full, mask)
+
+    def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
+        image = self.encode_views(batch["source_images"], batch["source_mask"])
+        text = self.backbone.encode_texts(batch["text"])
+        return self.fusion(image, text)
+
+    def encode_target(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encode_views(images, mask), dim=-1)

@@ -1,0 +1,69 @@
+"""Exact gallery search that never materialises a queries × gallery matrix.
+
+Scores are computed one (query chunk × gallery chunk) block at a time, so memory stays at
+``chunk_size²`` floats whatever the gallery size; faiss (``IndexFlatIP``) is the alternative for
+top-k lists on the CPU, where its BLAS kernels win on large galleries.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+Backend = Literal["torch", "faiss"]
+
+
+def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor,
+                 chunk_size: int = 4096) -> torch.Tensor:
+    """0-based rank of each query's target: how many gallery items score strictly higher.
+
+    ``target_index[i] < 0`` means the target is absent from the gallery: rank = len(gallery).
+    """
+    n = queries.shape[0]
+    ranks = torch.full((n,), gallery.shape[0], dtype=torch.long, device=queries.device)
+    present = target_index >= 0
+    if n == 0 or gallery.shape[0] == 0 or not present.any():
+        return ranks
+    target_scores = torch.zeros(n, dtype=queries.dtype, device=queries.device)
+    target_scores[present] = (queries[present] * gallery[target_index[present]]).sum(-1)
+    counts = torch.zeros(n, dtype=torch.long, device=queries.device)
+    for qs in range(0, n, chunk_size):
+        q = queries[qs : qs + chunk_size]
+        t = target_scores[qs : qs + chunk_size, None]
+        own = target_index[qs : qs + chunk_size, None]
+        for gs in range(0, gallery.shape[0], chunk_size):
+            block = gallery[gs : gs + chunk_size]
+            cols = torch.arange(gs, gs + block.shape[0], device=q.device)
+            # The target's own column is excluded: a matmul and a dot product may round differently.
+            counts[qs : qs + chunk_size] += ((q @ block.T > t) & (cols[None] != own)).sum(1)
+    ranks[present] = counts[present]
+    return ranks
+
+
+def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 4096,
+         backend: Backend = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices) of the ``k`` best gallery items per query, best first."""
+    k = min(k, gallery.shape[0])
+    if backend == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        index.add(np.ascontiguousarray(gallery.detach().float().cpu().numpy()))
+        scores, idx = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        return torch.from_numpy(scores), torch.from_numpy(idx).long()
+    out_s, out_i = [], []
+    for qs in range(0, queries.shape[0], chunk_size):
+        q = queries[qs : qs + chunk_size]
+        best_s = torch.full((q.shape[0], k), -torch.inf, dtype=q.dtype, device=q.device)
+        best_i = torch.zeros((q.shape[0], k), dtype=torch.long, device=q.device)
+        for gs in range(0, gallery.shape[0], chunk_size):
+            block = gallery[gs : gs + chunk_size]
+            s, i = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
+            merged_s, order = torch.cat([best_s, s], 1).topk(k, dim=1)
+            best_i = torch.cat([best_i, i + gs], 1).gather(1, order)
+            best_s = merged_s
+        out_s.append(best_s)
+        out_i.append(best_i)
+    return torch.cat(out_s), torch.cat(out_i)

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests must never reach a hub, whatever the machine.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated shard folder shared by the tests that only read it."""
+    from datamodules.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(out, products=120, seed=3, val_fraction=0.25, maxcount=40)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's MLflow records out of the repository's mlflow.db."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

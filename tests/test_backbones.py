@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_modules.backbones import PRESETS, CLIPBackbone, get_preset
+
+
+@pytest.mark.parametrize("family,name", [(f, n) for f, presets in PRESETS.items() for n in presets])
+def test_every_preset(family: str, name: str) -> None:
+    preset = get_preset(family, name)
+    assert preset is not None and preset.name == name and preset.family == family
+    if preset.random_init:
+        backbone = CLIPBackbone(name)
+        x = backbone.image_transform(Image.new("RGB", (90, 70), (10, 200, 30)))
+        assert x.shape == (3, preset.image_size, preset.image_size)
+        img = backbone.encode_images(x[None])
+        txt = backbone.encode_texts(["make it red", "add an open back and long sleeves"])
+        assert img.shape == (1, backbone.dim) and txt.shape == (2, backbone.dim)
+        assert sum(p.numel() for p in backbone.parameters()) < 2_000_000
+        assert preset.config["text"]["num_hidden_layers"] == 2 and 32 <= preset.config["text"]["hidden_size"] <= 64
+    else:
+        # Real checkpoints: a hub id of the form org/name; offline, loading fails with the fix.
+        assert re.fullmatch(r"[\w\-.]+/[\w\-.]+", preset.hub_id)
+        with pytest.raises(OSError, match="save_pretrained"):
+            CLIPBackbone(name)
+
+
+def test_tiny_tokenizer_covers_generated_text(small_data: Path) -> None:
+    from datamodules.shards import iterate_shards, read_manifest, shard_urls
+
+    tok = CLIPBackbone("tiny").tokenizer
+    urls = shard_urls(small_data, read_manifest(small_data), "train", "triplets")
+    for sample in list(iterate_shards(urls))[:30]:
+        meta = sample["json"]
+        for text in (meta["triplet"]["modification_short"], meta["source"]["long_caption"]):
+            assert tok.unk_token_id not in tok(text)["input_ids"]
+
+
+def test_save_and_load_by_path_gives_the_same_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tiny = CLIPBackbone("tiny")
+    tiny.save_pretrained(tmp_path / "clip")
+    loaded = CLIPBackbone(str(tmp_path / "clip"))
+    texts = ["make it blue and add a side slit"]
+    img = loaded.image_transform(Image.new("RGB", (64, 64), (200, 0, 0)))[None]
+    assert torch.allclose(tiny.encode_texts(texts), loaded.encode_texts(texts), atol=1e-6)
+    assert torch.allclose(tiny.encode_images(img), loaded.encode_images(img), atol=1e-6)
+    assert loaded.tokenizer("a red dress")["input_ids"] == tiny.tokenizer("a red dress")["input_ids"]
+
+
+def test_unknown_name_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="neither a preset"):
+        CLIPBackbone("no-such-model")

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from datamodules.schema import Product, SchemaError, Triplet, safe_key
+
+
+def _img() -> Image.Image:
+    return Image.new("RGB", (8, 8))
+
+
+def test_product_accepts_one_to_five_views() -> None:
+    for n in (1, 5):
+        p = Product("p1", "ds", "dress", [_img()] * n, ["front"] * n)
+        assert "views" not in p.meta() and p.meta()["product_id"] == "p1"
+
+
+@pytest.mark.parametrize("n", [0, 6, 9])
+def test_product_rejects_view_counts_outside_range(n: int) -> None:
+    with pytest.raises(SchemaError, match="1 to 5"):
+        Product("p1", "ds", "dress", [_img()] * n, ["front"] * n)
+
+
+def test_keys_with_dots_are_rejected_with_the_fix() -> None:
+    with pytest.raises(SchemaError, match="safe_key"):
+        Product("img.001", "ds", "dress", [_img()], ["front"])
+    assert safe_key("women/dress/img.001") == "women_dress_img_001"
+
+
+def test_triplet_validation() -> None:
+    with pytest.raises(SchemaError, match="same"):
+        Triplet("a", "a", "ds", "make it red")
+    with pytest.raises(SchemaError, match="empty"):
+        Triplet("a", "b", "ds", "   ")
+    t = Triplet("a", "b", "ds", "make it red", views_involved=["front"])
+    assert t.key == "a--b" and "." not in t.key
