@@ -59,3 +59,16 @@ def test_train_from_a_saved_backbone_folder_and_log_to_mlflow(tiny_data: Path, t
     config = Path(client.download_artifacts(logger.run_id, "config.yaml", str(tmp_path))).read_text()
     assert str(tmp_path / "tiny-clip") in config and "class_path: lightning_modules.CLIP4CIR" in config
     assert (Path(cli.trainer.checkpoint_callback.last_model_path)).is_file()
+
+    # The same checkpoint through `validate` reproduces the logged recall; `predict` embeds the gallery.
+    last = cli.trainer.checkpoint_callback.last_model_path
+    common = ["--config", str(ROOT / "experiments/demo.yaml"),
+              f"--model.init_args.backbone.init_args.name_or_path={tmp_path / 'tiny-clip'}",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", *_tiny_data_args(tiny_data)]
+    val = build_cli(["validate", *common, f"--ckpt_path={last}"])
+    assert float(val.trainer.callback_metrics["val/recall_at_10"]) == pytest.approx(
+        run.data.metrics["val/recall_at_10"], abs=1e-6)
+    pred = build_cli(common, run=False)
+    outputs = pred.trainer.predict(pred.model, datamodule=pred.datamodule, ckpt_path=last)
+    gallery = [p for batch in outputs[0] for p in batch["product_id"]]
+    assert len(gallery) == len(set(gallery)) and outputs[0][0]["embedding"].shape[1] == cli.model.backbone.dim

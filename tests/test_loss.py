@@ -1,14 +1,11 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo import run_gloo
 
 from lightning_modules.losses import SymmetricInfoNCE
 
@@ -43,24 +40,13 @@ def test_normalises_inputs_and_learns_temperature() -> None:
         SymmetricInfoNCE(temperature=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, q: torch.Tensor, d: torch.Tensor, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        b = q.shape[0] // world
-        ql = q[rank * b : (rank + 1) * b].clone().requires_grad_(True)
-        dl = d[rank * b : (rank + 1) * b].clone().requires_grad_(True)
-        loss = SymmetricInfoNCE(temperature=0.1, learnable_temperature=False, rank=rank, world_size=world)(ql, dl)
-        loss.backward()
-        out[rank] = (loss.detach(), ql.grad.detach(), dl.grad.detach())
-    finally:
-        dist.destroy_process_group()
+def _rank_loss(rank: int, world: int, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    b = q.shape[0] // world
+    ql = q[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    dl = d[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+    loss = SymmetricInfoNCE(temperature=0.1, learnable_temperature=False, rank=rank, world_size=world)(ql, dl)
+    loss.backward()
+    return loss.detach(), ql.grad.detach(), dl.grad.detach()
 
 
 @pytest.mark.slow
@@ -71,9 +57,7 @@ def test_two_process_gloo_equals_one_process_on_the_global_batch() -> None:
     ref = SymmetricInfoNCE(temperature=0.1, learnable_temperature=False)(ref_q, ref_d)
     ref.backward()
 
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_worker, args=(2, _free_port(), q, d, out), nprocs=2, join=True)
+    out = run_gloo(_rank_loss, 2, q, d)
     losses = [out[r][0] for r in range(2)]
     # Mean of the per-rank losses is the global loss; DDP averages gradients over ranks, so the
     # all-gather-with-grad gradient / world_size must equal the one-process gradient.

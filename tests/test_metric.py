@@ -75,3 +75,28 @@ def test_stable_id_is_process_independent() -> None:
                              capture_output=True, text=True, check=True).stdout.strip() for s in ("1", "2")}
     assert values == {str(stable_id("p000001"))}
     assert stable_id("p000001") != stable_id("p000002") and 0 <= stable_id("x") < 2**63
+
+
+def _rank_recall(rank: int, world: int, data: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    q, q_tgt, q_ds, g, g_ids, g_ds = data
+    metric = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10), chunk_size=33)
+    # Uneven shares per rank, as split_by_node gives when shards do not divide evenly.
+    g_cut, q_cut = (0, 170, 300), (0, 50, 120)
+    metric.update(g[g_cut[rank] : g_cut[rank + 1]], g_ids[g_cut[rank] : g_cut[rank + 1]],
+                  g_ds[g_cut[rank] : g_cut[rank + 1]], gallery=True)
+    metric.update(q[q_cut[rank] : q_cut[rank + 1]], q_tgt[q_cut[rank] : q_cut[rank + 1]],
+                  q_ds[q_cut[rank] : q_cut[rank + 1]], gallery=False)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+@pytest.mark.slow
+def test_recall_under_two_gloo_processes_equals_one_process(embeddings) -> None:
+    from gloo import run_gloo
+
+    single = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10))
+    q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
+    single.update(g, g_ids, g_ds, gallery=True)
+    single.update(q, q_tgt, q_ds, gallery=False)
+    expected = {k: float(v) for k, v in single.compute().items()}
+    results = run_gloo(_rank_recall, 2, embeddings)
+    assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
