@@ -1,7 +1,10 @@
 """Lightning callbacks and logging glue of fashion-cir."""
 
 from .data_health import SkippedSamplesLogger
+from .eval_artifacts import EvalArtifacts
 from .metrics_table import MetricsTable
 from .mlflow_logging import DEFAULT_TRACKING_URI, LogConfigToMLflow, MLflowLogger
+from .submission import RetrievalSubmission
 
-__all__ = ["DEFAULT_TRACKING_URI", "LogConfigToMLflow", "MLflowLogger", "MetricsTable", "SkippedSamplesLogger"]
+__all__ = ["DEFAULT_TRACKING_URI", "EvalArtifacts", "LogConfigToMLflow", "MLflowLogger", "MetricsTable",
+           "RetrievalSubmission", "SkippedSamplesLogger"]

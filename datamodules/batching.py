@@ -17,7 +17,7 @@ from PIL import Image
 from .schema import MAX_VIEWS
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
-TextMode = Literal["short", "long", "mixed"]
+TextMode = Literal["short", "long", "mixed", "fashioniq"]
 
 
 class ResizeToTensor:
@@ -50,8 +50,22 @@ def _views(sample: dict[str, Any], prefix: str) -> list[Image.Image]:
     return views
 
 
+def fashioniq_text(captions: list[str], rng: random.Random | None) -> str:
+    """CLIP4Cir's FashionIQ text: "c1 and c2" for evaluation (``rng`` None); in training one of
+    "c1 and c2", "c2 and c1", "c1", "c2", each caption stripped of ".?, " and capitalised."""
+    c = [x.strip(".?, ").capitalize() for x in captions[:2]]
+    if len(c) < 2:
+        return c[0] if c else ""
+    if rng is None:
+        return f"{c[0]} and {c[1].lower()}"
+    form = rng.randrange(4)
+    return [f"{c[0]} and {c[1].lower()}", f"{c[1]} and {c[0].lower()}", c[0], c[1]][form]
+
+
 def pick_text(triplet: dict[str, Any], mode: TextMode, rng: random.Random) -> str:
     short, long = triplet["modification_short"], triplet.get("modification_long") or ""
+    if mode == "fashioniq":
+        return fashioniq_text(triplet.get("relative_captions") or [short], rng)
     if mode == "long" and long:
         return long
     if mode == "mixed" and long and rng.random() < 0.5:
@@ -76,11 +90,11 @@ class TripletExample:
             "source_images": _stack_views(_views(sample, "src"), self.transform),
             "text": pick_text(t, self.text_mode, self.rng),
             "source_id": t["source_id"],
-            "target_id": t["target_id"],
+            "target_id": t["target_id"] or "",
             "dataset": t["dataset"],
             "meta": meta,
         }
-        if self.with_target:
+        if self.with_target and t["target_id"] is not None:
             out["target_images"] = _stack_views(_views(sample, "tgt"), self.transform)
         return out
 

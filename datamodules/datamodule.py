@@ -18,7 +18,8 @@ import torch
 import webdataset as wds
 
 from .batching import GalleryExample, ImageTransform, ResizeToTensor, TextMode, TripletExample, collate
-from .shards import SkipCounter, decode_sample, read_manifest, shard_urls
+from .schema import stable_id
+from .shards import SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls
 from .synthetic import write_synthetic
 
 log = logging.getLogger(__name__)
@@ -49,13 +50,16 @@ class ShardDataModule(L.LightningDataModule):
             backbone's own preprocessing through ``set_image_transform``.
         train_text: which modification text training uses (evaluation always uses the short one).
         shuffle_buffer: samples held for shuffling in each training worker.
-        val_split: the split evaluated by ``validate``/``test``.
+        val_split: the split of ``validate`` and of validation during ``fit``.
+        test_split: the split of ``test`` (default: ``val_split``).
+        predict_split: the split of ``predict`` (default: ``test_split``); may be query-only.
         seed: seed of shard resampling and shuffling.
     """
 
     def __init__(self, data_dir: str = "data/synthetic", batch_size: int = 32, eval_batch_size: int = 64,
                  num_workers: int = 2, image_size: int = 64, train_text: TextMode = "short",
-                 shuffle_buffer: int = 500, val_split: str = "val", seed: int = 0) -> None:
+                 shuffle_buffer: int = 500, val_split: str = "val", test_split: str | None = None,
+                 predict_split: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
@@ -156,11 +160,47 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[wds.WebLoader]:
         return self.eval_dataloaders(self.hparams.val_split)
 
+    @property
+    def test_split(self) -> str:
+        return self.hparams.test_split or self.hparams.val_split
+
+    @property
+    def predict_split(self) -> str:
+        return self.hparams.predict_split or self.test_split
+
     def test_dataloader(self) -> list[wds.WebLoader]:
-        return self.eval_dataloaders(self.hparams.val_split)
+        return self.eval_dataloaders(self.test_split)
 
     def predict_dataloader(self) -> list[wds.WebLoader]:
-        return self.eval_dataloaders(self.hparams.val_split)
+        return self.eval_dataloaders(self.predict_split)
+
+    def split_of(self, stage: str) -> str:
+        return {"validate": self.hparams.val_split, "fit": self.hparams.val_split, "test": self.test_split,
+                "predict": self.predict_split}.get(stage, self.hparams.val_split)
+
+
+    # -- reading a few samples back (pictures, examples) ---------------------------------------------
+    def example_queries(self, split: str, n: int) -> list[dict[str, Any]]:
+        """The first ``n`` query samples of ``split`` in shard order (the same ones every time)."""
+        urls = shard_urls(self.data_dir, self.manifest, split, "triplets")
+        out = []
+        for sample in iterate_shards(urls, handler=SkipCounter(f"{split}-examples")):
+            out.append(sample)
+            if len(out) >= n:
+                break
+        return out
+
+    def gallery_products(self, split: str, wanted: set[int]) -> dict[int, dict[str, Any]]:
+        """Decoded gallery samples of ``split`` whose ``stable_id(product_id)`` is in ``wanted``."""
+        urls = shard_urls(self.data_dir, self.manifest, split, "gallery")
+        found: dict[int, dict[str, Any]] = {}
+        for sample in iterate_shards(urls, handler=SkipCounter(f"{split}-gallery-lookup")):
+            key = stable_id(sample["json"]["product_id"])
+            if key in wanted:
+                found[key] = sample
+                if len(found) == len(wanted):
+                    break
+        return found
 
 
 class SyntheticDataModule(ShardDataModule):
@@ -175,10 +215,13 @@ class SyntheticDataModule(ShardDataModule):
     def __init__(self, data_dir: str = "data/synthetic", products: int = 1500, generator_seed: int = 0,
                  val_fraction: float = 0.2, batch_size: int = 32, eval_batch_size: int = 64,
                  num_workers: int = 2, image_size: int = 64, train_text: TextMode = "short",
-                 shuffle_buffer: int = 500, val_split: str = "val", seed: int = 0) -> None:
+                 shuffle_buffer: int = 500, val_split: str = "val", test_split: str | None = None,
+                 predict_split: str | None = None, seed: int = 0) -> None:
         super().__init__(data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, image_size=image_size, train_text=train_text,
-                         shuffle_buffer=shuffle_buffer, val_split=val_split, seed=seed)
+                         shuffle_buffer=shuffle_buffer, val_split=val_split, test_split=test_split,
+                         predict_split=predict_split, seed=seed)
+        # Saved again so the generator's settings are hyperparameters too (logged, checkpointed).
         self.save_hyperparameters()
 
     def prepare_data(self) -> None:

@@ -8,6 +8,7 @@ these two records before they are written to shards, so models never see dataset
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,6 +40,12 @@ def safe_key(raw: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", raw)
 
 
+def stable_id(text: str) -> int:
+    """A process-independent 63-bit integer for a string id (Python's hash() is salted per process);
+    metrics carry ids as tensors, and every rank must map an id to the same number."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
 @dataclass
 class Product:
     """One item of a gallery.
@@ -56,6 +63,7 @@ class Product:
     long_caption: str = ""
     view_captions: list[str] = field(default_factory=list)
     attributes: dict[str, str] = field(default_factory=dict)
+    raw_id: str = ""  # the dataset's own id when it is not shard-safe (nested paths, dots)
 
     def __post_init__(self) -> None:
         check_key(self.product_id, "product_id")
@@ -78,19 +86,25 @@ class Product:
 
 @dataclass
 class Triplet:
-    """A query (source product + modification text) and its answer (the target product)."""
+    """A query (source product + modification text) and its answer (the target product).
+
+    ``target_id`` is None for query-only test splits (FashionIQ test). ``relative_captions`` keeps a
+    dataset's raw captions when the modification text is built from several (FashionIQ: two).
+    """
 
     source_id: str
-    target_id: str
+    target_id: str | None
     dataset: str
     modification_short: str
     modification_long: str = ""
     views_involved: list[str] = field(default_factory=list)
     changes: dict[str, list[str]] = field(default_factory=dict)  # attribute -> [old, new]
+    relative_captions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_key(self.source_id, "source_id")
-        check_key(self.target_id, "target_id")
+        if self.target_id is not None:
+            check_key(self.target_id, "target_id")
         check_key(self.dataset, "dataset")
         if self.source_id == self.target_id:
             raise SchemaError(f"triplet {self.source_id}->{self.target_id}: source and target are the same")
@@ -99,7 +113,7 @@ class Triplet:
 
     @property
     def key(self) -> str:
-        return f"{self.source_id}--{self.target_id}"
+        return f"{self.source_id}--{self.target_id or 'query'}"
 
     def meta(self) -> dict[str, Any]:
         return asdict(self)

@@ -73,11 +73,15 @@ class ShardSetWriter:
         self.counts["products"] += 1
 
     def write_triplet(self, triplet: Triplet, source: tuple[dict[str, Any], list[bytes]],
-                      target: tuple[dict[str, Any], list[bytes]]) -> None:
-        meta = {"triplet": triplet.meta(), "source": source[0], "target": target[0]}
-        sample: dict[str, Any] = {"__key__": safe_key(f"{triplet.dataset}--{triplet.key}"), "json": meta}
+                      target: tuple[dict[str, Any], list[bytes]] | None) -> None:
+        """One query sample; ``target`` None writes a query-only sample (test splits without answers)."""
+        meta = {"triplet": triplet.meta(), "source": source[0], "target": target[0] if target else None}
+        # The running index keeps keys unique: one pair can come with several modification texts.
+        key = safe_key(f"{triplet.dataset}--{self.counts['triplets']:07d}--{triplet.key}")
+        sample: dict[str, Any] = {"__key__": key, "json": meta}
         sample.update({f"src{i}.jpg": b for i, b in enumerate(source[1])})
-        sample.update({f"tgt{i}.jpg": b for i, b in enumerate(target[1])})
+        if target is not None:
+            sample.update({f"tgt{i}.jpg": b for i, b in enumerate(target[1])})
         self._writer("triplets").write(sample)
         self.counts["triplets"] += 1
 

@@ -17,8 +17,7 @@ from torch import nn
 from .backbones.clip import CLIPBackbone, HFImageTransform
 from .fusion import SumFusion
 from .losses import SymmetricInfoNCE
-from .retrieval import RetrievalModule, default_optimizer, save_config_hyperparameters
-from .search import Backend
+from .retrieval import RetrievalEval, RetrievalModule, default_optimizer, save_config_hyperparameters
 
 
 def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,14 +34,14 @@ class CLIP4CIR(RetrievalModule):
         fusion: image + text features → query (``SumFusion`` or ``Combiner``).
         loss: contrastive loss; defaults to symmetric InfoNCE, τ=0.07, learnable.
         freeze_backbone: train the fusion head only (CLIP4Cir's combiner-training stage).
+        evaluation: the retrieval protocol of validation and test.
     """
 
     def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
-                 freeze_backbone: bool = False, top_k: tuple[int, ...] = (1, 5, 10),
-                 search_backend: Backend = "torch") -> None:
-        super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler, top_k=top_k,
-                         search_backend=search_backend)
+                 freeze_backbone: bool = False, evaluation: RetrievalEval | None = None) -> None:
+        super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler,
+                         evaluation=evaluation)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler"])
         self.backbone = backbone
         self.fusion = fusion or SumFusion()

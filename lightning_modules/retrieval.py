@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -22,8 +23,46 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 
-from .metrics import RecallAtK, stable_id
+from datamodules.schema import stable_id
+
+from .metrics import GalleryProtocol, RecallAtK
 from .search import Backend
+
+
+@dataclass
+class RetrievalEval:
+    """How validation and test score retrieval (see ``RecallAtK``).
+
+    Args:
+        top_k: the K of Recall@K.
+        score_k: K values whose dataset-averaged recalls are averaged into ``val/score``.
+        gallery_protocol: ``all`` products of the query's dataset, or only those some query uses.
+        remove_source: exclude each query's source product from its ranking.
+        backend: ``torch`` chunked exact search or a ``faiss`` flat index.
+        examples: queries drawn in the retrieval picture logged after evaluation (0: none).
+    """
+
+    top_k: tuple[int, ...] = (1, 5, 10)
+    score_k: tuple[int, ...] | None = None
+    gallery_protocol: GalleryProtocol = "all"
+    remove_source: bool = False
+    backend: Backend = "torch"
+    examples: int = 4
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.top_k or any(k < 1 for k in self.top_k):
+            problems.append(f"top_k={list(self.top_k)}: give one or more K >= 1")
+        if self.score_k and not set(self.score_k) <= set(self.top_k):
+            problems.append(f"score_k={list(self.score_k)}: every K must also be in top_k={list(self.top_k)}")
+        if self.examples < 0:
+            problems.append(f"examples={self.examples}: must be >= 0")
+        if problems:
+            raise ValueError("model.init_args.evaluation: " + "; ".join(problems))
+
+    def metric(self) -> RecallAtK:
+        return RecallAtK(top_k=self.top_k, score_k=self.score_k, gallery_protocol=self.gallery_protocol,
+                         remove_source=self.remove_source, backend=self.backend)
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -46,22 +85,20 @@ class RetrievalModule(L.LightningModule):
         optimizer: optimizer factory, called with parameter groups (biases, norms and the
             temperature get no weight decay).
         scheduler: optional LR scheduler factory; stepped every optimizer step.
-        top_k: the K values of Recall@K.
-        search_backend: ``torch`` or ``faiss`` for the evaluation search.
+        evaluation: the retrieval protocol of validation and test.
     """
 
     def __init__(self, loss: nn.Module, optimizer: OptimizerCallable = default_optimizer,
-                 scheduler: LRSchedulerCallable | None = None, top_k: tuple[int, ...] = (1, 5, 10),
-                 search_backend: Backend = "torch") -> None:
+                 scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None) -> None:
         super().__init__()
         self.loss = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.top_k = tuple(top_k)
-        self.search_backend = search_backend
+        self.evaluation = evaluation or RetrievalEval()
         self.dataset_names: list[str] = []
-        self.recall = nn.ModuleDict({split: RecallAtK(top_k=self.top_k, backend=search_backend)
-                                     for split in ("val", "test")})
+        self.recall = nn.ModuleDict({split: self.evaluation.metric() for split in ("val", "test")})
+        # The last evaluated gallery, kept for callbacks (retrieval pictures, indexes) until read.
+        self.last_gallery: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- to implement ----------------------------------------------------------------------------
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -112,14 +149,17 @@ class RetrievalModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         metric = self.recall[stage]
+        datasets = self._dataset_index(batch["dataset"])
         if "images" in batch:  # gallery product
             emb = self.encode_target(batch["images"], batch["mask"])
-            ids = batch["product_id"]
+            metric.update(emb, self._ids(batch["product_id"]), datasets, gallery=True)
         else:
             emb, _ = self.model_step(batch, stage)
-            ids = batch["target_id"]
-        ids_t = torch.tensor([stable_id(i) for i in ids], device=self.device)
-        metric.update(emb, ids_t, self._dataset_index(batch["dataset"]), gallery="images" in batch)
+            metric.update(emb, self._ids(batch["target_id"]), datasets, gallery=False,
+                          source_ids=self._ids(batch["source_id"]))
+
+    def _ids(self, ids: list[str]) -> torch.Tensor:
+        return torch.tensor([stable_id(i) for i in ids], dtype=torch.long, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
@@ -128,10 +168,16 @@ class RetrievalModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Embeddings with their ids; the dataset's own ids (``raw_id``) for submission files."""
         if "images" in batch:
             return {"product_id": batch["product_id"], "dataset": batch["dataset"],
+                    "raw_id": [m.get("raw_id") or m["product_id"] for m in batch["meta"]],
                     "embedding": self.encode_target(batch["images"], batch["mask"]).cpu()}
+        targets = [m["target"] for m in batch["meta"]]
         return {"source_id": batch["source_id"], "target_id": batch["target_id"], "dataset": batch["dataset"],
+                "text": batch["text"],
+                "raw_id": [m["source"].get("raw_id") or m["source"]["product_id"] for m in batch["meta"]],
+                "target_raw_id": [(t.get("raw_id") or t["product_id"]) if t else None for t in targets],
                 "embedding": self.encode_query(batch).cpu()}
 
     def _log_recall(self, stage: str) -> None:
@@ -142,6 +188,7 @@ class RetrievalModule(L.LightningModule):
         for name, value in metric.compute().items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "recall_at_10", sync_dist=False,
                      add_dataloader_idx=False, rank_zero_only=False)
+        self.last_gallery = metric.gallery()
         metric.reset()
 
     def on_validation_epoch_end(self) -> None:

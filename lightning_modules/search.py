@@ -16,10 +16,11 @@ Backend = Literal["torch", "faiss"]
 
 
 def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor,
-                 chunk_size: int = 4096) -> torch.Tensor:
+                 chunk_size: int = 4096, exclude_index: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each query's target: how many gallery items score strictly higher.
 
     ``target_index[i] < 0`` means the target is absent from the gallery: rank = len(gallery).
+    ``exclude_index[i]`` (>= 0) is a gallery item not to count for query i (its own source).
     """
     n = queries.shape[0]
     ranks = torch.full((n,), gallery.shape[0], dtype=torch.long, device=queries.device)
@@ -33,11 +34,15 @@ def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: tor
         q = queries[qs : qs + chunk_size]
         t = target_scores[qs : qs + chunk_size, None]
         own = target_index[qs : qs + chunk_size, None]
+        skip = exclude_index[qs : qs + chunk_size, None] if exclude_index is not None else None
         for gs in range(0, gallery.shape[0], chunk_size):
             block = gallery[gs : gs + chunk_size]
-            cols = torch.arange(gs, gs + block.shape[0], device=q.device)
+            cols = torch.arange(gs, gs + block.shape[0], device=q.device)[None]
             # The target's own column is excluded: a matmul and a dot product may round differently.
-            counts[qs : qs + chunk_size] += ((q @ block.T > t) & (cols[None] != own)).sum(1)
+            above = (q @ block.T > t) & (cols != own)
+            if skip is not None:
+                above &= cols != skip
+            counts[qs : qs + chunk_size] += above.sum(1)
     ranks[present] = counts[present]
     return ranks
 

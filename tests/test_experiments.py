@@ -1,74 +1,133 @@
-"""End-to-end: every experiment YAML runs, training from a saved backbone folder, MLflow records."""
+"""End-to-end: every experiment YAML runs, training from a saved backbone folder, MLflow records,
+real-dataset experiments on the generated data converted from the real layouts."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lightning_modules.cli import build_cli
+from lightning_modules.cli import build_cli, expand_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").rglob("*.yaml"))
+SMALL_LOADER = ["--data.init_args.num_workers=0", "--data.init_args.batch_size=8",
+                "--data.init_args.eval_batch_size=16"]
 
 
-def _tiny_data_args(data_dir: Path) -> list[str]:
-    return [f"--data.init_args.data_dir={data_dir}", "--data.init_args.num_workers=0", "--data.init_args.products=200",
-            "--data.init_args.batch_size=8", "--data.init_args.eval_batch_size=16"]
+def merged_config(experiment: Path) -> dict:
+    """The experiment's YAML merged over its defaults (top-level data/model keys are enough here)."""
+    argv = expand_defaults(["--config", str(experiment)])
+    merged: dict = {}
+    for f in (argv[i + 1] for i, a in enumerate(argv) if a == "--config"):
+        for key, value in (yaml.safe_load(Path(f).read_text()) or {}).items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value, "init_args": {**merged[key].get("init_args", {}),
+                                                                       **value.get("init_args", {})}}
+            else:
+                merged[key] = value
+    return merged
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datamodules.synthetic import write_synthetic
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Generated data as shards, and converted from the FashionIQ and FashionMV layouts."""
+    from datamodules.converters import convert_fashioniq, convert_fashionmv
+    from datamodules.synthetic import generate, write_synthetic
+    from datamodules.synthetic.layouts import write_fashioniq_layout, write_fashionmv_layout
 
-    out = tmp_path_factory.mktemp("exp-data")
-    write_synthetic(out, products=200, seed=0, val_fraction=0.2, maxcount=64)
-    return out
+    base = tmp_path_factory.mktemp("exp-data")
+    write_synthetic(base / "synthetic", products=200, seed=0, val_fraction=0.2, maxcount=64)
+    data = generate(240, seed=1)
+    write_fashioniq_layout(base / "fiq-layout", data)
+    convert_fashioniq(base / "fiq-layout", base / "fashioniq", maxcount=64)
+    write_fashionmv_layout(base / "fmv-layout", data)
+    convert_fashionmv(base / "fmv-layout", base / "fashionmv", maxcount=64)
+    return {"synthetic": base / "synthetic", "fashioniq": base / "fashioniq", "fashionmv": base / "fashionmv"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lightning_modules.backbones import CLIPBackbone
+
+    folder = tmp_path_factory.mktemp("backbones") / "tiny-clip"
+    CLIPBackbone("tiny").save_pretrained(folder)
+    return folder
+
+
+def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path) -> list[str]:
+    """Point an experiment at test data, and its real backbone at a saved tiny one (no downloads)."""
+    config = merged_config(experiment)
+    data = config["data"]
+    args = list(SMALL_LOADER)
+    if data["class_path"].endswith("SyntheticDataModule"):
+        args += [f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200"]
+    else:
+        kind = next(k for k in ("fashioniq", "fashionmv") if k in data["init_args"]["data_dir"])
+        args.append(f"--data.init_args.data_dir={datasets[kind]}")
+    backbone = config["model"]["init_args"].get("backbone", {}).get("init_args", {}).get("name_or_path")
+    if backbone not in (None, "tiny"):
+        args += [f"--model.init_args.backbone.init_args.name_or_path={tiny_folder}",
+                 "--model.init_args.fusion.init_args.dim=48"]
+    return args
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
-def test_experiment_fast_dev_run(experiment: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_experiment_fast_dev_run(experiment: Path, datasets, tiny_folder, tmp_path: Path) -> None:
     build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2",
-               f"--trainer.default_root_dir={tmp_path}", *_tiny_data_args(tiny_data)])
+               f"--trainer.default_root_dir={tmp_path}", *data_args(experiment, datasets, tiny_folder)])
 
 
 @pytest.mark.slow
-def test_train_from_a_saved_backbone_folder_and_log_to_mlflow(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_from_a_saved_backbone_folder_and_log_to_mlflow(datasets, tiny_folder, tmp_path: Path) -> None:
     import mlflow
 
-    from lightning_modules.backbones import CLIPBackbone
-
-    CLIPBackbone("tiny").save_pretrained(tmp_path / "tiny-clip")
-    cli = build_cli([
-        "fit", "--config", str(ROOT / "experiments/demo.yaml"),
-        f"--model.init_args.backbone.init_args.name_or_path={tmp_path / 'tiny-clip'}",
-        "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", f"--trainer.default_root_dir={tmp_path}",
-        *_tiny_data_args(tiny_data),
-    ])
-    assert cli.model.backbone.name_or_path == str(tmp_path / "tiny-clip")
+    demo = ROOT / "experiments/demo.yaml"
+    common = ["--config", str(demo), f"--model.init_args.backbone.init_args.name_or_path={tiny_folder}",
+              f"--trainer.default_root_dir={tmp_path}", *data_args(demo, datasets, tiny_folder)]
+    cli = build_cli(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4"])
+    assert cli.model.backbone.name_or_path == str(tiny_folder)
     logger = cli.trainer.logger
     client = mlflow.MlflowClient(logger._tracking_uri)
     run = client.get_run(logger.run_id)
-    assert run.data.params["backbone/init_args/name_or_path"] == str(tmp_path / "tiny-clip")
+    assert run.data.params["backbone/init_args/name_or_path"] == str(tiny_folder)
     assert run.data.params["batch_size"] == "8"
     assert 0.0 <= run.data.metrics["val/recall_at_10"] <= 1.0
     assert "val/synth_studio/recall_at_10" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(logger.run_id)}
-    assert "config.yaml" in artifacts
+    assert {"config.yaml", "eval_results.json", "retrieval_examples.png"} <= artifacts
     config = Path(client.download_artifacts(logger.run_id, "config.yaml", str(tmp_path))).read_text()
-    assert str(tmp_path / "tiny-clip") in config and "class_path: lightning_modules.CLIP4CIR" in config
-    assert (Path(cli.trainer.checkpoint_callback.last_model_path)).is_file()
+    assert str(tiny_folder) in config and "class_path: lightning_modules.CLIP4CIR" in config
+    results = json.loads(Path(client.download_artifacts(logger.run_id, "eval_results.json", str(tmp_path)))
+                         .read_text())
+    assert results["overall"]["recall_at_10"] == pytest.approx(run.data.metrics["val/recall_at_10"])
+    assert set(results["datasets"]) == {"synth_studio", "synth_street"}
+    assert results["datasets"]["synth_studio"]["gallery_size"] > 0 and len(results["config_hash"]) == 16
+    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
 
-    # The same checkpoint through `validate` reproduces the logged recall; `predict` embeds the gallery.
+    # The same checkpoint through `validate` reproduces the logged recall.
     last = cli.trainer.checkpoint_callback.last_model_path
-    common = ["--config", str(ROOT / "experiments/demo.yaml"),
-              f"--model.init_args.backbone.init_args.name_or_path={tmp_path / 'tiny-clip'}",
-              f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", *_tiny_data_args(tiny_data)]
-    val = build_cli(["validate", *common, f"--ckpt_path={last}"])
+    val = build_cli(["validate", *common, "--trainer.logger=false", f"--ckpt_path={last}"])
     assert float(val.trainer.callback_metrics["val/recall_at_10"]) == pytest.approx(
         run.data.metrics["val/recall_at_10"], abs=1e-6)
-    pred = build_cli(common, run=False)
-    outputs = pred.trainer.predict(pred.model, datamodule=pred.datamodule, ckpt_path=last)
-    gallery = [p for batch in outputs[0] for p in batch["product_id"]]
-    assert len(gallery) == len(set(gallery)) and outputs[0][0]["embedding"].shape[1] == cli.model.backbone.dim
+
+
+@pytest.mark.slow
+def test_fashioniq_predict_writes_a_top50_submission(datasets, tiny_folder, tmp_path: Path) -> None:
+    exp = ROOT / "experiments/fashioniq_clip4cir.yaml"
+    args = ["--config", str(exp), f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+            *data_args(exp, datasets, tiny_folder)]
+    build_cli(["predict", *args])
+    rows = json.loads((tmp_path / "submission_test.json").read_text())
+    queries = {c: json.loads((datasets["fashioniq"].parent / "fiq-layout" / "captions" / f"cap.{c}.test.json")
+                             .read_text()) for c in ("dress", "shirt", "toptee")}
+    assert len(rows) == sum(len(q) for q in queries.values())
+    for row in rows:
+        category = row["dataset"].removeprefix("fashioniq_")
+        gallery = json.loads((datasets["fashioniq"].parent / "fiq-layout" / "image_splits" /
+                              f"split.{category}.test.json").read_text())
+        assert len(row["ranking"]) == min(50, len(gallery)) and set(row["ranking"]) <= set(gallery)
+        assert "target" not in row

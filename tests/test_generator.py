@@ -34,8 +34,11 @@ def test_product_level_split_without_overlap(data) -> None:
         for t in data.triplets[split]:
             assert t.source_id in ids and t.target_id in ids
     assert {s for s in data.split_of.values()} == {"train", "val"}
-    val_datasets = {t.dataset for t in data.triplets["val"]}
-    assert len(val_datasets) >= 2, "per-dataset evaluation needs at least two sub-datasets in val"
+    for val_fraction in (0.2, 0.25, 0.5):
+        split = generate(200, seed=1, val_fraction=val_fraction)
+        for name in ("train", "val"):
+            datasets = {t.dataset for t in split.triplets[name]}
+            assert len(datasets) >= 2, f"{name} (val_fraction={val_fraction}) needs both sub-datasets: {datasets}"
 
 
 def test_modification_identifies_a_unique_target(data) -> None:

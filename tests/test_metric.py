@@ -4,15 +4,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.metrics import RecallAtK, stable_id
+from datamodules.schema import stable_id
+from lightning_modules.metrics import RecallAtK
 from lightning_modules.search import target_ranks, topk
 
 
-def _brute_force(q, q_tgt, q_ds, g, g_ids, g_ds, k):
+def _brute_force(q, q_tgt, q_ds, g, g_ids, g_ds, k, q_src=None, protocol="all", remove_source=False):
     """Full score matrix per query, sort, check the target's position."""
     hits = []
     for i in range(len(q)):
-        sel = (g_ds == q_ds[i]).nonzero().flatten()
+        keep = g_ds == q_ds[i]
+        if protocol == "queries":  # only products some query of this dataset uses
+            used = set(q_tgt[q_ds == q_ds[i]].tolist()) | set(q_src[q_ds == q_ds[i]].tolist())
+            keep &= torch.tensor([int(x) in used for x in g_ids])
+        if remove_source:
+            keep &= g_ids != q_src[i]
+        sel = keep.nonzero().flatten()
         scores = g[sel] @ q[i]
         order = sel[torch.argsort(scores, descending=True)]
         hits.append(bool((g_ids[order[:k]] == q_tgt[i]).any()))
@@ -70,7 +77,7 @@ def test_stable_id_is_process_independent() -> None:
     import subprocess
     import sys
 
-    code = "from lightning_modules.metrics import stable_id; print(stable_id('p000001'))"
+    code = "from datamodules.schema import stable_id; print(stable_id('p000001'))"
     values = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": s},
                              capture_output=True, text=True, check=True).stdout.strip() for s in ("1", "2")}
     assert values == {str(stable_id("p000001"))}
@@ -100,3 +107,28 @@ def test_recall_under_two_gloo_processes_equals_one_process(embeddings) -> None:
     expected = {k: float(v) for k, v in single.compute().items()}
     results = run_gloo(_rank_recall, 2, embeddings)
     assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("protocol,remove_source", [("all", True), ("queries", False), ("queries", True)])
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_gallery_protocols_match_brute_force(embeddings, protocol, remove_source, backend) -> None:
+    q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
+    gen = torch.Generator().manual_seed(7)
+    # Sources: gallery products of the query's dataset, often close to the query (as in CIR).
+    q_src = torch.stack([g_ids[(g_ds == d).nonzero().flatten()[torch.randint(0, int((g_ds == d).sum()), (1,),
+                                                                               generator=gen)]][0] for d in q_ds])
+    metric = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10, 50), score_k=(10, 50), gallery_protocol=protocol,
+                       remove_source=remove_source, chunk_size=29, backend=backend)
+    metric.update(g, g_ids, g_ds, gallery=True)
+    metric.update(q, q_tgt, q_ds, gallery=False, source_ids=q_src)
+    out = metric.compute()
+    refs = {k: _brute_force(q, q_tgt, q_ds, g, g_ids, g_ds, k, q_src, protocol, remove_source)
+            for k in (1, 5, 10, 50)}
+    for k, ref in refs.items():
+        assert out[f"recall_at_{k}"].item() == pytest.approx(ref.mean().item())
+        per_ds = [ref[q_ds == d].mean().item() for d in range(3)]
+        assert out[f"mean_recall_at_{k}"].item() == pytest.approx(sum(per_ds) / 3)
+    assert out["score"].item() == pytest.approx((out["mean_recall_at_10"] + out["mean_recall_at_50"]).item() / 2)
+    if protocol == "queries":
+        used = set(q_tgt.tolist()) | set(q_src.tolist())
+        assert sum(out[f"{n}/gallery_size"].item() for n in "abc") == sum(int(i) in used for i in g_ids)

@@ -118,8 +118,9 @@ def generate(products: int, seed: int = 0, val_fraction: float = 0.2, max_triple
     seen: set[tuple[tuple[str, str], ...]] = set()
     val_every = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
     while len(specs) < products:
-        dataset = sorted(styles)[len(families) % len(styles)]
         split = "val" if val_every and len(families) % val_every == val_every - 1 else "train"
+        # Datasets alternate per block of val_every families, so both splits get every dataset.
+        dataset = sorted(styles)[(len(families) // max(1, val_every)) % len(styles)]
         base = sample_attributes(rng)
         members = [base] + [mutate(base, rng, rng.randint(1, 3)) for _ in range(rng.randint(2, 4))]
         family: list[ProductSpec] = []

@@ -211,6 +211,12 @@ def modification_texts(source: dict[str, str], changes: dict[str, list[str]], vi
     return short, _pad(" ".join(parts), LONG_MOD_FILLER, LONG_WORDS[0], rng)
 
 
+def relative_captions(source: dict[str, str], changes: dict[str, list[str]], rng: random.Random) -> list[str]:
+    """Two FashionIQ-style relative captions: the first change, then the others (or "keep the rest")."""
+    clauses = [_change_clause(n, o, v, source, rng) for n, (o, v) in changes.items()]
+    return [clauses[0], _join(clauses[1:]) if len(clauses) > 1 else SHORT_MOD_COMPACT.format(changes="").strip("; ")]
+
+
 def vocabulary() -> list[str]:
     """Every token the generator can write (lower-cased, punctuation split), sorted."""
     texts: list[str] = list(CATEGORIES) + list(PATTERN_ADJ.values())

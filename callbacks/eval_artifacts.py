@@ -1,0 +1,177 @@
+"""After an evaluation: ``eval_results.json`` and a retrieval picture, written and logged to MLflow.
+
+``eval_results.json`` holds, per dataset/category, the recalls, gallery size and query count, plus
+the overall and averaged numbers, skipped samples, the checkpoint and a hash of the config, so a
+number in a table can be traced to what produced it. The picture shows a few fixed queries (the
+first of the split, in shard order): source views, modification text, and the top-10 products,
+the target framed in green.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import MLFlowLogger
+from PIL import Image, ImageDraw
+
+from datamodules.batching import TripletExample, collate
+from datamodules.schema import stable_id
+
+_PER_DATASET = re.compile(r"^(?P<stage>val|test)/(?P<ds>[\w\-]+)/(?P<name>\w+)$")
+_OVERALL = re.compile(r"^(?P<stage>val|test)/(?P<name>(mean_)?recall_at_\d+|score|loss)$")
+
+
+def config_hash(pl_module: LightningModule, trainer: Trainer) -> str:
+    dm = getattr(trainer, "datamodule", None)
+    payload = {"model": dict(pl_module.hparams), "data": dict(dm.hparams) if dm is not None else {}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def collect_results(trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, Any]:
+    per_dataset: dict[str, dict[str, float]] = {}
+    overall: dict[str, float] = {}
+    for key, value in trainer.callback_metrics.items():
+        if m := _PER_DATASET.match(key):
+            if m["stage"] == stage:
+                per_dataset.setdefault(m["ds"], {})[m["name"]] = float(value)
+        elif (m := _OVERALL.match(key)) and m["stage"] == stage:
+            overall[m["name"]] = float(value)
+    dm = getattr(trainer, "datamodule", None)
+    ckpt = trainer.ckpt_path or (trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else "")
+    return {
+        "stage": stage,
+        "split": dm.split_of(trainer.state.fn.value) if hasattr(dm, "split_of") else None,
+        "data_dir": str(getattr(dm, "data_dir", "")),
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "checkpoint": ckpt or None,
+        "config_hash": config_hash(pl_module, trainer),
+        "protocol": {k: getattr(pl_module.evaluation, k) for k in ("top_k", "score_k", "gallery_protocol",
+                                                                    "remove_source")}
+        if hasattr(pl_module, "evaluation") else {},
+        "skipped_samples": getattr(dm, "skipped_total", None),
+        "overall": overall,
+        "datasets": per_dataset,
+    }
+
+
+def _thumb(img: Image.Image, size: int, border: tuple[int, int, int] | None = None) -> Image.Image:
+    t = img.convert("RGB").resize((size, size))
+    if border:
+        ImageDraw.Draw(t).rectangle([0, 0, size - 1, size - 1], outline=border, width=max(2, size // 16))
+    return t
+
+
+def retrieval_picture(rows: list[dict[str, Any]], thumb: int = 80) -> Image.Image:
+    """``rows``: dicts with ``source`` (PIL views), ``text``, ``results`` ([(PIL, is_target)])."""
+    n_src = max(len(r["source"]) for r in rows)
+    n_res = max(len(r["results"]) for r in rows)
+    text_h = 48
+    width = (n_src + n_res) * (thumb + 4) + 24
+    height = len(rows) * (thumb + text_h + 8) + 8
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, row in enumerate(rows):
+        y = 8 + i * (thumb + text_h + 8)
+        for j, view in enumerate(row["source"]):
+            canvas.paste(_thumb(view, thumb, (40, 40, 200)), (4 + j * (thumb + 4), y))
+        x0 = 4 + n_src * (thumb + 4) + 16
+        for j, (img, hit) in enumerate(row["results"]):
+            canvas.paste(_thumb(img, thumb, (20, 170, 40) if hit else None), (x0 + j * (thumb + 4), y))
+        lines = textwrap.wrap(row["text"], width=max(20, width // 7))[:3]
+        draw.text((4, y + thumb + 2), "\n".join(lines), fill=(0, 0, 0))
+    return canvas
+
+
+class EvalArtifacts(Callback):
+    """Writes ``eval_results.json`` (and a retrieval PNG) after validate/test and at the end of fit.
+
+    Args:
+        out_dir: where files go; default ``{trainer.default_root_dir}/eval/{run id or stage}``.
+        examples: queries drawn in the picture (0: no picture).
+        top_k: results drawn per query.
+    """
+
+    def __init__(self, out_dir: str | None = None, examples: int = 4, top_k: int = 10) -> None:
+        self.out_dir = out_dir
+        self.examples = examples
+        self.top_k = top_k
+
+    def _folder(self, trainer: Trainer, stage: str) -> Path:
+        run = next((lg.run_id for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        base = Path(self.out_dir) if self.out_dir else Path(trainer.default_root_dir) / "eval"
+        folder = base / (run or "local") / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, stage: str, picture: bool) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        results = collect_results(trainer, pl_module, stage)
+        if not results["overall"]:
+            return
+        folder = self._folder(trainer, stage)
+        files = [folder / "eval_results.json"]
+        files[0].write_text(json.dumps(results, indent=2))
+        if picture and self.examples > 0:
+            img = self.picture(trainer, pl_module, results["split"])
+            if img is not None:
+                files.append(folder / "retrieval_examples.png")
+                img.save(files[-1])
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                for f in files:
+                    logger.experiment.log_artifact(logger.run_id, str(f), artifact_path=None if stage == "val"
+                                                   else stage)
+
+    @torch.no_grad()
+    def picture(self, trainer: Trainer, pl_module: LightningModule, split: str | None) -> Image.Image | None:
+        dm = getattr(trainer, "datamodule", None)
+        gallery = getattr(pl_module, "last_gallery", None)
+        if dm is None or split is None or gallery is None or not hasattr(dm, "example_queries"):
+            return None
+        samples = [s for s in dm.example_queries(split, self.examples) if s["json"]["triplet"].get("target_id")]
+        if not samples:
+            return None
+        g_emb, g_ids, g_ds = (t.to(pl_module.device) for t in gallery)
+        example = TripletExample(dm.image_transform, "short", with_target=False)
+        batch = collate([example(s) for s in samples])
+        batch["source_images"] = batch["source_images"].to(pl_module.device)
+        batch["source_mask"] = batch["source_mask"].to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        queries = pl_module.encode_query(batch).float()
+        pl_module.train(was_training)
+        names = list(getattr(pl_module, "dataset_names", []))
+        picks = []
+        for q, s in zip(queries, samples, strict=True):
+            ds = names.index(s["json"]["triplet"]["dataset"]) if s["json"]["triplet"]["dataset"] in names else -1
+            sel = (g_ds == ds).nonzero().flatten()
+            scores = g_emb[sel] @ q
+            top = sel[scores.topk(min(self.top_k, len(sel))).indices]
+            picks.append([int(i) for i in g_ids[top]])
+        products = dm.gallery_products(split, {i for p in picks for i in p})
+        rows = []
+        for s, pick in zip(samples, picks, strict=True):
+            target = stable_id(s["json"]["triplet"]["target_id"])
+            results = [(products[i]["view0.jpg"], i == target) for i in pick if i in products]
+            source = [s[f"src{j}.jpg"] for j in range(5) if f"src{j}.jpg" in s]
+            rows.append({"source": source, "text": s["json"]["triplet"]["modification_short"], "results": results})
+        return retrieval_picture(rows)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fitting = trainer.state.fn.value == "fit"
+        self._write(trainer, pl_module, "val", picture=not fitting)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, "val", picture=True)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, "test", picture=True)

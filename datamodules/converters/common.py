@@ -1,0 +1,74 @@
+"""Helpers shared by the dataset converters: image loading that tolerates a partial copy, summaries."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..shards import encode_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def load_image_bytes(path: Path, max_side: int | None = None) -> bytes | None:
+    """JPEG bytes of the image at ``path``, or None when it is missing or unreadable.
+
+    Real copies of FashionIQ and FashionMV miss thousands of images and hold some broken files:
+    a converter counts those and goes on rather than failing hours into a run.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = img.convert("RGB")
+            if max_side and max(img.size) > max_side:
+                img.thumbnail((max_side, max_side))
+            return encode_image(img)
+    except FileNotFoundError:
+        return None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        log.warning("unreadable image %s: %s", path, exc)
+        return None
+
+
+def find_image(folder: Path, name: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        p = folder / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any]) -> Path:
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return path
+
+
+def read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: check --root (expected the dataset's own layout)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: check --root (expected the dataset's own layout)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from exc
+    return rows

@@ -1,0 +1,108 @@
+"""FashionMV (product-level, multi-view CIR) → shards.
+
+Reads::
+
+    ROOT/{split}_triplets.jsonl   source_id, target_id, dataset, modification_text_short,
+                                  [modification_text_long], [views_involved]
+    ROOT/{split}_captions.jsonl   product_id, dataset, long_caption, short_caption, [image_captions]
+    ROOT/images/{dataset}/{product_id}/*.{jpg,jpeg,png,webp}   views, sorted by file name, at most 5
+
+Product ids may be nested paths; shard keys use ``safe_key(id)`` and keep the original as
+``raw_id``. The gallery of a dataset is the union of the source and target products of its
+triplets in that split (the paper's protocol). Missing products and unreadable images are
+skipped and counted in ``summary.json``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..schema import MAX_VIEWS, Triplet, check_key, safe_key
+from ..shards import ShardSetWriter, write_manifest
+from .common import IMAGE_SUFFIXES, load_image_bytes, read_jsonl, write_summary
+
+SPLITS = ("train", "val")
+_PER_IMAGE_KEYS = ("image_captions", "per_image_captions", "view_captions")
+
+
+def _view_files(folder: Path, max_views: int) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_views]
+
+
+def _per_image_captions(row: dict[str, Any], files: list[Path]) -> list[str]:
+    for key in _PER_IMAGE_KEYS:
+        value = row.get(key)
+        if isinstance(value, dict):  # keyed by file name
+            return [str(value.get(f.name, value.get(f.stem, ""))) for f in files]
+        if isinstance(value, list):
+            return [str(v) for v in value[: len(files)]] + [""] * max(0, len(files) - len(value))
+    return []
+
+
+def convert_fashionmv(root: str | Path, out: str | Path, splits: Sequence[str] = SPLITS, maxcount: int = 500,
+                      max_views: int = MAX_VIEWS, max_side: int | None = None) -> dict[str, Any]:
+    """Write shards + ``manifest.json`` + ``summary.json``; returns the summary."""
+    root, out = Path(root), Path(out)
+    summary: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
+    manifest_splits: dict[str, dict[str, Any]] = {}
+    datasets: set[str] = set()
+    for split in splits:
+        triplets = read_jsonl(root / f"{split}_triplets.jsonl")
+        captions = {(r["dataset"], str(r["product_id"])): r for r in read_jsonl(root / f"{split}_captions.jsonl")}
+        writer = ShardSetWriter(out, split, maxcount=maxcount)
+        counts: dict[str, dict[str, int]] = defaultdict(lambda: {
+            "triplets_written": 0, "triplets_skipped": 0, "products_written": 0, "products_missing": 0})
+        needed: dict[str, list[str]] = defaultdict(list)
+        for n, t in enumerate(triplets):
+            missing = [k for k in ("source_id", "target_id", "dataset", "modification_text_short") if k not in t]
+            if missing:
+                raise ValueError(f"{root / f'{split}_triplets.jsonl'} line {n + 1}: missing fields {missing}")
+            for pid in (str(t["source_id"]), str(t["target_id"])):
+                if pid not in needed[t["dataset"]]:
+                    needed[t["dataset"]].append(pid)
+        products: dict[tuple[str, str], tuple[dict[str, Any], list[bytes]]] = {}
+        for dataset, ids in sorted(needed.items()):
+            check_key(dataset, "FashionMV dataset name")
+            datasets.add(dataset)
+            seen_keys: dict[str, str] = {}
+            for pid in ids:
+                key = safe_key(pid)
+                if seen_keys.setdefault(key, pid) != pid:
+                    raise ValueError(f"FashionMV {dataset}: product ids {seen_keys[key]!r} and {pid!r} map to the "
+                                     f"same shard key {key!r}; rename one of them")
+                files = _view_files(root / "images" / dataset / pid, max_views)
+                views = [b for b in (load_image_bytes(f, max_side) for f in files) if b is not None]
+                if not views:
+                    counts[dataset]["products_missing"] += 1
+                    continue
+                row = captions.get((dataset, pid), {})
+                view_captions = _per_image_captions(row, files) if len(views) == len(files) else []
+                meta = {"product_id": key, "dataset": dataset, "category": str(row.get("category", "")),
+                        "view_names": [f.stem for f in files][: len(views)], "raw_id": pid,
+                        "short_caption": row.get("short_caption", ""), "long_caption": row.get("long_caption", ""),
+                        "view_captions": view_captions, "attributes": {}}
+                products[(dataset, pid)] = (meta, views)
+                writer.write_product(meta, views)
+                counts[dataset]["products_written"] += 1
+        for t in triplets:
+            dataset, src, tgt = t["dataset"], str(t["source_id"]), str(t["target_id"])
+            if (dataset, src) not in products or (dataset, tgt) not in products:
+                counts[dataset]["triplets_skipped"] += 1
+                continue
+            triplet = Triplet(safe_key(src), safe_key(tgt), dataset, modification_short=t["modification_text_short"],
+                              modification_long=t.get("modification_text_long") or "",
+                              views_involved=list(t.get("views_involved") or []))
+            writer.write_triplet(triplet, products[(dataset, src)], products[(dataset, tgt)])
+            counts[dataset]["triplets_written"] += 1
+        for dataset, c in counts.items():
+            summary[dataset][split] = c
+        manifest_splits[split] = writer.close()
+    write_manifest(out, manifest_splits, datasets, {"converter": "fashionmv", "root": str(root)})
+    summary = {k: dict(v) for k, v in summary.items()}
+    write_summary(out, summary)
+    return summary
