@@ -66,7 +66,9 @@ def test_fashionmv_layout_end_to_end_with_nested_ids_and_missing_products(data, 
     folders = sorted(p for p in (root / "images").glob("*/*/*") if p.is_dir())
     removed = folders[3]
     shutil.rmtree(removed)
-    broken_dir = folders[5]
+    first = json.loads((root / "val_triplets.jsonl").read_text().splitlines()[0])
+    broken_dir = root / "images" / first["dataset"] / first["source_id"]
+    assert broken_dir != removed
     broken_views = sorted(broken_dir.iterdir())
     broken_views[0].write_bytes(b"garbage")
 
@@ -84,10 +86,13 @@ def test_fashionmv_layout_end_to_end_with_nested_ids_and_missing_products(data, 
     manifest = read_manifest(tmp_path / "out")
     gallery = {s["json"]["raw_id"]: s for split in ("train", "val")
                for s in iterate_shards(shard_urls(tmp_path / "out", manifest, split, "gallery"))}
-    raw = str(broken_dir.relative_to(root / "images" / broken_dir.parent.parent.name))
-    if raw in gallery:  # the unreadable view is dropped, the others kept, in file-name order
+    raw = first["source_id"]
+    if len(broken_views) > 1:  # the unreadable view is dropped, the others kept, in file-name order
         meta = gallery[raw]["json"]
-        assert meta["view_names"] == [p.stem for p in broken_views[1:]] and meta["view_captions"] == []
+        assert meta["view_names"] == [p.stem for p in broken_views[1:]]
+        layout = {json.loads(line)["product_id"]: json.loads(line)
+                  for split in ("train", "val") for line in (root / f"{split}_captions.jsonl").read_text().splitlines()}
+        assert meta["view_captions"] == layout[raw]["image_captions"][1:]
     some = next(iter(gallery.values()))["json"]
     assert "/" in some["raw_id"] and "/" not in some["product_id"]
     assert len(some["view_captions"]) == len(some["view_names"])

@@ -75,15 +75,18 @@ def convert_fashionmv(root: str | Path, out: str | Path, splits: Sequence[str] =
                 if seen_keys.setdefault(key, pid) != pid:
                     raise ValueError(f"FashionMV {dataset}: product ids {seen_keys[key]!r} and {pid!r} map to the "
                                      f"same shard key {key!r}; rename one of them")
-                files = _view_files(root / "images" / dataset / pid, max_views)
-                views = [b for b in (load_image_bytes(f, max_side) for f in files) if b is not None]
+                listed = _view_files(root / "images" / dataset / pid, max_views)
+                loaded = [(f, load_image_bytes(f, max_side)) for f in listed]
+                files = [f for f, b in loaded if b is not None]  # an unreadable view is dropped, not the product
+                views = [b for _, b in loaded if b is not None]
                 if not views:
                     counts[dataset]["products_missing"] += 1
                     continue
                 row = captions.get((dataset, pid), {})
-                view_captions = _per_image_captions(row, files) if len(views) == len(files) else []
+                captions_all = _per_image_captions(row, listed)
+                view_captions = [c for (_, b), c in zip(loaded, captions_all, strict=True) if b is not None]
                 meta = {"product_id": key, "dataset": dataset, "category": str(row.get("category", "")),
-                        "view_names": [f.stem for f in files][: len(views)], "raw_id": pid,
+                        "view_names": [f.stem for f in files], "raw_id": pid,
                         "short_caption": row.get("short_caption", ""), "long_caption": row.get("long_caption", ""),
                         "view_captions": view_captions, "attributes": {}}
                 products[(dataset, pid)] = (meta, views)
