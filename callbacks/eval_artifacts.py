@@ -141,7 +141,7 @@ class EvalArtifacts(Callback):
         if not samples:
             return None
         g_emb, g_ids, g_ds = (t.to(pl_module.device) for t in gallery)
-        example = TripletExample(dm.image_transform, "short", with_target=False)
+        example = TripletExample(dm.image_transform, "short", with_target=False, captions=dm.captions)
         batch = collate([example(s) for s in samples])
         batch["source_images"] = batch["source_images"].to(pl_module.device)
         batch["source_mask"] = batch["source_mask"].to(pl_module.device)

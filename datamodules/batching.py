@@ -31,6 +31,29 @@ class ResizeToTensor:
         return torch.from_numpy(arr / 255.0).permute(2, 0, 1)
 
 
+class TargetPad:
+    """CLIP4Cir's "targetpad" preprocessing for FashionIQ: pad an image whose aspect ratio exceeds
+    ``target_ratio`` (1.25) with black bars until it reaches it, then apply ``transform``. Product
+    photos are tall; a plain centre crop would cut off hems and necklines."""
+
+    def __init__(self, target_ratio: float, transform: ImageTransform) -> None:
+        self.target_ratio = target_ratio
+        self.transform = transform
+
+    def pad(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if max(w, h) / min(w, h) < self.target_ratio:
+            return img
+        side = max(w, h) / self.target_ratio
+        hp, vp = max(int((side - w) / 2), 0), max(int((side - h) / 2), 0)
+        out = Image.new(img.mode, (w + 2 * hp, h + 2 * vp), 0)
+        out.paste(img, (hp, vp))
+        return out
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.transform(self.pad(img))
+
+
 def _stack_views(views: list[Image.Image], transform: ImageTransform) -> torch.Tensor:
     return torch.stack([transform(v) for v in views[:MAX_VIEWS]])
 
@@ -73,15 +96,31 @@ def pick_text(triplet: dict[str, Any], mode: TextMode, rng: random.Random) -> st
     return short
 
 
+def caption_of(product: dict[str, Any] | None, captions: dict[str, str] | None) -> str:
+    """A product's caption: the sidecar's (``cir-caption``) when it has one, else the dataset's own."""
+    if product is None:
+        return ""
+    if captions:
+        found = captions.get(f"{product['dataset']}--{product['product_id']}")
+        if found is not None:
+            return found
+    return product.get("short_caption") or ""
+
+
 class TripletExample:
-    """Sample → dict for one triplet. A class (not a closure) so DataLoader workers can pickle it."""
+    """Sample → dict for one triplet. A class (not a closure) so DataLoader workers can pickle it.
+
+    ``captions`` (from a ``cir-caption`` sidecar) maps ``{dataset}--{product_id}`` to a product
+    caption and a triplet sample's key to a synthesised modified text.
+    """
 
     def __init__(self, transform: ImageTransform, text_mode: TextMode, with_target: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, captions: dict[str, str] | None = None) -> None:
         self.transform = transform
         self.text_mode = text_mode
         self.with_target = with_target
         self.rng = random.Random(seed)
+        self.captions = captions
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = sample["json"]
@@ -92,6 +131,9 @@ class TripletExample:
             "source_id": t["source_id"],
             "target_id": t["target_id"] or "",
             "dataset": t["dataset"],
+            "source_caption": caption_of(meta["source"], self.captions),
+            "target_caption": caption_of(meta.get("target"), self.captions),
+            "modified_text": (self.captions or {}).get(sample["__key__"], ""),
             "meta": meta,
         }
         if self.with_target and t["target_id"] is not None:
@@ -100,13 +142,15 @@ class TripletExample:
 
 
 class GalleryExample:
-    def __init__(self, transform: ImageTransform) -> None:
+    def __init__(self, transform: ImageTransform, captions: dict[str, str] | None = None) -> None:
         self.transform = transform
+        self.captions = captions
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = sample["json"]
         return {"images": _stack_views(_views(sample, "view"), self.transform),
-                "product_id": meta["product_id"], "dataset": meta["dataset"], "meta": meta}
+                "product_id": meta["product_id"], "dataset": meta["dataset"],
+                "caption": caption_of(meta, self.captions), "meta": meta}
 
 
 def pad_views(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 import webdataset as wds
 
-from .batching import GalleryExample, ImageTransform, ResizeToTensor, TextMode, TripletExample, collate
+from .batching import GalleryExample, ImageTransform, ResizeToTensor, TargetPad, TextMode, TripletExample, collate
 from .schema import stable_id
 from .shards import SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls
 from .synthetic import write_synthetic
@@ -53,29 +53,46 @@ class ShardDataModule(L.LightningDataModule):
         val_split: the split of ``validate`` and of validation during ``fit``.
         test_split: the split of ``test`` (default: ``val_split``).
         predict_split: the split of ``predict`` (default: ``test_split``); may be query-only.
+        target_pad_ratio: pad images to this aspect ratio before the model's preprocessing
+            (CLIP4Cir's "targetpad" for FashionIQ: 1.25); None keeps them as they are.
+        captions_file: a ``cir-caption`` sidecar (JSON lines); its captions replace the products' own
+            (``source_caption`` / ``target_caption`` in batches).
         seed: seed of shard resampling and shuffling.
     """
 
     def __init__(self, data_dir: str = "data/synthetic", batch_size: int = 32, eval_batch_size: int = 64,
                  num_workers: int = 2, image_size: int = 64, train_text: TextMode = "short",
                  shuffle_buffer: int = 500, val_split: str = "val", test_split: str | None = None,
-                 predict_split: str | None = None, seed: int = 0) -> None:
+                 predict_split: str | None = None, target_pad_ratio: float | None = None,
+                 captions_file: str | None = None, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.image_transform: ImageTransform = ResizeToTensor(image_size)
+        self.set_image_transform(self.image_transform)
         self.skipped: dict[tuple[str, int], int] = {}
         self._manifest: dict[str, Any] | None = None
+        self._captions: dict[str, str] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     def set_image_transform(self, transform: ImageTransform) -> None:
-        self.image_transform = transform
+        ratio = self.hparams.target_pad_ratio
+        self.image_transform = TargetPad(ratio, transform) if ratio else transform
 
     @property
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
             self._manifest = read_manifest(self.data_dir)
         return self._manifest
+
+    @property
+    def captions(self) -> dict[str, str] | None:
+        """The ``captions_file`` sidecar as {key: text}, read once (None without one)."""
+        if self._captions is None and self.hparams.captions_file:
+            from .caption_job import read_sidecar
+
+            self._captions = {k: v["text"] for k, v in read_sidecar(self.hparams.captions_file).items()}
+        return self._captions
 
     @property
     def datasets(self) -> list[str]:
@@ -122,8 +139,8 @@ class ShardDataModule(L.LightningDataModule):
             wds.detshuffle(self.hparams.shuffle_buffer, initial=self.hparams.shuffle_buffer // 4,
                            seed=self.hparams.seed),
             wds.map(decode_sample, handler=counter),
-            wds.map(TripletExample(self.image_transform, self.hparams.train_text, seed=self.hparams.seed),
-                    handler=counter),
+            wds.map(TripletExample(self.image_transform, self.hparams.train_text, seed=self.hparams.seed,
+                                   captions=self.captions), handler=counter),
             wds.batched(self.hparams.batch_size, collation_fn=collate, partial=False),
             wds.map(TagSkipped("train", counter)),
         ]
@@ -151,10 +168,11 @@ class ShardDataModule(L.LightningDataModule):
         gallery = shard_urls(self.data_dir, self.manifest, split, "gallery")
         queries = shard_urls(self.data_dir, self.manifest, split, "triplets")
         return [
-            self._loader(self._eval_pipeline(gallery, f"{split}-gallery", GalleryExample(self.image_transform)),
-                         len(gallery)),
+            self._loader(self._eval_pipeline(gallery, f"{split}-gallery",
+                                             GalleryExample(self.image_transform, self.captions)), len(gallery)),
             self._loader(self._eval_pipeline(queries, f"{split}-queries",
-                                             TripletExample(self.image_transform, "short")), len(queries)),
+                                             TripletExample(self.image_transform, "short", captions=self.captions)),
+                         len(queries)),
         ]
 
     def val_dataloader(self) -> list[wds.WebLoader]:
@@ -213,16 +231,11 @@ class SyntheticDataModule(ShardDataModule):
     """
 
     def __init__(self, data_dir: str = "data/synthetic", products: int = 1500, generator_seed: int = 0,
-                 val_fraction: float = 0.2, batch_size: int = 32, eval_batch_size: int = 64,
-                 num_workers: int = 2, image_size: int = 64, train_text: TextMode = "short",
-                 shuffle_buffer: int = 500, val_split: str = "val", test_split: str | None = None,
-                 predict_split: str | None = None, seed: int = 0) -> None:
-        super().__init__(data_dir=data_dir, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, image_size=image_size, train_text=train_text,
-                         shuffle_buffer=shuffle_buffer, val_split=val_split, test_split=test_split,
-                         predict_split=predict_split, seed=seed)
-        # Saved again so the generator's settings are hyperparameters too (logged, checkpointed).
-        self.save_hyperparameters()
+                 val_fraction: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(data_dir=data_dir, **kwargs)
+        # One hparams dict with the loader's and the generator's settings (logged, checkpointed).
+        self.save_hyperparameters({**self.hparams, "products": products, "generator_seed": generator_seed,
+                                   "val_fraction": val_fraction})
 
     def prepare_data(self) -> None:
         manifest = self.data_dir / "manifest.json"

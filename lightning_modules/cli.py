@@ -11,8 +11,10 @@ to the experiment file), e.g.::
       max_epochs: 3
 
 The fragments are loaded first, in order, then the experiment file, then the command line, and
-OmegaConf interpolation (``${data.init_args.batch_size}``, ``${oc.env:VAR,default}``) is resolved
-over the merged result.
+OmegaConf interpolation is resolved over the merged result. Write interpolations relative to the
+key that holds them (``${.batch_size}`` for a sibling key, ``${....default_root_dir}``): under a subcommand the
+config's root is ``fit.``/``validate.``…, so absolute ones would not resolve. ``${oc.env:VAR,x}``
+reads the environment.
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ class CIRCLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> CIRCLI:
     """The CLI over ``args`` (default: the command line); ``run=False`` only instantiates."""
-    argv = expand_defaults(list(sys.argv[1:] if args is None else args))
-    return CIRCLI(
+    return CIRCLI(**_cli_kwargs(), args=expand_defaults(list(sys.argv[1:] if args is None else args)), run=run)
+
+
+def _cli_kwargs() -> dict:
+    return dict(
         model_class=RetrievalModule,
         datamodule_class=ShardDataModule,
         subclass_mode_model=True,
@@ -88,14 +93,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CIRCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"parser_mode": "omegaconf+"},
         auto_configure_optimizers=False,
-        args=argv,
-        run=run,
     )
 
 
 def main() -> None:
     """Console-script entry point (returns None: a returned object would become the exit status)."""
-    build_cli()
+    # LightningCLI reads sys.argv itself when given no args; hand it the expanded list that way.
+    sys.argv[1:] = expand_defaults(sys.argv[1:])
+    CIRCLI(**_cli_kwargs())
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ features of their views (the view mask excludes padding), for the source and the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +34,20 @@ class CLIP4CIR(RetrievalModule):
         fusion: image + text features → query (``SumFusion`` or ``Combiner``).
         loss: contrastive loss; defaults to symmetric InfoNCE, τ=0.07, learnable.
         freeze_backbone: train the fusion head only (CLIP4Cir's combiner-training stage).
-        evaluation: the retrieval protocol of validation and test.
+        evaluation, stage2_loss, stage, init_checkpoint: see ``RetrievalModule``. In stage 2 the
+            target encoder (CLIP's image tower, shared with the reference image) is frozen; the text
+            encoder and the fusion head go on training against the static bank.
     """
 
     def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
-                 freeze_backbone: bool = False, evaluation: RetrievalEval | None = None) -> None:
+                 freeze_backbone: bool = False, evaluation: RetrievalEval | None = None,
+                 stage2_loss: nn.Module | None = None, stage: Literal[1, 2] = 1,
+                 init_checkpoint: str | None = None) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler,
-                         evaluation=evaluation)
-        save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler"])
+                         evaluation=evaluation, stage2_loss=stage2_loss, stage=stage,
+                         init_checkpoint=init_checkpoint)
+        save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
         self.backbone = backbone
         self.fusion = fusion or SumFusion()
         fusion_dim = getattr(self.fusion, "dim", None)
@@ -57,6 +62,9 @@ class CLIP4CIR(RetrievalModule):
     def image_transform(self) -> HFImageTransform:
         return self.backbone.image_transform
 
+    def target_encoder(self) -> list[nn.Module]:
+        return [self.backbone.model.vision_model, self.backbone.model.visual_projection]
+
     def encode_views(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, V, 3, H, W]`` views → ``[B, D]`` product features (mean over the real views)."""
         b, v = mask.shape
@@ -70,5 +78,6 @@ class CLIP4CIR(RetrievalModule):
         text = self.backbone.encode_texts(batch["text"])
         return self.fusion(image, text)
 
-    def encode_target(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def encode_target(self, images: torch.Tensor, mask: torch.Tensor,
+                      captions: list[str] | None = None) -> torch.Tensor:
         return F.normalize(self.encode_views(images, mask), dim=-1)

@@ -53,3 +53,29 @@ class Combiner(nn.Module):
         lam = self.mixing(joint)
         combined = self.output(self.dropout(F.relu(self.combiner(joint))))
         return F.normalize(combined + lam * text + (1 - lam) * image, dim=-1)
+
+
+class TransformerFusion(nn.Module):
+    """A small transformer over the [image, text] feature pair (the LLaVA-caption CIR query encoder).
+
+    The two features get a learned type embedding, pass ``layers`` pre-norm encoder layers, are
+    mean-pooled and projected; the projection starts at zero and is added to the normalised sum,
+    so training starts from ``SumFusion`` and learns what to add.
+    """
+
+    def __init__(self, dim: int, layers: int = 2, heads: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"fusion dim {dim} must be divisible by heads {heads}")
+        self.dim = dim
+        self.type_embedding = nn.Parameter(torch.zeros(2, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.output = nn.Linear(dim, dim)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        tokens = torch.stack([F.normalize(image, dim=-1), F.normalize(text, dim=-1)], dim=1) + self.type_embedding
+        pooled = self.encoder(tokens).mean(1)
+        return F.normalize(tokens.sum(1) - self.type_embedding.sum(0) + self.output(pooled), dim=-1)

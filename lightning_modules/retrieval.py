@@ -12,7 +12,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from datamodules.schema import stable_id
 
+from .bank import TargetBank
 from .metrics import GalleryProtocol, RecallAtK
 from .search import Backend
 
@@ -86,12 +88,23 @@ class RetrievalModule(L.LightningModule):
             temperature get no weight decay).
         scheduler: optional LR scheduler factory; stepped every optimizer step.
         evaluation: the retrieval protocol of validation and test.
+        stage2_loss: loss of stage 2 (e.g. ``StaticBankLoss``), against the static target bank.
+        stage: 1 (coarse alignment, in-batch negatives) or 2 (target encoder frozen, bank + hard
+            negatives). ``callbacks.StageSwitch`` moves a run from 1 to 2; start at 2 for a separate
+            stage-2 run initialised from a stage-1 checkpoint.
+        init_checkpoint: a checkpoint whose weights initialise the model (loaded weights-only).
     """
 
     def __init__(self, loss: nn.Module, optimizer: OptimizerCallable = default_optimizer,
-                 scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None) -> None:
+                 scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
+                 stage2_loss: nn.Module | None = None, stage: Literal[1, 2] = 1,
+                 init_checkpoint: str | None = None) -> None:
         super().__init__()
         self.loss = loss
+        self.stage2_loss = stage2_loss
+        self.stage = stage
+        self.init_checkpoint = init_checkpoint
+        self.bank: TargetBank | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.evaluation = evaluation or RetrievalEval()
@@ -104,15 +117,87 @@ class RetrievalModule(L.LightningModule):
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode_target(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def encode_target(self, images: torch.Tensor, mask: torch.Tensor,
+                      captions: list[str] | None = None) -> torch.Tensor:
+        """Product views (and, for families that use them, product captions) → target embeddings."""
         raise NotImplementedError
+
+    def embed_targets(self, batch: dict[str, Any], gallery: bool) -> torch.Tensor:
+        """Target embeddings of a gallery batch (``gallery``) or of a triplet batch's targets."""
+        if gallery:
+            return self.encode_target(batch["images"], batch["mask"], batch.get("caption"))
+        return self.encode_target(batch["target_images"], batch["target_mask"], batch.get("target_caption"))
+
+    def training_loss(self, query: torch.Tensor, target: torch.Tensor,
+                      batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Stage-1 loss terms (``loss`` is the total); families with extra negatives override this."""
+        return {"loss": self.loss(query, target, gather=True)}
 
     def image_transform(self) -> Any | None:
         """The preprocessing the backbone expects; handed to the DataModule in ``setup``."""
         return None
 
+    def target_encoder(self) -> list[nn.Module]:
+        """The modules that embed targets; frozen in stage 2."""
+        return []
+
+    # -- two-stage training ------------------------------------------------------------------------
+    def enter_stage2(self) -> None:
+        """Freeze the target encoder: no gradients, eval mode, and out of the optimizer (which
+        ``parameter_groups`` builds from trainable parameters only)."""
+        if self.stage2_loss is None:
+            raise ValueError("stage 2 needs model.init_args.stage2_loss (e.g. lightning_modules.StaticBankLoss)")
+        self.stage = 2
+        for module in self.target_encoder():
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> RetrievalModule:
+        super().train(mode)
+        if self.stage == 2:  # Lightning switches everything back to train mode after validation
+            for module in self.target_encoder():
+                module.eval()
+        return self
+
+    @torch.no_grad()
+    def build_bank(self, gallery_batches: Any, hard_negatives: int = 8) -> TargetBank:
+        """Embed every product of ``gallery_batches`` with the (frozen) target encoder."""
+        was_training = self.training
+        self.eval()
+        encoded = ((self.embed_targets(self.transfer_batch_to_device(b, self.device, 0), gallery=True), b["meta"])
+                   for b in gallery_batches)
+        self.bank = TargetBank.from_batches(encoded, hard_negatives=hard_negatives).to(self.device)
+        self.train(was_training)
+        return self.bank
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cir_stage"] = self.stage
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("cir_stage") == 2 and self.stage != 2:
+            self.enter_stage2()
+
+    def _load_init_checkpoint(self) -> None:
+        path = Path(self.init_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model.init_args.init_checkpoint={self.init_checkpoint} does not exist. It is written by the "
+                "stage-1 run: `lightning fit --config experiments/clip4cir_stage1.yaml` (see the experiment "
+                "file that names this checkpoint)."
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle objects from a file
+        missing, unexpected = self.load_state_dict(state.get("state_dict", state), strict=False)
+        real_missing = [k for k in missing if not k.startswith("recall.")]
+        if real_missing or unexpected:
+            raise ValueError(f"{path} does not fit this model: missing {real_missing[:5]}, unexpected "
+                             f"{unexpected[:5]}; was it written by the same model family and backbone?")
+        self.init_checkpoint = None  # once: a resumed run restores from its own checkpoint
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.init_checkpoint:
+            self._load_init_checkpoint()
+        if self.stage == 2:  # before DDP wraps the model, so frozen parameters are never registered
+            self.enter_stage2()
         if hasattr(self.loss, "rank"):
             self.loss.rank, self.loss.world_size = self.global_rank, self.trainer.world_size
         dm = getattr(self.trainer, "datamodule", None)
@@ -131,27 +216,42 @@ class RetrievalModule(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def model_step(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Query embeddings and, when the batch has target images, the contrastive loss."""
+        """Query embeddings and, when the batch has target images, the loss.
+
+        Stage 1 and every evaluation: in-batch contrastive loss. Stage-2 training: the static-bank
+        loss (the target encoder is frozen, so targets are embedded without gradients)."""
         query = self.encode_query(batch)
         loss = None
         if "target_images" in batch:
-            target = self.encode_target(batch["target_images"], batch["target_mask"])
-            loss = self.loss(query, target, gather=stage == "train")
-            self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=query.shape[0],
-                     sync_dist=stage != "train", add_dataloader_idx=False)
+            n = query.shape[0]
+            if stage == "train" and self.stage == 2 and self.bank is not None:
+                with torch.no_grad():
+                    target = self.embed_targets(batch, gallery=False)
+                terms = self.stage2_loss(query, target, self.bank, batch["target_id"])
+            elif stage == "train":
+                terms = self.training_loss(query, self.embed_targets(batch, gallery=False), batch)
+            else:  # evaluation: the plain in-batch loss, comparable across stages and families
+                terms = {"loss": self.loss(query, self.embed_targets(batch, gallery=False), gather=False)}
+            loss = terms.pop("loss")
+            for name, value in terms.items():
+                self.log(f"{stage}/{name}_loss", value, batch_size=n, add_dataloader_idx=False,
+                         sync_dist=stage != "train")
+            self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=n, sync_dist=stage != "train",
+                     add_dataloader_idx=False)
         return query, loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, loss = self.model_step(batch, "train")
         if hasattr(self.loss, "temperature"):
             self.log("train/temperature", self.loss.temperature, batch_size=len(batch["text"]))
+        self.log("train/stage", float(self.stage), batch_size=len(batch["text"]))
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         metric = self.recall[stage]
         datasets = self._dataset_index(batch["dataset"])
         if "images" in batch:  # gallery product
-            emb = self.encode_target(batch["images"], batch["mask"])
+            emb = self.embed_targets(batch, gallery=True)
             metric.update(emb, self._ids(batch["product_id"]), datasets, gallery=True)
         else:
             emb, _ = self.model_step(batch, stage)
@@ -172,7 +272,7 @@ class RetrievalModule(L.LightningModule):
         if "images" in batch:
             return {"product_id": batch["product_id"], "dataset": batch["dataset"],
                     "raw_id": [m.get("raw_id") or m["product_id"] for m in batch["meta"]],
-                    "embedding": self.encode_target(batch["images"], batch["mask"]).cpu()}
+                    "embedding": self.embed_targets(batch, gallery=True).cpu()}
         targets = [m["target"] for m in batch["meta"]]
         return {"source_id": batch["source_id"], "target_id": batch["target_id"], "dataset": batch["dataset"],
                 "text": batch["text"],

@@ -41,7 +41,7 @@ def encode_gallery(model: Any, dm: Any, split: str) -> tuple[torch.Tensor, list[
     embs, ids, datasets = [], [], []
     gallery_loader = dm.eval_dataloaders(split)[0]
     for batch in gallery_loader:
-        embs.append(model.encode_target(batch["images"], batch["mask"]).float())
+        embs.append(model.embed_targets(batch, gallery=True).float())
         ids += [m.get("raw_id") or m["product_id"] for m in batch["meta"]]
         datasets += batch["dataset"]
     return torch.cat(embs), ids, datasets

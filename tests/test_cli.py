@@ -35,7 +35,7 @@ def test_defaults_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_demo_config_composes_and_interpolates(tmp_path: Path) -> None:
     extra = tmp_path / "extra.yaml"
-    extra.write_text("data:\n  init_args:\n    eval_batch_size: ${data.init_args.batch_size}\n")
+    extra.write_text("data:\n  init_args:\n    eval_batch_size: ${.batch_size}\n")
     cli = build_cli(["--config", str(ROOT / "experiments/demo.yaml"), "--config", str(extra),
                      "--data.init_args.batch_size=7", f"--data.init_args.data_dir={tmp_path / 'd'}"], run=False)
     assert cli.datamodule.hparams.eval_batch_size == 7

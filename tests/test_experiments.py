@@ -57,28 +57,54 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path) -> list[str]:
-    """Point an experiment at test data, and its real backbone at a saved tiny one (no downloads)."""
+@pytest.fixture(scope="module")
+def stage1_checkpoint(datasets, tiny_folder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLIP4CIR checkpoint on the saved tiny backbone, as clip4cir_stage1.yaml would write."""
+    root = tmp_path_factory.mktemp("stage1")
+    cli = build_cli(["fit", "--config", str(ROOT / "experiments/demo.yaml"), *SMALL_LOADER,
+                     f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200",
+                     f"--model.init_args.backbone.init_args.name_or_path={tiny_folder}",
+                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                     f"--trainer.default_root_dir={root}"])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path,
+              checkpoint: Path | None = None) -> list[str]:
+    """Point an experiment at test data, its real backbone at a saved tiny one (no downloads), its
+    stage-1 checkpoint at a tiny one, and its caption sidecar at one the oracle captioner writes."""
     config = merged_config(experiment)
-    data = config["data"]
+    data, model = config["data"], config["model"]["init_args"]
     args = list(SMALL_LOADER)
     if data["class_path"].endswith("SyntheticDataModule"):
         args += [f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200"]
     else:
         kind = next(k for k in ("fashioniq", "fashionmv") if k in data["init_args"]["data_dir"])
         args.append(f"--data.init_args.data_dir={datasets[kind]}")
-    backbone = config["model"]["init_args"].get("backbone", {}).get("init_args", {}).get("name_or_path")
+        if data["init_args"].get("captions_file"):
+            from datamodules.caption_job import run_caption_job
+            from lightning_modules.captioners import OracleCaptioner
+
+            sidecar = datasets[kind] / "captions.oracle.jsonl"
+            run_caption_job(datasets[kind], sidecar, OracleCaptioner(), progress=False)
+            args.append(f"--data.init_args.captions_file={sidecar}")
+    backbone = model.get("backbone", {}).get("init_args", {}).get("name_or_path")
     if backbone not in (None, "tiny"):
         args += [f"--model.init_args.backbone.init_args.name_or_path={tiny_folder}",
                  "--model.init_args.fusion.init_args.dim=48"]
+        if model.get("fusion", {}).get("init_args", {}).get("heads"):
+            args.append("--model.init_args.fusion.init_args.heads=4")
+    if model.get("init_checkpoint"):
+        assert checkpoint is not None, f"{experiment.name} needs a stage-1 checkpoint"
+        args.append(f"--model.init_args.init_checkpoint={checkpoint}")
     return args
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
-def test_experiment_fast_dev_run(experiment: Path, datasets, tiny_folder, tmp_path: Path) -> None:
-    build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2",
-               f"--trainer.default_root_dir={tmp_path}", *data_args(experiment, datasets, tiny_folder)])
+def test_experiment_fast_dev_run(experiment: Path, datasets, tiny_folder, stage1_checkpoint, tmp_path: Path) -> None:
+    build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}",
+               *data_args(experiment, datasets, tiny_folder, stage1_checkpoint)])
 
 
 @pytest.mark.slow
