@@ -22,7 +22,8 @@ from lightning_modules.lexicon import KIND_OF, LEXICON, lexicon_matches, perturb
 def test_paper_prompts_verbatim() -> None:
     assert DESCRIBE_PROMPT == ("Describe this fashion item in detail, focusing on color, pattern, texture, and "
                                "style. Highlight any distinctive elements.")
-    assert REWRITE_PROMPT == "Generate a concise instruction that modifies the original description based on the given change."
+    assert REWRITE_PROMPT == ("Generate a concise instruction that modifies the original description based on the "
+                              "given change.")
 
 
 def test_synthetic_negatives_differ_only_in_lexicon_words_of_the_same_kind() -> None:
