@@ -4,8 +4,10 @@ from .data_health import SkippedSamplesLogger
 from .eval_artifacts import EvalArtifacts
 from .metrics_table import MetricsTable
 from .mlflow_logging import DEFAULT_TRACKING_URI, LogConfigToMLflow, MLflowLogger
+from .run_tags import RunTags
 from .stage_switch import StageSwitch
 from .submission import RetrievalSubmission
 
 __all__ = ["DEFAULT_TRACKING_URI", "EvalArtifacts", "LogConfigToMLflow", "MLflowLogger", "MetricsTable",
-           "RetrievalSubmission", "SkippedSamplesLogger", "StageSwitch"]
+           "RetrievalSubmission", "RunTags", "SkippedSamplesLogger",
+           "StageSwitch"]

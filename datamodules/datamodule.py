@@ -20,7 +20,7 @@ import webdataset as wds
 from .batching import GalleryExample, ImageTransform, ResizeToTensor, TargetPad, TextMode, TripletExample, collate
 from .schema import stable_id
 from .shards import SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls
-from .synthetic import write_synthetic
+from .synthetic import GENERATOR_VERSION, write_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +241,13 @@ class SyntheticDataModule(ShardDataModule):
         manifest = self.data_dir / "manifest.json"
         if manifest.is_file():
             source = read_manifest(self.data_dir)["source"]
-            wanted = (self.hparams.products, self.hparams.generator_seed, self.hparams.val_fraction)
-            found = (source.get("products"), source.get("seed"), source.get("val_fraction"))
+            wanted = (self.hparams.products, self.hparams.generator_seed, self.hparams.val_fraction,
+                      GENERATOR_VERSION)
+            found = (source.get("products"), source.get("seed"), source.get("val_fraction"), source.get("version"))
             if found != wanted:
                 raise ValueError(
-                    f"{manifest} was generated with (products, seed, val_fraction)={found}, the config asks "
-                    f"for {wanted}: delete {self.data_dir} to regenerate, or point data_dir elsewhere."
+                    f"{manifest} was generated with (products, seed, val_fraction, generator version)={found}, the "
+                    f"config asks for {wanted}: delete {self.data_dir} to regenerate, or point data_dir elsewhere."
                 )
             return
         log.info("generating %d synthetic products into %s", self.hparams.products, self.data_dir)

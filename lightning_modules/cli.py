@@ -77,6 +77,33 @@ class CIRCLI(LightningCLI):
         parser.add_argument("--defaults", type=list[str] | None, default=None,
                             help="Config fragments this config starts from (resolved before parsing).")
 
+    def before_instantiate_classes(self) -> None:
+        """Resuming (``fit --ckpt_path``): log into the MLflow run the checkpoint was written by."""
+        if self.subcommand != "fit":
+            return
+        config = self.config["fit"]
+        path = resolve_ckpt_path(config.get("ckpt_path"), config.trainer.get("default_root_dir") or ".")
+        logger = config.trainer.get("logger")
+        if path is None or logger is None or isinstance(logger, bool | list):
+            return
+        if not str(logger.get("class_path", "")).endswith(("MLflowLogger", "MLFlowLogger")):
+            return
+        if logger.init_args.get("run_id"):
+            return
+        import torch
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if checkpoint.get("mlflow_run_id"):
+            logger.init_args.run_id = checkpoint["mlflow_run_id"]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, default_root_dir: str) -> Path | None:
+    """The file ``--ckpt_path`` names; ``last`` is ``{default_root_dir}/checkpoints/last.ckpt``."""
+    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        return None
+    path = Path(default_root_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    return path if path.is_file() else None
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> CIRCLI:
     """The CLI over ``args`` (default: the command line); ``run=False`` only instantiates."""

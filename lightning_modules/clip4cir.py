@@ -43,10 +43,10 @@ class CLIP4CIR(RetrievalModule):
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  freeze_backbone: bool = False, evaluation: RetrievalEval | None = None,
                  stage2_loss: nn.Module | None = None, stage: Literal[1, 2] = 1,
-                 init_checkpoint: str | None = None) -> None:
+                 init_checkpoint: str | None = None, skip_bad_steps: bool = False) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, stage=stage,
-                         init_checkpoint=init_checkpoint)
+                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
         self.backbone = backbone
         self.fusion = fusion or SumFusion()
@@ -64,6 +64,9 @@ class CLIP4CIR(RetrievalModule):
 
     def target_encoder(self) -> list[nn.Module]:
         return [self.backbone.model.vision_model, self.backbone.model.visual_projection]
+
+    def variant_switches(self) -> dict[str, bool | str]:
+        return {**super().variant_switches(), "combiner": type(self.fusion).__name__ == "Combiner"}
 
     def encode_views(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``[B, V, 3, H, W]`` views → ``[B, D]`` product features (mean over the real views)."""

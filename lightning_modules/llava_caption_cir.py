@@ -73,10 +73,10 @@ class LLaVACaptionCIR(RetrievalModule):
                  query_text: QueryText = "modification+caption", target_caption_weight: float = 1.0,
                  synthetic_negatives: int = 4, augmented_negatives: int = 2, seed: int = 0,
                  evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
-                 stage: Literal[1, 2] = 1, init_checkpoint: str | None = None) -> None:
+                 stage: Literal[1, 2] = 1, init_checkpoint: str | None = None, skip_bad_steps: bool = False) -> None:
         super().__init__(loss=loss or HybridNegativesLoss(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, stage=stage,
-                         init_checkpoint=init_checkpoint)
+                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
         self.backbone = backbone
         self.fusion = fusion or TransformerFusion(backbone.dim)
@@ -95,6 +95,13 @@ class LLaVACaptionCIR(RetrievalModule):
 
     def target_encoder(self) -> list[nn.Module]:
         return [self.backbone.model.vision_model, self.backbone.model.visual_projection, self.target_text]
+
+    def variant_switches(self) -> dict[str, bool | str]:
+        weights = getattr(self.loss, "weights", {})
+        return {**super().variant_switches(), "captions": self.query_text != "modification",
+                "synthetic": bool(self.synthetic_negatives and weights.get("synthetic")),
+                "augmented": bool(self.augmented_negatives and weights.get("augmented")),
+                "target_caption": bool(self.target_caption_weight)}
 
     # -- encoders --------------------------------------------------------------------------------
     def encode_views(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -93,14 +93,19 @@ class RetrievalModule(L.LightningModule):
             negatives). ``callbacks.StageSwitch`` moves a run from 1 to 2; start at 2 for a separate
             stage-2 run initialised from a stage-1 checkpoint.
         init_checkpoint: a checkpoint whose weights initialise the model (loaded weights-only).
+        skip_bad_steps: skip (and count, ``train/skipped_steps``) a training step whose loss is NaN or
+            infinite, instead of stopping with an error that names the step and the loss terms.
     """
 
     def __init__(self, loss: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
                  stage2_loss: nn.Module | None = None, stage: Literal[1, 2] = 1,
-                 init_checkpoint: str | None = None) -> None:
+                 init_checkpoint: str | None = None, skip_bad_steps: bool = False) -> None:
         super().__init__()
         self.loss = loss
+        self.skip_bad_steps = skip_bad_steps
+        self.skipped_steps = 0
+        self.last_terms: dict[str, float] = {}
         self.stage2_loss = stage2_loss
         self.stage = stage
         self.init_checkpoint = init_checkpoint
@@ -141,6 +146,10 @@ class RetrievalModule(L.LightningModule):
         """The modules that embed targets; frozen in stage 2."""
         return []
 
+    def variant_switches(self) -> dict[str, bool | str]:
+        """The mechanisms this run has on or off (MLflow tags ``variant.*``, columns of ``cir-compare``)."""
+        return {"two_stage": self.stage2_loss is not None}
+
     # -- two-stage training ------------------------------------------------------------------------
     def enter_stage2(self) -> None:
         """Freeze the target encoder: no gradients, eval mode, and out of the optimizer (which
@@ -172,6 +181,10 @@ class RetrievalModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cir_stage"] = self.stage
+        # So `--ckpt_path last` after a crash logs into the same MLflow run (see cli.CIRCLI).
+        run_ids = [lg.run_id for lg in self.loggers if type(lg).__name__.endswith(("MLFlowLogger", "MLflowLogger"))]
+        if run_ids:
+            checkpoint["mlflow_run_id"] = run_ids[0]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("cir_stage") == 2 and self.stage != 2:
@@ -233,6 +246,7 @@ class RetrievalModule(L.LightningModule):
             else:  # evaluation: the plain in-batch loss, comparable across stages and families
                 terms = {"loss": self.loss(query, self.embed_targets(batch, gallery=False), gather=False)}
             loss = terms.pop("loss")
+            self.last_terms = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
             for name, value in terms.items():
                 self.log(f"{stage}/{name}_loss", value, batch_size=n, add_dataloader_idx=False,
                          sync_dist=stage != "train")
@@ -240,8 +254,17 @@ class RetrievalModule(L.LightningModule):
                      add_dataloader_idx=False)
         return query, loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         _, loss = self.model_step(batch, "train")
+        if not torch.isfinite(loss):
+            where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            if not self.skip_bad_steps:
+                raise FloatingPointError(
+                    f"non-finite training loss at {where}; loss terms: {self.last_terms}. Lower the learning rate "
+                    "or check the inputs of this batch; model.init_args.skip_bad_steps=true skips such steps.")
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=len(batch["text"]))
+            return None  # Lightning skips backward and the optimizer step
         if hasattr(self.loss, "temperature"):
             self.log("train/temperature", self.loss.temperature, batch_size=len(batch["text"]))
         self.log("train/stage", float(self.stage), batch_size=len(batch["text"]))

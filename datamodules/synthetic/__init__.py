@@ -9,7 +9,12 @@ from typing import Any
 from ..shards import ShardSetWriter, encode_product, write_manifest
 from .generate import DEFAULT_STYLES, DatasetStyle, ProductSpec, SyntheticData, generate
 
-__all__ = ["DEFAULT_STYLES", "DatasetStyle", "ProductSpec", "SyntheticData", "generate", "write_synthetic"]
+# Bump when a change to the generator changes its output for the same seed: DataModules then refuse
+# folders written by an older generator instead of silently training on different data.
+GENERATOR_VERSION = 2
+
+__all__ = ["DEFAULT_STYLES", "GENERATOR_VERSION", "DatasetStyle", "ProductSpec", "SyntheticData", "generate",
+           "write_synthetic"]
 
 
 def write_synthetic(out_dir: str | Path, products: int = 1500, seed: int = 0, val_fraction: float = 0.2,
@@ -27,7 +32,8 @@ def write_synthetic(out_dir: str | Path, products: int = 1500, seed: int = 0, va
         for t in data.triplets[split]:
             writer.write_triplet(t, encoded[t.source_id], encoded[t.target_id])
         splits[split] = writer.close()
-    source = {"generator": "synthetic", "products": products, "seed": seed, "val_fraction": val_fraction,
+    source = {"generator": "synthetic", "version": GENERATOR_VERSION, "products": products, "seed": seed,
+              "val_fraction": val_fraction,
               "seconds": round(time.perf_counter() - start, 2)}
     write_manifest(out_dir, splits, data.styles, source)
     return splits
