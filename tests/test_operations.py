@@ -118,3 +118,85 @@ def test_sigkill_mid_epoch_then_resume_finishes_in_the_same_mlflow_run(small_dat
     # runs match within a tolerance, not exactly: 0.15 absolute on a ~35-product gallery.
     a, b = final.values()
     assert abs(a - b) <= 0.15, final
+
+
+@pytest.mark.slow
+def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Path, tmp_path: Path, capsys) -> None:
+    import mlflow
+    import optuna
+    import yaml
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "experiment": str(ROOT / "experiments/demo.yaml"), "study_name": "t", "metric": "val/recall_at_10",
+        "n_trials": 3, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "output_dir": str(tmp_path / "sweeps"),
+        "sampler": {"name": "RandomSampler", "seed": 0}, "pruner": {"name": "NopPruner"},
+        "overrides": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
+                      f"--data.init_args.data_dir={small_data}",
+                      "--data.init_args.products=120", "--data.init_args.generator_seed=3",
+                      "--data.init_args.val_fraction=0.25", "--data.init_args.num_workers=0",
+                      "--data.init_args.batch_size=8"],
+        "search_space": {"model.init_args.loss.init_args.temperature": {"type": "float", "low": 0.03, "high": 0.2,
+                                                                        "log": True},
+                         "model.init_args.optimizer.init_args.lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
+    }))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    command = [str(Path(sys.executable).parent / "cir-sweep"), "--config", str(sweep)]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    deadline = time.time() + 600
+    while True:  # kill it in the middle of its second trial
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:] if first.stdout else ""
+        try:
+            states = [t.state.name for t in optuna.load_study(study_name="t", storage=storage).trials]
+        except KeyError:
+            states = []
+        if states.count("COMPLETE") == 1 and states.count("RUNNING") == 1:
+            break
+        time.sleep(0.5)
+    time.sleep(3)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "marked interrupted trials [1] as FAIL" in second.stdout
+
+    trials = optuna.load_study(study_name="t", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("fashion-cir-sweeps")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("optuna.role") == "parent"]
+    assert len(parent) == 1  # the resumed sweep reused its parent run
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(children) == 4
+    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"best.yaml", "optimization_history.png", "param_importances.png", "sweep.yaml"} <= artifacts
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: -t.value)
+    tags = parent[0].data.tags
+    assert float(tags["best.model.init_args.loss.init_args.temperature"]) == pytest.approx(
+        best.params["model.init_args.loss.init_args.temperature"])
+
+    from lightning_modules.cli import build_cli
+
+    best_yaml = tmp_path / "sweeps" / "t" / "best.yaml"
+    cli = build_cli(["--config", str(best_yaml), f"--data.init_args.data_dir={small_data}",
+                     "--data.init_args.products=120", "--data.init_args.generator_seed=3",
+                     "--data.init_args.val_fraction=0.25"], run=False)
+    assert cli.model.loss.temperature == pytest.approx(best.params["model.init_args.loss.init_args.temperature"])
+
+    from lightning_modules.compare import main as compare
+
+    capsys.readouterr()
+    compare(["--experiment", "fashion-cir-sweeps", "--tracking-uri", env["MLFLOW_TRACKING_URI"],
+             "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    header = printed.splitlines()[0].split()
+    assert {"run", "family", "two_stage", "combiner", "synth_studio", "avg", "minutes"} <= set(header)
+    assert "*" in printed
+    csv_rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
+    evaluated = [c for c in children if "val/synth_studio/recall_at_10" in c.data.metrics]
+    assert len(evaluated) >= 3  # the killed trial may have died before its first validation
+    assert len(csv_rows) == 1 + len(evaluated)  # header + one row per evaluated trial; the parent has none
+    assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| run | family |")
