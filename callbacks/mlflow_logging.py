@@ -58,7 +58,8 @@ class LogConfigToMLflow(SaveConfigCallback):
         mlflow_loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
         for logger in mlflow_loggers:
             logger.experiment.log_text(logger.run_id, text, self.config_filename)
-        if not mlflow_loggers and trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / self.config_filename
+        if not mlflow_loggers:
+            # Not trainer.log_dir: it broadcasts, and this method runs on rank 0 alone (a DDP deadlock).
+            path = Path(trainer.default_root_dir) / self.config_filename
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)

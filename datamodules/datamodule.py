@@ -2,14 +2,16 @@
 
 Training: resampled shards with a fixed number of batches per worker (``with_epoch``) so every
 DDP rank runs the same number of full batches and none waits forever in a collective. Evaluation:
-every shard exactly once, split over ranks and workers; the validation step sees the gallery
-(dataloader 0) before the queries (dataloader 1).
+every sample exactly once, split over workers by shard and over ranks by sample (so no rank is
+left without data, whatever the shard count); the validation step sees the gallery (dataloader 0)
+before the queries (dataloader 1).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,31 @@ class TagSkipped:
         info = torch.utils.data.get_worker_info()
         batch["_skipped"] = (self.loader, info.id if info else 0, self.counter.count)
         return batch
+
+
+class SplitSamplesByRank:
+    """Keep every world-th raw sample on each rank (before decoding). Evaluation splits by sample,
+    not by shard, so a rank never ends up empty when there are fewer shards than ranks. Rank and
+    world size come from the Trainer: DataLoader workers do not see the process group."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
+
+    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for i, sample in enumerate(src):
+            if i % self.world == self.rank:
+                yield sample
+
+
+class RankWorkerSeed:
+    """Seed of a training worker's shard resampling: distinct for every (rank, worker)."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed, rank
+
+    def __call__(self) -> int:
+        info = torch.utils.data.get_worker_info()
+        return self.seed + 1_000_003 * self.rank + (info.id if info else 0)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -134,7 +161,8 @@ class ShardDataModule(L.LightningDataModule):
         counter = SkipCounter("train")
         per_worker, workers = self.train_batches_per_worker()
         stages = [
-            wds.ResampledShards(urls, seed=self.hparams.seed, deterministic=True),
+            wds.ResampledShards(urls, seed=self.hparams.seed, deterministic=True,
+                                worker_seed=RankWorkerSeed(self.hparams.seed, self._world()[0])),
             wds.tarfile_to_samples(handler=counter),
             wds.detshuffle(self.hparams.shuffle_buffer, initial=self.hparams.shuffle_buffer // 4,
                            seed=self.hparams.seed),
@@ -155,9 +183,9 @@ class ShardDataModule(L.LightningDataModule):
         counter = SkipCounter(name)
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
-            wds.split_by_node,
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=counter),
+            SplitSamplesByRank(*self._world()),
             wds.map(decode_sample, handler=counter),
             wds.map(example, handler=counter),
             wds.batched(self.hparams.eval_batch_size, collation_fn=collate, partial=True),

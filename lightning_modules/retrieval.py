@@ -67,6 +67,19 @@ class RetrievalEval:
                          remove_source=self.remove_source, backend=self.backend)
 
 
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: refused, it holds pickled Python objects and checkpoints are loaded weights-only "
+            f"(a file from an untrusted source could run code). Re-save it as plain tensors. ({exc})".replace("\n", " ")
+        ) from exc
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
@@ -198,7 +211,7 @@ class RetrievalModule(L.LightningModule):
                 "stage-1 run: `lightning fit --config experiments/clip4cir_stage1.yaml` (see the experiment "
                 "file that names this checkpoint)."
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle objects from a file
+        state = load_weights(path)
         missing, unexpected = self.load_state_dict(state.get("state_dict", state), strict=False)
         real_missing = [k for k in missing if not k.startswith("recall.")]
         if real_missing or unexpected:

@@ -27,8 +27,9 @@ def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str]) 
     cli = build_cli(args, run=False)
     model, dm = cli.model, cli.datamodule
     if ckpt:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # never unpickle objects from a file
-        model.load_state_dict(state["state_dict"])
+        from .retrieval import load_weights
+
+        model.load_state_dict(load_weights(ckpt)["state_dict"])
     model.eval()
     transform = model.image_transform()
     if transform is not None:

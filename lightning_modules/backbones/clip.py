@@ -78,6 +78,9 @@ class CLIPBackbone(nn.Module):
             except OSError as exc:
                 raise load_error("the CLIP backbone", source, exc) from exc
             self.model.train()  # from_pretrained returns eval mode; this module is built to be trained
+        # The losses own the temperature: CLIP's own logit_scale is unused, and an unused trainable
+        # parameter leaves DDP's gradient buckets unreduced.
+        self.model.logit_scale.requires_grad_(False)
 
     @property
     def dim(self) -> int:
