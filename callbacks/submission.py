@@ -13,19 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lightning_modules.distributed import gather_objects
 from lightning_modules.search import topk
-
-
-def _gather(items: list[Any]) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return items
-    out: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
 
 
 class RetrievalSubmission(BasePredictionWriter):
@@ -47,8 +39,8 @@ class RetrievalSubmission(BasePredictionWriter):
         if not predictions or not isinstance(predictions[0], list):
             raise ValueError("RetrievalSubmission needs the gallery and query predict dataloaders "
                              "(ShardDataModule.predict_dataloader)")
-        gallery = _gather([row for batch in predictions[0] for row in _rows(batch)])
-        queries = _gather([row for batch in predictions[1] for row in _rows(batch)])
+        gallery = gather_objects([row for batch in predictions[0] for row in _rows(batch)])
+        queries = gather_objects([row for batch in predictions[1] for row in _rows(batch)])
         if not trainer.is_global_zero:
             return
         out: list[dict[str, Any]] = []

@@ -13,18 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from datamodules.schema import stable_id
 
-
-def _gather_objects(items: list[Any]) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return items
-    parts: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(parts, items)
-    return [x for p in parts for x in p]
+from .distributed import gather_objects
 
 
 class TargetBank:
@@ -52,7 +45,7 @@ class TargetBank:
         for emb, metas in batches:
             rows += list(zip(emb.detach().float().cpu(), metas, strict=True))
         unique: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
-        for emb, meta in _gather_objects(rows):
+        for emb, meta in gather_objects(rows):
             unique.setdefault(meta["product_id"], (emb, meta))
         if not unique:
             raise ValueError("the target bank is empty: the training gallery shards hold no products")

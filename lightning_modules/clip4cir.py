@@ -26,6 +26,16 @@ def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (features * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def mean_pooled_views(backbone: CLIPBackbone, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, V, 3, H, W]`` views → ``[B, D]`` product features: every real view through the image
+    encoder in one batch, then the mean over the views the mask marks."""
+    b, v = mask.shape
+    feats = backbone.encode_images(images[mask])
+    full = feats.new_zeros(b, v, feats.shape[-1])
+    full[mask] = feats
+    return masked_mean(full, mask)
+
+
 class CLIP4CIR(RetrievalModule):
     """CLIP4CIR stage 1.
 
@@ -69,12 +79,7 @@ class CLIP4CIR(RetrievalModule):
         return {**super().variant_switches(), "combiner": type(self.fusion).__name__ == "Combiner"}
 
     def encode_views(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``[B, V, 3, H, W]`` views → ``[B, D]`` product features (mean over the real views)."""
-        b, v = mask.shape
-        feats = self.backbone.encode_images(images[mask])
-        full = feats.new_zeros(b, v, feats.shape[-1])
-        full[mask] = feats
-        return masked_mean(full, mask)
+        return mean_pooled_views(self.backbone, images, mask)
 
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
         image = self.encode_views(batch["source_images"], batch["source_mask"])

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from .backbones.clip import CLIPBackbone, HFImageTransform
-from .clip4cir import masked_mean
+from .clip4cir import mean_pooled_views
 from .fusion import TransformerFusion
 from .lexicon import perturb_caption
 from .losses import HybridNegativesLoss
@@ -105,11 +105,7 @@ class LLaVACaptionCIR(RetrievalModule):
 
     # -- encoders --------------------------------------------------------------------------------
     def encode_views(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, v = mask.shape
-        feats = self.backbone.encode_images(images[mask])
-        full = feats.new_zeros(b, v, feats.shape[-1])
-        full[mask] = feats
-        return masked_mean(full, mask)
+        return mean_pooled_views(self.backbone, images, mask)
 
     def query_texts(self, batch: dict[str, Any]) -> list[str]:
         mods = batch["text"]

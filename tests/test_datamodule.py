@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import io
 import shutil
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from shard_tools import rewrite_shard
 
 from datamodules import ShardDataModule, SyntheticDataModule
 from datamodules.batching import collate, pad_views
@@ -74,17 +74,9 @@ def test_corrupt_gallery_sample_is_skipped_counted_and_reported(small_data: Path
     manifest = read_manifest(data)
     shard = Path(shard_urls(data, manifest, "val", "gallery")[0])
     # Rewrite the first shard with one image's bytes flipped.
-    members = []
     with tarfile.open(shard) as tar:
-        for info in tar.getmembers():
-            members.append((info, tar.extractfile(info).read()))
-    victim = next(i for i, (info, _) in enumerate(members) if info.name.endswith("view0.jpg"))
-    info, payload = members[victim]
-    members[victim] = (info, payload[:30] + bytes(b ^ 0xFF for b in payload[30:]))
-    with tarfile.open(shard, "w") as tar:
-        for info, payload in members:
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+        victim = next(m.name for m in tar.getmembers() if m.name.endswith("view0.jpg"))
+    rewrite_shard(shard, lambda name, b: b[:30] + bytes(x ^ 0xFF for x in b[30:]) if name == victim else b)
     dm = ShardDataModule(str(data), eval_batch_size=16, num_workers=0)
     gallery, _ = dm.val_dataloader()
     n = sum(len(dm.on_before_batch_transfer(b, 0)["product_id"]) for b in gallery)

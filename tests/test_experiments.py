@@ -12,7 +12,7 @@ import yaml
 from lightning_modules.cli import build_cli, expand_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((ROOT / "experiments").rglob("*.yaml"))
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "sweeps" not in p.parts)
 SMALL_LOADER = ["--data.init_args.num_workers=0", "--data.init_args.batch_size=8",
                 "--data.init_args.eval_batch_size=16"]
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from shard_tools import rewrite_shard
 
 from datamodules import ShardDataModule
 from datamodules.batching import GalleryExample, ResizeToTensor, TripletExample, collate
@@ -99,17 +99,8 @@ def test_corrupt_training_samples_cost_no_checkpoint_and_no_mlflow_record(small_
     shutil.copytree(small_data, data)
     manifest = read_manifest(data)
     shard = Path(shard_urls(data, manifest, "train", "triplets")[0])
-    members = []
-    with tarfile.open(shard) as tar:
-        for info in tar.getmembers():
-            payload = tar.extractfile(info).read()
-            if info.name.endswith("src0.jpg"):
-                payload = payload[:40] + bytes(b ^ 0x5A for b in payload[40:])  # every source image broken
-            members.append((info, payload))
-    with tarfile.open(shard, "w") as tar:
-        for info, payload in members:
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+    # Every source image of the shard broken.
+    rewrite_shard(shard, lambda name, b: b[:40] + bytes(x ^ 0x5A for x in b[40:]) if name.endswith("src0.jpg") else b)
     cli = build_cli(["fit", "--config", str(ROOT / "experiments/demo.yaml"), f"--data.init_args.data_dir={data}",
                      "--data.init_args.products=120", "--data.init_args.generator_seed=3",
                      "--data.init_args.val_fraction=0.25", "--data.init_args.num_workers=0",

@@ -151,18 +151,24 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
             states = [t.state.name for t in optuna.load_study(study_name="t", storage=storage).trials]
         except KeyError:
             states = []
-        if states.count("COMPLETE") == 1 and states.count("RUNNING") == 1:
+        if states.count("COMPLETE") >= 1 and states.count("RUNNING") == 1:
             break
-        time.sleep(0.5)
-    time.sleep(3)
+        time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    before = optuna.load_study(study_name="t", storage=storage).trials
+    interrupted = [t.number for t in before if t.state.name == "RUNNING"]
+    completed = [t.number for t in before if t.state.name == "COMPLETE"]
+    assert len(interrupted) == 1 and completed
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "marked interrupted trials [1] as FAIL" in second.stdout
+    assert f"marked interrupted trials {interrupted} as FAIL" in second.stdout
 
     trials = optuna.load_study(study_name="t", storage=storage).trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    states = {t.number: t.state.name for t in trials}
+    assert [n for n, st in states.items() if st == "FAIL"] == interrupted
+    assert sum(st == "COMPLETE" for st in states.values()) == 3  # n_trials completed in all
+    assert all(states[n] == "COMPLETE" for n in completed)  # nothing finished before the kill was lost
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("fashion-cir-sweeps")
@@ -170,7 +176,9 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
     parent = [r for r in runs if r.data.tags.get("optuna.role") == "parent"]
     assert len(parent) == 1  # the resumed sweep reused its parent run
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert len(children) == 4
+    # One MLflow run per trial that got as far as logging (a trial killed at once may have none).
+    child_trials = {int(r.data.tags["optuna.trial"]) for r in children}
+    assert {n for n, st in states.items() if st == "COMPLETE"} <= child_trials <= set(states)
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"best.yaml", "optimization_history.png", "param_importances.png", "sweep.yaml"} <= artifacts
     best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: -t.value)
