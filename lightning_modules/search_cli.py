@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--dataset", default=None)
     q.add_argument("-k", type=int, default=10)
     args = parser.parse_args(argv)
+    # The model config is parsed by LightningCLI: it warns when sys.argv also holds our own arguments.
+    sys.argv = sys.argv[:1]
 
     model, dm = load_model_and_data(args.config, args.ckpt, extra)
     if args.command == "build":

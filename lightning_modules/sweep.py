@@ -253,6 +253,7 @@ class Sweep:
                 print(f"cir-sweep: no {name}: {exc}")
                 continue
             fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+            fig.set_size_inches(11, 5)  # room for dotted config keys as axis labels
             fig.tight_layout()
             fig.savefig(self.out / name, dpi=100)
             plt.close(fig)
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-trials", type=int, default=None, help="override the sweep file's n_trials")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     config = SweepConfig.load(args.config)
+    # Trials parse their own arguments: LightningCLI warns when sys.argv also holds ours.
+    sys.argv = sys.argv[:1]
     if args.n_trials is not None:
         config.n_trials = args.n_trials
     sweep = Sweep(config)

@@ -44,17 +44,18 @@ def _assert_well_above_chance(metrics: dict[str, float]) -> None:
         assert metrics[f"val/{ds}/recall_at_10"] > 3 * (10 / size)
 
 
-@pytest.mark.slow
-def test_clip4cir_two_stage_learns(data: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    module = CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), stage2_loss=StaticBankLoss(),
-                      optimizer=lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.01))
-    _assert_well_above_chance(_fit(module, data, tmp_path))
+def _clip4cir() -> L.LightningModule:
+    return CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), stage2_loss=StaticBankLoss(),
+                    optimizer=lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.01))
+
+
+def _llava_caption_cir() -> L.LightningModule:
+    return LLaVACaptionCIR(CLIPBackbone("tiny"), TransformerFusion(48), stage2_loss=StaticBankLoss(),
+                           optimizer=lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.01))
 
 
 @pytest.mark.slow
-def test_llava_caption_cir_two_stage_learns(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("build", [_clip4cir, _llava_caption_cir], ids=["clip4cir", "llava_caption_cir"])
+def test_two_stage_run_learns(build, data: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = LLaVACaptionCIR(CLIPBackbone("tiny"), TransformerFusion(48), stage2_loss=StaticBankLoss(),
-                             optimizer=lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.01))
-    _assert_well_above_chance(_fit(module, data, tmp_path))
+    _assert_well_above_chance(_fit(build(), data, tmp_path))
