@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image, ImageDraw
 
-from datamodules.batching import TripletExample, collate
+from datamodules.batching import TripletExample, collate, views_of
 from datamodules.schema import stable_id
 
 _PER_DATASET = re.compile(r"^(?P<stage>val|test)/(?P<ds>[\w\-]+)/(?P<name>\w+)$")
@@ -162,7 +162,7 @@ class EvalArtifacts(Callback):
         for s, pick in zip(samples, picks, strict=True):
             target = stable_id(s["json"]["triplet"]["target_id"])
             results = [(products[i]["view0.jpg"], i == target) for i in pick if i in products]
-            source = [s[f"src{j}.jpg"] for j in range(5) if f"src{j}.jpg" in s]
+            source = views_of(s, "src")
             rows.append({"source": source, "text": s["json"]["triplet"]["modification_short"], "results": results})
         return retrieval_picture(rows)
 

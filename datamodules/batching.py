@@ -58,7 +58,7 @@ def _stack_views(views: list[Image.Image], transform: ImageTransform) -> torch.T
     return torch.stack([transform(v) for v in views[:MAX_VIEWS]])
 
 
-def _views(sample: dict[str, Any], prefix: str) -> list[Image.Image]:
+def views_of(sample: dict[str, Any], prefix: str) -> list[Image.Image]:
     views = []
     for i in range(MAX_VIEWS):
         img = sample.get(f"{prefix}{i}.jpg")
@@ -126,7 +126,7 @@ class TripletExample:
         meta = sample["json"]
         t = meta["triplet"]
         out = {
-            "source_images": _stack_views(_views(sample, "src"), self.transform),
+            "source_images": _stack_views(views_of(sample, "src"), self.transform),
             "text": pick_text(t, self.text_mode, self.rng),
             "source_id": t["source_id"],
             "target_id": t["target_id"] or "",
@@ -137,7 +137,7 @@ class TripletExample:
             "meta": meta,
         }
         if self.with_target and t["target_id"] is not None:
-            out["target_images"] = _stack_views(_views(sample, "tgt"), self.transform)
+            out["target_images"] = _stack_views(views_of(sample, "tgt"), self.transform)
         return out
 
 
@@ -148,7 +148,7 @@ class GalleryExample:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = sample["json"]
-        return {"images": _stack_views(_views(sample, "view"), self.transform),
+        return {"images": _stack_views(views_of(sample, "view"), self.transform),
                 "product_id": meta["product_id"], "dataset": meta["dataset"],
                 "caption": caption_of(meta, self.captions), "meta": meta}
 

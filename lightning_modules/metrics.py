@@ -119,9 +119,10 @@ class RecallAtK(Metric):
 
     def _hits(self, queries: torch.Tensor, query_targets: torch.Tensor, query_sources: torch.Tensor,
               gallery: torch.Tensor, gallery_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        order = torch.argsort(gallery_ids)  # sorted once, searched for targets and sources
+        sorted_ids = gallery_ids[order]
+
         def index_of(wanted: torch.Tensor) -> torch.Tensor:
-            order = torch.argsort(gallery_ids)
-            sorted_ids = gallery_ids[order]
             pos = torch.searchsorted(sorted_ids, wanted).clamp(max=max(len(sorted_ids) - 1, 0))
             found = sorted_ids[pos] == wanted if len(sorted_ids) else torch.zeros_like(wanted, dtype=torch.bool)
             return torch.where(found, order[pos], torch.full_like(pos, -1))
