@@ -52,10 +52,9 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int =
     """(scores, indices) of the ``k`` best gallery items per query, best first."""
     k = min(k, gallery.shape[0])
     if backend == "faiss":
-        import faiss
+        from .gallery_index import build_faiss_index
 
-        index = faiss.IndexFlatIP(gallery.shape[1])
-        index.add(np.ascontiguousarray(gallery.detach().float().cpu().numpy()))
+        index = build_faiss_index(gallery.detach().float().cpu().numpy(), "flat")
         scores, idx = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
         return torch.from_numpy(scores), torch.from_numpy(idx).long()
     out_s, out_i = [], []
