@@ -1,5 +1,6 @@
 """Lightning callbacks and logging glue of fashion-cir."""
 
+from .cot_schedule import CoTSchedule
 from .data_health import SkippedSamplesLogger
 from .eval_artifacts import EvalArtifacts
 from .metrics_table import MetricsTable
@@ -8,6 +9,6 @@ from .run_tags import RunTags
 from .stage_switch import StageSwitch
 from .submission import RetrievalSubmission
 
-__all__ = ["DEFAULT_TRACKING_URI", "EvalArtifacts", "LogConfigToMLflow", "MLflowLogger", "MetricsTable",
+__all__ = ["DEFAULT_TRACKING_URI", "CoTSchedule", "EvalArtifacts", "LogConfigToMLflow", "MLflowLogger", "MetricsTable",
            "RetrievalSubmission", "RunTags", "SkippedSamplesLogger",
            "StageSwitch"]

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from datamodules.batching import TripletExample, collate, views_of
 from datamodules.schema import stable_id
+from lightning_modules.search import scores as search_scores
 
 _PER_DATASET = re.compile(r"^(?P<stage>val|test)/(?P<ds>[\w\-]+)/(?P<name>\w+)$")
 _OVERALL = re.compile(r"^(?P<stage>val|test)/(?P<name>(mean_)?recall_at_\d+|score|loss)$")
@@ -143,8 +144,7 @@ class EvalArtifacts(Callback):
         g_emb, g_ids, g_ds = (t.to(pl_module.device) for t in gallery)
         example = TripletExample(dm.image_transform, "short", with_target=False, captions=dm.captions)
         batch = collate([example(s) for s in samples])
-        batch["source_images"] = batch["source_images"].to(pl_module.device)
-        batch["source_mask"] = batch["source_mask"].to(pl_module.device)
+        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
         was_training = pl_module.training
         pl_module.eval()
         queries = pl_module.encode_query(batch).float()
@@ -154,7 +154,7 @@ class EvalArtifacts(Callback):
         for q, s in zip(queries, samples, strict=True):
             ds = names.index(s["json"]["triplet"]["dataset"]) if s["json"]["triplet"]["dataset"] in names else -1
             sel = (g_ds == ds).nonzero().flatten()
-            scores = g_emb[sel] @ q
+            scores = search_scores(q[None], g_emb[sel])[0]
             top = sel[scores.topk(min(self.top_k, len(sel))).indices]
             picks.append([int(i) for i in g_ids[top]])
         products = dm.gallery_products(split, {i for p in picks for i in p})

@@ -54,8 +54,11 @@ class TargetPad:
         return self.transform(self.pad(img))
 
 
-def _stack_views(views: list[Image.Image], transform: ImageTransform) -> torch.Tensor:
-    return torch.stack([transform(v) for v in views[:MAX_VIEWS]])
+def _stack_views(views: list[Image.Image], transform: ImageTransform) -> torch.Tensor | list[Any]:
+    """Views as one ``[V, 3, H, W]`` tensor, or as a list when the transform returns something
+    else (Qwen's variable-size patch grids, which cannot be stacked)."""
+    out = [transform(v) for v in views[:MAX_VIEWS]]
+    return torch.stack(out) if isinstance(out[0], torch.Tensor) else out
 
 
 def views_of(sample: dict[str, Any], prefix: str) -> list[Image.Image]:
@@ -153,8 +156,12 @@ class GalleryExample:
                 "caption": caption_of(meta, self.captions), "meta": meta}
 
 
-def pad_views(stacks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    v = max(s.shape[0] for s in stacks)
+def pad_views(stacks: list[torch.Tensor] | list[list[Any]]) -> tuple[torch.Tensor | list[list[Any]], torch.Tensor]:
+    """``[B, V, ...]`` zero-padded views and the ``[B, V]`` mask; lists of views stay lists."""
+    v = max(len(s) for s in stacks)
+    if not isinstance(stacks[0], torch.Tensor):
+        mask = torch.tensor([[i < len(s) for i in range(v)] for s in stacks], dtype=torch.bool)
+        return list(stacks), mask
     out = stacks[0].new_zeros((len(stacks), v, *stacks[0].shape[1:]))
     mask = torch.zeros(len(stacks), v, dtype=torch.bool)
     for i, s in enumerate(stacks):

@@ -132,7 +132,7 @@ class RecallAtK(Metric):
         if self.remove_source:
             source_index = index_of(query_sources)
             target_index[query_targets == query_sources] = -1  # a removed source cannot be the answer
-        if self.backend == "faiss":
+        if self.backend == "faiss" and queries.ndim == 2:
             extra = 1 if source_index is not None else 0
             _, idx = topk(queries, gallery, max(self.top_k) + extra, backend="faiss")
             idx = idx.to(target_index.device)

@@ -347,4 +347,6 @@ class RetrievalModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:  # CosineSchedule: the run's length, known only now
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -15,6 +15,27 @@ import torch
 Backend = Literal["torch", "faiss"]
 
 
+def maxsim(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """MaxSim scores ``[n, m]`` of multi-vector items ``[n, V, D]`` × ``[m, W, D]``: the best pair
+    of views. Rows of NaN are padding (products with fewer views) and never score."""
+    q_ok, g_ok = ~queries[..., 0].isnan(), ~gallery[..., 0].isnan()
+    s = torch.einsum("nvd,mwd->nmvw", queries.nan_to_num(0.0), gallery.nan_to_num(0.0))
+    s = s.masked_fill(~(q_ok[:, None, :, None] & g_ok[None, :, None, :]), -torch.inf)
+    return s.amax(dim=(2, 3))
+
+
+def scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """``[n, m]`` scores: dot products of single vectors, or MaxSim of ``[*, V, D]`` multi-vectors."""
+    return queries @ gallery.T if queries.ndim == 2 else maxsim(queries, gallery)
+
+
+def pair_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """Score of each query with the gallery item in the same row."""
+    if queries.ndim == 2:
+        return (queries * gallery).sum(-1)
+    return torch.stack([maxsim(q[None], g[None])[0, 0] for q, g in zip(queries, gallery, strict=True)])
+
+
 def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor,
                  chunk_size: int = 4096, exclude_index: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each query's target: how many gallery items score strictly higher.
@@ -28,7 +49,7 @@ def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: tor
     if n == 0 or gallery.shape[0] == 0 or not present.any():
         return ranks
     target_scores = torch.zeros(n, dtype=queries.dtype, device=queries.device)
-    target_scores[present] = (queries[present] * gallery[target_index[present]]).sum(-1)
+    target_scores[present] = pair_scores(queries[present], gallery[target_index[present]])
     counts = torch.zeros(n, dtype=torch.long, device=queries.device)
     for qs in range(0, n, chunk_size):
         q = queries[qs : qs + chunk_size]
@@ -39,7 +60,7 @@ def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: tor
             block = gallery[gs : gs + chunk_size]
             cols = torch.arange(gs, gs + block.shape[0], device=q.device)[None]
             # The target's own column is excluded: a matmul and a dot product may round differently.
-            above = (q @ block.T > t) & (cols != own)
+            above = (scores(q, block) > t) & (cols != own)
             if skip is not None:
                 above &= cols != skip
             counts[qs : qs + chunk_size] += above.sum(1)
@@ -52,6 +73,8 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int =
     """(scores, indices) of the ``k`` best gallery items per query, best first."""
     k = min(k, gallery.shape[0])
     if backend == "faiss":
+        if queries.ndim != 2:
+            raise ValueError("the faiss backend searches single vectors; MaxSim multi-vectors need backend='torch'")
         from .gallery_index import build_faiss_index
 
         index = build_faiss_index(gallery.detach().float().cpu().numpy(), "flat")
@@ -64,7 +87,7 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int =
         best_i = torch.zeros((q.shape[0], k), dtype=torch.long, device=q.device)
         for gs in range(0, gallery.shape[0], chunk_size):
             block = gallery[gs : gs + chunk_size]
-            s, i = (q @ block.T).topk(min(k, block.shape[0]), dim=1)
+            s, i = scores(q, block).topk(min(k, block.shape[0]), dim=1)
             merged_s, order = torch.cat([best_s, s], 1).topk(k, dim=1)
             best_i = torch.cat([best_i, i + gs], 1).gather(1, order)
             best_s = merged_s

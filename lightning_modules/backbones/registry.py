@@ -45,6 +45,51 @@ PRESETS: dict[Family, dict[str, BackbonePreset]] = {
             description="OpenAI CLIP ViT-B/32 (512-d embeddings)",
         ),
     },
+    "qwen3.5": {
+        "tiny": BackbonePreset(
+            name="tiny", family="qwen3.5", image_size=128,
+            config={
+                # One linear-attention (Gated DeltaNet) and one full-attention layer: the smallest
+                # model that exercises both cache kinds of the real one.
+                "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "layer_types": ["linear_attention", "full_attention"],
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+                         "linear_num_key_heads": 2, "linear_num_value_heads": 2,
+                         "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
+                         "max_position_embeddings": 4096,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1],
+                                             "mrope_interleaved": True}},
+                "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                           "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                           "out_hidden_size": 64, "num_position_embeddings": 256},
+            },
+            description="2-layer (linear + full attention), width-64 Qwen3.5 with a 2-block vision tower, "
+                        "random weights and the generated-vocabulary tokenizer",
+        ),
+        "qwen3.5-0.8b": BackbonePreset(
+            name="qwen3.5-0.8b", family="qwen3.5", hub_id="Qwen/Qwen3.5-0.8B", image_size=512,
+            description="Qwen3.5-0.8B (24 layers, 1024-d embeddings at <emb_all>); bf16 on GPU",
+        ),
+        "qwen3.5-0.8b-random": BackbonePreset(
+            name="qwen3.5-0.8b-random", family="qwen3.5", image_size=512,
+            config={
+                # Qwen3.5-0.8B's published architecture (../shared/notes), random weights: for speed
+                # and memory benchmarks where the weights cannot be downloaded.
+                "text": {"vocab_size": 248320, "hidden_size": 1024, "intermediate_size": 3584,
+                         "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2,
+                         "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+                         "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+                         "rms_norm_eps": 1e-6, "max_position_embeddings": 262144,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
+                                             "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10],
+                                             "mrope_interleaved": True}},
+                "vision": {"depth": 12, "hidden_size": 768, "patch_size": 16, "spatial_merge_size": 2,
+                           "temporal_patch_size": 2, "out_hidden_size": 1024},
+            },
+            description="Qwen3.5-0.8B's architecture with random weights (benchmarks only)",
+        ),
+    },
 }
 
 

@@ -1,0 +1,178 @@
+"""ProCIR's dialogues as token sequences, in Qwen's chat format, built piece by piece.
+
+Building the ids directly (not through a chat template) keeps what the model needs next to the
+ids: where each ``<emb_all>`` sits, which tokens are the assistant's (the SFT labels), which are
+image placeholders (``mm_token_type_ids``), and the caption tokens that CoT subsamples. The text
+is what Qwen's template writes, with no system prompt:
+
+    <|im_start|>user\\n<|vision_start|><|image_pad|>…<|vision_end|>…{text}<|im_end|>\\n
+    <|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n<emb_all><|im_end|>\\n
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .backbones.qwen import (
+    EMB_TOKEN,
+    IM_END,
+    IM_START,
+    IMAGE_PAD,
+    THINK,
+    THINK_END,
+    VISION_END,
+    VISION_START,
+    PatchedImage,
+    QwenBackbone,
+)
+from .prompts import CAPTION_SYSTEM_PROMPT, MODIFICATION_REQUEST
+
+
+def prompt_words() -> set[str]:
+    """Words of the fixed prompts, for the tiny models' closed-vocabulary tokenizer."""
+    import re
+
+    text = " ".join([CAPTION_SYSTEM_PROMPT, MODIFICATION_REQUEST, "user assistant system image view",
+                     "long_caption short_caption views_involved modification_text_long modification_text_short",
+                     "front back side detail true false 1 2 3 4 5"])
+    return {w.lower() for w in re.findall(r"\w+", text)}
+
+
+def keep_tokens(ids: list[int], ratio: float, rng: random.Random) -> list[int]:
+    """⌈ratio·n⌉ of ``ids`` chosen at random, in their original order (CoT progressive removal)."""
+    k = min(len(ids), math.ceil(max(ratio, 0.0) * len(ids)))
+    return [ids[i] for i in sorted(rng.sample(range(len(ids)), k))]
+
+
+@dataclass
+class Sequence:
+    """One dialogue: token ids, their image flags and training flags, its images and ``<emb_all>``s."""
+
+    ids: list[int] = field(default_factory=list)
+    image_flags: list[int] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)
+    images: list[PatchedImage] = field(default_factory=list)
+    emb_positions: list[int] = field(default_factory=list)
+
+
+class DialogueBuilder:
+    """Appends chat turns to ``Sequence``s and batches them for ``QwenBackbone``."""
+
+    def __init__(self, backbone: QwenBackbone) -> None:
+        self.backbone = backbone
+        self.ids = backbone.token_ids
+        self._cache: dict[str, list[int]] = {}
+
+    def _text_ids(self, text: str) -> list[int]:
+        if text not in self._cache:  # the fixed pieces ("user\n", "\n\n") recur in every dialogue
+            ids = self.backbone.text_ids(text)
+            if len(self._cache) > 4096:
+                return ids
+            self._cache[text] = ids
+        return self._cache[text]
+
+    def _add(self, seq: Sequence, ids: list[int], trained: bool, image: bool = False) -> None:
+        seq.ids += ids
+        seq.image_flags += [int(image)] * len(ids)
+        seq.trained += [trained] * len(ids)
+
+    def _special(self, seq: Sequence, token: str, trained: bool) -> None:
+        if token == EMB_TOKEN:
+            seq.emb_positions.append(len(seq.ids))
+        self._add(seq, [self.ids[token]], trained)
+
+    def system(self, seq: Sequence, text: str) -> Sequence:
+        self._special(seq, IM_START, False)
+        self._add(seq, self._text_ids("system\n") + self.backbone.text_ids(text), False)
+        self._special(seq, IM_END, False)
+        self._add(seq, self._text_ids("\n"), False)
+        return seq
+
+    def user(self, seq: Sequence, images: list[PatchedImage] = (), text: str = "") -> Sequence:
+        self._special(seq, IM_START, False)
+        self._add(seq, self._text_ids("user\n"), False)
+        for img in images:
+            self._special(seq, VISION_START, False)
+            self._add(seq, [self.ids[IMAGE_PAD]] * self.backbone.image_tokens(img), False, image=True)
+            self._special(seq, VISION_END, False)
+            seq.images.append(img)
+        if text:
+            self._add(seq, self.backbone.text_ids(text), False)
+        self._special(seq, IM_END, False)
+        self._add(seq, self._text_ids("\n"), False)
+        return seq
+
+    def assistant(self, seq: Sequence, thought: list[int] | str = (), answer: str = "", emb: bool = True,
+                  close: bool = True, trained: bool = False) -> Sequence:
+        """``<think>`` block (empty, or ``thought`` as text or token ids), then ``answer`` and/or
+        ``<emb_all>``. ``close=False`` stops right after ``<emb_all>``: nothing after it can change
+        its hidden state, so a document or the last query turn needs no more tokens."""
+        self._special(seq, IM_START, False)
+        self._add(seq, self._text_ids("assistant\n"), False)
+        self._special(seq, THINK, trained)
+        thought_ids = self.backbone.text_ids(thought) if isinstance(thought, str) else list(thought)
+        if thought_ids:
+            self._add(seq, self._text_ids("\n") + thought_ids + self._text_ids("\n"), trained)
+        else:
+            self._add(seq, self._text_ids("\n\n"), trained)
+        self._special(seq, THINK_END, trained)
+        self._add(seq, self._text_ids("\n\n"), trained)
+        if answer:
+            self._add(seq, self.backbone.text_ids(answer), trained)
+        if emb:
+            self._special(seq, EMB_TOKEN, trained)
+        if close:
+            self._special(seq, IM_END, trained)
+            self._add(seq, self._text_ids("\n"), False)
+        return seq
+
+    def text_embedding(self, text: str) -> Sequence:
+        """Caption alignment's text-only forward: ``[T_cap; <emb_all>]``, nothing else."""
+        seq = Sequence()
+        self._add(seq, self.backbone.text_ids(text), False)
+        self._special(seq, EMB_TOKEN, False)
+        return seq
+
+    def batch(self, seqs: list[Sequence], device: torch.device | str) -> dict[str, Any]:
+        """Right-padded tensors. Right padding keeps every real token's hidden state equal to an
+        unpadded forward: attention is causal and the linear-attention recurrence runs left to
+        right, so padding after a sequence cannot reach it."""
+        length = max(len(s.ids) for s in seqs)
+        pad = self.backbone.tokenizer.pad_token_id or 0
+        n = len(seqs)
+        ids = torch.full((n, length), pad, dtype=torch.long)
+        mask = torch.zeros(n, length, dtype=torch.long)
+        flags = torch.zeros(n, length, dtype=torch.long)
+        labels = torch.full((n, length), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            k = len(s.ids)
+            ids[i, :k] = torch.tensor(s.ids)
+            mask[i, :k] = 1
+            flags[i, :k] = torch.tensor(s.image_flags)
+            trained = torch.tensor(s.trained, dtype=torch.bool)
+            labels[i, :k] = torch.where(trained, ids[i, :k], torch.full_like(ids[i, :k], -100))
+        out: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                               "mm_token_type_ids": flags.to(device), "labels": labels.to(device)}
+        images = [img for s in seqs for img in s.images]
+        if images:
+            out["pixel_values"] = torch.cat([img.pixel_values for img in images]).to(device)
+            out["image_grid_thw"] = torch.stack([img.grid_thw for img in images]).to(device)
+        return out
+
+    def embed(self, seqs: list[Sequence], device: torch.device | str) -> list[torch.Tensor]:
+        """Hidden states at each sequence's ``<emb_all>`` positions: one ``[B, D]`` tensor per
+        ``<emb_all>`` index (all sequences must have the same number)."""
+        counts = {len(s.emb_positions) for s in seqs}
+        if len(counts) != 1:
+            raise ValueError(f"sequences with different <emb_all> counts {sorted(counts)} cannot be embedded together")
+        inputs = self.batch(seqs, device)
+        inputs.pop("labels")
+        hidden = self.backbone(**inputs).last_hidden_state
+        rows = torch.arange(len(seqs), device=hidden.device)
+        return [hidden[rows, torch.tensor([s.emb_positions[j] for s in seqs], device=hidden.device)]
+                for j in range(counts.pop())]
