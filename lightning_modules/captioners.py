@@ -110,24 +110,53 @@ class LlavaCaptioner(_HFChatCaptioner):
         super().__init__(model, processor, max_new_tokens)
 
 
-class QwenCaptioner(_HFChatCaptioner):
-    """Qwen3.5 (``Qwen/Qwen3.5-0.8B`` by default) as a second MLLM captioner."""
+class QwenCaptioner:
+    """Qwen3.5 (``Qwen/Qwen3.5-0.8B`` by default) as a second MLLM captioner.
+
+    Built on ``QwenBackbone`` and ProCIR's dialogue builder rather than ``AutoProcessor``: Qwen's
+    processor class insists on a video processor, which needs torchvision (not installable beside
+    the CPU torch wheel). Prompts are left-padded for batched greedy generation, with an empty
+    ``<think>`` block so the model answers directly.
+    """
 
     name = "qwen3.5"
 
     def __init__(self, name_or_path: str = "Qwen/Qwen3.5-0.8B", max_new_tokens: int = 96, device: str | None = None,
                  trust_remote_code: bool = False) -> None:
-        from transformers import AutoProcessor, Qwen3_5ForConditionalGeneration
+        from .backbones.qwen import QwenBackbone
+        from .dialogue import DialogueBuilder
 
-        from .backbones.clip import load_error
-
-        try:
-            processor = AutoProcessor.from_pretrained(name_or_path, backend="pil", trust_remote_code=trust_remote_code)
-            model = Qwen3_5ForConditionalGeneration.from_pretrained(name_or_path, dtype="auto",
-                                                                     trust_remote_code=trust_remote_code)
-        except OSError as exc:
-            raise load_error("the Qwen3.5 captioner", name_or_path, exc) from exc
+        preset = "qwen3.5-0.8b" if name_or_path == "Qwen/Qwen3.5-0.8B" else name_or_path
+        self.backbone = QwenBackbone(preset, trust_remote_code=trust_remote_code).eval()
         if device:
-            model = model.to(device)
-        processor.tokenizer.padding_side = "left"
-        super().__init__(model, processor, max_new_tokens)
+            self.backbone.to(device)
+        self.dialogue = DialogueBuilder(self.backbone)
+        self.max_new_tokens = max_new_tokens
+
+    def _generate(self, seqs: list[Any]) -> list[str]:
+        from .backbones.qwen import IM_END
+
+        device = next(self.backbone.parameters()).device
+        inputs = self.dialogue.batch(seqs, device, left_pad=True)
+        inputs.pop("labels")
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.backbone.model.model.visual.dtype)
+        tok = self.backbone.tokenizer
+        with torch.no_grad():
+            out = self.backbone.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                               eos_token_id=tok.convert_tokens_to_ids(IM_END),
+                                               pad_token_id=tok.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+    def describe(self, images: list[Image.Image], prompt: str, metas: list[dict[str, Any]]) -> list[str]:
+        from .dialogue import Sequence
+
+        d, transform = self.dialogue, self.backbone.image_transform
+        return self._generate([d.generation_prompt(d.user(Sequence(), [transform(img)], prompt)) for img in images])
+
+    def rewrite(self, texts: list[str], prompt: str, metas: list[dict[str, Any]]) -> list[str]:
+        from .dialogue import Sequence
+
+        d = self.dialogue
+        return self._generate([d.generation_prompt(d.user(Sequence(), text=f"{t}\n{prompt}")) for t in texts])

@@ -131,6 +131,16 @@ class DialogueBuilder:
             self._add(seq, self._text_ids("\n"), False)
         return seq
 
+    def generation_prompt(self, seq: Sequence) -> Sequence:
+        """The assistant turn's opening with an empty think block: generation answers directly."""
+        self._special(seq, IM_START, False)
+        self._add(seq, self._text_ids("assistant\n"), False)
+        self._special(seq, THINK, False)
+        self._add(seq, self._text_ids("\n\n"), False)
+        self._special(seq, THINK_END, False)
+        self._add(seq, self._text_ids("\n\n"), False)
+        return seq
+
     def text_embedding(self, text: str) -> Sequence:
         """Caption alignment's text-only forward: ``[T_cap; <emb_all>]``, nothing else."""
         seq = Sequence()
@@ -138,10 +148,11 @@ class DialogueBuilder:
         self._special(seq, EMB_TOKEN, False)
         return seq
 
-    def batch(self, seqs: list[Sequence], device: torch.device | str) -> dict[str, Any]:
+    def batch(self, seqs: list[Sequence], device: torch.device | str, left_pad: bool = False) -> dict[str, Any]:
         """Right-padded tensors. Right padding keeps every real token's hidden state equal to an
         unpadded forward: attention is causal and the linear-attention recurrence runs left to
-        right, so padding after a sequence cannot reach it."""
+        right, so padding after a sequence cannot reach it. ``left_pad`` is for generation, which
+        appends to the end of every row."""
         length = max(len(s.ids) for s in seqs)
         pad = self.backbone.tokenizer.pad_token_id or 0
         n = len(seqs)
@@ -151,11 +162,12 @@ class DialogueBuilder:
         labels = torch.full((n, length), -100, dtype=torch.long)
         for i, s in enumerate(seqs):
             k = len(s.ids)
-            ids[i, :k] = torch.tensor(s.ids)
-            mask[i, :k] = 1
-            flags[i, :k] = torch.tensor(s.image_flags)
+            cols = slice(length - k, length) if left_pad else slice(0, k)
+            ids[i, cols] = torch.tensor(s.ids)
+            mask[i, cols] = 1
+            flags[i, cols] = torch.tensor(s.image_flags)
             trained = torch.tensor(s.trained, dtype=torch.bool)
-            labels[i, :k] = torch.where(trained, ids[i, :k], torch.full_like(ids[i, :k], -100))
+            labels[i, cols] = torch.where(trained, ids[i, cols], torch.full_like(ids[i, cols], -100))
         out: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
                                "mm_token_type_ids": flags.to(device), "labels": labels.to(device)}
         images = [img for s in seqs for img in s.images]

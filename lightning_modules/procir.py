@@ -177,11 +177,15 @@ class ProCIR(RetrievalModule):
 
     # -- the RetrievalModule interface ------------------------------------------------------------
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
-        sources = [m.get("source") for m in batch.get("meta") or [None] * len(batch["text"])]
+        sources = [m.get("source") if m else None for m in batch.get("meta") or [None] * len(batch["text"])]
         out = self._per_view(self.query, batch["source_images"], batch["text"], sources)
         if self.two_stage_dialogue and len(out) == 2:
             batch["source_embedding"] = out[0]  # s, for L_src
         return self._normalize(out[-1])
+
+    def query_embeddings(self, views: list[list[PatchedImage]], texts: list[str]) -> torch.Tensor:
+        """q for each (source views, modification text), as evaluation computes it."""
+        return self._normalize(self._per_view(self.query, views, texts, [None] * len(texts))[-1])
 
     def encode_target(self, images: list[list[PatchedImage]], mask: torch.Tensor | None = None,
                       captions: list[str] | None = None, products: list[dict[str, Any]] | None = None) -> torch.Tensor:

@@ -50,9 +50,10 @@ def encode_gallery(model: Any, dm: Any, split: str) -> tuple[torch.Tensor, list[
 
 @torch.no_grad()
 def encode_query(model: Any, dm: Any, images: list[str], text: str) -> torch.Tensor:
-    views = torch.stack([dm.image_transform(Image.open(p).convert("RGB")) for p in images])
-    batch = {"source_images": views[None], "source_mask": torch.ones(1, len(images), dtype=torch.bool),
-             "text": [text]}
+    views = [dm.image_transform(Image.open(p).convert("RGB")) for p in images]
+    # Tensor views stack into [1, V, 3, H, W]; Qwen's variable-size patch grids stay a list.
+    batch = {"source_images": torch.stack(views)[None] if isinstance(views[0], torch.Tensor) else [views],
+             "source_mask": torch.ones(1, len(images), dtype=torch.bool), "text": [text]}
     return model.encode_query(batch).float()
 
 

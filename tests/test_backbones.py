@@ -7,13 +7,44 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_modules.backbones import PRESETS, CLIPBackbone, get_preset
+from lightning_modules.backbones import PRESETS, CLIPBackbone, QwenBackbone, get_preset
+
+
+def check_qwen_preset(name: str) -> None:
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from lightning_modules.backbones.qwen import build_config, tiny_tokenizer
+
+    preset = get_preset("qwen3.5", name)
+    if not preset.random_init:
+        assert re.fullmatch(r"[\w\-.]+/[\w\-.]+", preset.hub_id)
+        with pytest.raises(OSError, match="save_pretrained"):
+            QwenBackbone(name)
+        return
+    text = preset.config["text"]
+    assert {"linear_attention", "full_attention"} <= set(
+        text.get("layer_types") or build_config(preset.config, tiny_tokenizer()).text_config.layer_types)
+    if name == "tiny":
+        backbone = QwenBackbone(name)
+        assert text["num_hidden_layers"] == 2 and 32 <= text["hidden_size"] <= 64 and backbone.dim == 64
+        assert sum(p.numel() for p in backbone.parameters()) < 1_000_000
+        return
+    # The 0.8B architecture on the meta device: its size without allocating it.
+    with torch.device("meta"):
+        model = Qwen3_5ForConditionalGeneration(build_config(preset.config, tiny_tokenizer()))
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.7e9 < n < 1.0e9, n
+    layers = model.config.text_config.layer_types
+    assert len(layers) == 24 and layers[:4] == ["linear_attention"] * 3 + ["full_attention"]
 
 
 @pytest.mark.parametrize("family,name", [(f, n) for f, presets in PRESETS.items() for n in presets])
 def test_every_preset(family: str, name: str) -> None:
     preset = get_preset(family, name)
     assert preset is not None and preset.name == name and preset.family == family
+    if family == "qwen3.5":
+        check_qwen_preset(name)
+        return
     if preset.random_init:
         backbone = CLIPBackbone(name)
         x = backbone.image_transform(Image.new("RGB", (90, 70), (10, 200, 30)))

@@ -58,6 +58,29 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3.5 saved to a folder: what the experiments' real hub ids are replaced by."""
+    from lightning_modules.backbones import QwenBackbone
+
+    folder = tmp_path_factory.mktemp("backbones") / "tiny-qwen"
+    QwenBackbone("tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(datasets, qwen_folder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ProCIR's SFT stage, as experiments/procir_sft_pretrain.yaml runs it, on the saved tiny Qwen."""
+    root = tmp_path_factory.mktemp("sft")
+    exp = ROOT / "experiments/procir_sft_pretrain.yaml"
+    cli = build_cli(["fit", "--config", str(exp), *data_args(exp, datasets, qwen_folder=qwen_folder),
+                     "--config", str(ROOT / "configs/model/procir_sft_tiny.yaml"),
+                     f"--model.init_args.backbone.init_args.name_or_path={qwen_folder}",
+                     "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.accumulate_grad_batches=1",
+                     "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={root}"])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+@pytest.fixture(scope="module")
 def stage1_checkpoint(datasets, tiny_folder, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CLIP4CIR checkpoint on the saved tiny backbone, as clip4cir_stage1.yaml would write."""
     root = tmp_path_factory.mktemp("stage1")
@@ -69,13 +92,22 @@ def stage1_checkpoint(datasets, tiny_folder, tmp_path_factory: pytest.TempPathFa
     return Path(cli.trainer.checkpoint_callback.last_model_path)
 
 
-def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path,
-              checkpoint: Path | None = None) -> list[str]:
+def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | None = None,
+              checkpoint: Path | None = None, qwen_folder: Path | None = None, sft: Path | None = None) -> list[str]:
     """Point an experiment at test data, its real backbone at a saved tiny one (no downloads), its
-    stage-1 checkpoint at a tiny one, and its caption sidecar at one the oracle captioner writes."""
+    stage-1 or SFT checkpoint at a tiny one, and its caption sidecar at one the oracle captioner
+    writes; GPU settings (bf16-mixed) become CPU float32."""
     config = merged_config(experiment)
     data, model = config["data"], config["model"]["init_args"]
-    args = list(SMALL_LOADER)
+    args = [*SMALL_LOADER, "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
+    if config["model"]["class_path"].startswith("lightning_modules.ProCIR"):
+        if model["backbone"]["init_args"]["name_or_path"] != "tiny":
+            assert qwen_folder is not None, f"{experiment.name} needs the saved tiny Qwen3.5"
+            args.append(f"--model.init_args.backbone.init_args.name_or_path={qwen_folder}")
+        if model.get("sft_checkpoint"):
+            assert sft is not None, f"{experiment.name} needs an SFT checkpoint"
+            args.append(f"--model.init_args.sft_checkpoint={sft}")
+        model = {}  # no fusion head, no stage-1 checkpoint
     if data["class_path"].endswith("SyntheticDataModule"):
         args += [f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200"]
     else:
@@ -102,9 +134,16 @@ def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
-def test_experiment_fast_dev_run(experiment: Path, datasets, tiny_folder, stage1_checkpoint, tmp_path: Path) -> None:
-    build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}",
-               *data_args(experiment, datasets, tiny_folder, stage1_checkpoint)])
+def test_experiment_fast_dev_run(experiment: Path, request: pytest.FixtureRequest, datasets, tmp_path: Path) -> None:
+    # Fixtures by need: the ProCIR ones are not built for a CLIP experiment and vice versa.
+    procir = merged_config(experiment)["model"]["class_path"].startswith("lightning_modules.ProCIR")
+    fixtures = {"qwen_folder": "qwen_folder", "sft": "sft_checkpoint"} if procir else {
+        "tiny_folder": "tiny_folder", "checkpoint": "stage1_checkpoint"}
+    kwargs = {k: request.getfixturevalue(v) for k, v in fixtures.items()}
+    cli = build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2",
+                     f"--trainer.default_root_dir={tmp_path}", *data_args(experiment, datasets, **kwargs)])
+    if procir and type(cli.model).__name__ == "ProCIR":  # image-text retrieval is evaluated too
+        assert {"val/i2t_recall_at_1", "val/t2i_recall_at_5", "val/recall_at_10"} <= set(cli.trainer.callback_metrics)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ them and exposes the last hidden layer.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,13 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3_5Config, Qwen3_5ForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .clip import load_error
@@ -30,6 +37,7 @@ VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|i
 THINK, THINK_END = "<think>", "</think>"
 CHAT_TOKENS = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, "<|video_pad|>", THINK, THINK_END, EMB_TOKEN)
 MIN_PIXELS, MAX_PIXELS = 128 * 128, 512 * 512
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -80,6 +88,15 @@ def build_config(cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Qwe
                          vision_end_token_id=ids[VISION_END], tie_word_embeddings=cfg.get("tie_word_embeddings", True))
 
 
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer. A saved word-level tokenizer (tiny models) is loaded as itself:
+    AutoTokenizer would pick the Qwen3.5 BPE class from config.json and drop its vocabulary."""
+    config = Path(source) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in GENERIC_TOKENIZERS:
+        return PreTrainedTokenizerFast.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
 def _dtype(dtype: Dtype) -> torch.dtype | str:
     return "auto" if dtype == "auto" else getattr(torch, dtype)
 
@@ -120,7 +137,7 @@ class QwenBackbone(nn.Module):
             try:
                 self.model = Qwen3_5ForConditionalGeneration.from_pretrained(
                     source, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
-                self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+                self.tokenizer = load_tokenizer(source, trust_remote_code)
                 self.processor = Qwen2VLImageProcessorPil.from_pretrained(source)
             except OSError as exc:
                 raise load_error("the Qwen3.5 backbone", source, exc) from exc
