@@ -176,8 +176,10 @@ class ShardDataModule(L.LightningDataModule):
                                                                                 silent=True)
         # Resampled shards make the stream endless, so every worker may read every shard.
         workers_used = self.hparams.num_workers
-        return wds.WebLoader(pipeline, batch_size=None, num_workers=workers_used,
-                             persistent_workers=workers_used > 0)
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers_used,
+                               persistent_workers=workers_used > 0)
+        # The epoch's length, so the Trainer knows the run's number of steps (schedules need it).
+        return loader.with_length(per_worker * workers, silent=True)
 
     def _eval_pipeline(self, urls: list[str], name: str, example: Any) -> wds.DataPipeline:
         counter = SkipCounter(name)

@@ -26,7 +26,7 @@ from .backbones.qwen import PatchedImage, QwenBackbone
 from .dialogue import DialogueBuilder, Sequence
 from .procir import procir_optimizer
 from .prompts import CAPTION_SYSTEM_PROMPT, MODIFICATION_REQUEST
-from .retrieval import save_config_hyperparameters
+from .retrieval import save_config_hyperparameters, total_training_steps
 
 
 class ProCIRSFT(L.LightningModule):
@@ -141,5 +141,5 @@ class ProCIRSFT(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+            scheduler.total_steps = total_training_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,6 +10,7 @@ dataloader 1 the queries), Recall@K logging as ``val/recall_at_10`` and
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,16 @@ def load_weights(path: str | Path) -> dict[str, Any]:
             f"{path}: refused, it holds pickled Python objects and checkpoints are loaded weights-only "
             f"(a file from an untrusted source could run code). Re-save it as plain tensors. ({exc})".replace("\n", " ")
         ) from exc
+
+
+def total_training_steps(trainer: L.Trainer) -> int:
+    """The run's optimizer steps, for schedules; a clear error when the Trainer cannot tell."""
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total) or total <= 0:
+        raise ValueError(f"the LR schedule needs the run's number of steps, but the Trainer estimates {total} (a "
+                         "training dataloader without a length?): set trainer.max_steps, or the scheduler's "
+                         "total_steps")
+    return int(total)
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -348,5 +359,5 @@ class RetrievalModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         if getattr(scheduler, "total_steps", 0) is None:  # CosineSchedule: the run's length, known only now
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+            scheduler.total_steps = total_training_steps(self.trainer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lightning_modules.cli import build_cli, expand_defaults
@@ -196,3 +197,35 @@ def test_fashioniq_predict_writes_a_top50_submission(datasets, tiny_folder, tmp_
                               f"split.{category}.test.json").read_text())
         assert len(row["ranking"]) == min(50, len(gallery)) and set(row["ranking"]) <= set(gallery)
         assert "target" not in row
+
+
+@pytest.mark.slow
+def test_procir_sft_without_its_checkpoint_names_the_command(datasets, qwen_folder, tmp_path: Path) -> None:
+    exp = ROOT / "experiments/procir_sft.yaml"
+    args = [a for a in data_args(exp, datasets, qwen_folder=qwen_folder, sft=tmp_path / "unused.ckpt")
+            if "sft_checkpoint" not in a]
+    with pytest.raises(FileNotFoundError, match=r"lightning fit --config experiments/procir_sft_pretrain\.yaml"):
+        build_cli(["fit", "--config", str(exp), *args, f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.fast_dev_run=1", f"--model.init_args.sft_checkpoint={tmp_path}/missing/last.ckpt"])
+
+
+@pytest.mark.slow
+def test_sft_then_contrastive_chain(datasets, qwen_folder, sft_checkpoint, tmp_path: Path) -> None:
+    """The tiny SFT stage's checkpoint initialises the contrastive model's backbone."""
+    from lightning_modules.backbones import QwenBackbone
+    from lightning_modules.retrieval import load_weights
+
+    sft_state = load_weights(sft_checkpoint)["state_dict"]
+    fresh = QwenBackbone(str(qwen_folder)).state_dict()
+    changed = [k for k, v in fresh.items() if not torch.equal(v, sft_state[f"backbone.{k}"])]
+    assert changed, "the SFT steps changed no weight"
+    exp = ROOT / "experiments/procir_sft.yaml"
+    cli = build_cli(["fit", "--config", str(exp), *data_args(exp, datasets, qwen_folder=qwen_folder,
+                                                             sft=sft_checkpoint),
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+                     "--trainer.limit_val_batches=0"])
+    # One AdamW step at lr 1e-5 moves a weight by ~1e-5; the SFT steps (lr 1e-3) moved them by far more.
+    loaded = cli.model.backbone.state_dict()
+    assert max((loaded[k] - sft_state[f"backbone.{k}"]).abs().max() for k in changed) < 1e-4
+    assert max((fresh[k] - sft_state[f"backbone.{k}"]).abs().max() for k in changed) > 1e-3
+    assert cli.model.variant_switches()["sft"] is True

@@ -345,3 +345,66 @@ def test_qwen_captioner_from_a_saved_tiny_folder(backbone: QwenBackbone, tmp_pat
     assert all(isinstance(t, str) and len(t.split()) <= 5 for t in described + rewritten)
     # Batched (left-padded) generation gives what one-by-one generation gives.
     assert captioner.describe(images[1:2], DESCRIBE_PROMPT, [{}]) == described[1:2]
+
+
+def test_cosine_schedule_and_the_run_length(small_data: Path) -> None:
+    from datamodules import ShardDataModule
+    from lightning_modules.retrieval import total_training_steps
+    from lightning_modules.schedules import CosineSchedule
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = CosineSchedule(opt, total_steps=110, warmup_steps=10)
+    assert [round(sched.factor(s), 6) for s in (0, 9, 10, 60, 110, 200)] == [0.1, 1.0, 1.0, 0.5, 0.0, 0.0]
+    # The endless (resampled) training stream still tells the Trainer its epoch length...
+    dm = ShardDataModule(data_dir=str(small_data), batch_size=8, num_workers=0)
+    per_worker, workers = dm.train_batches_per_worker()
+    assert len(dm.train_dataloader()) == per_worker * workers
+    # ...and a schedule without a known length is an error, not a learning rate stuck at 0.
+    with pytest.raises(ValueError, match="max_steps"):
+        total_training_steps(SimpleNamespace(estimated_stepping_batches=float("inf")))
+
+
+def test_print_config_of_procir_sft_shows_the_papers_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from lightning_modules.cli import build_cli
+
+    root = Path(__file__).parents[1]
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(root / "experiments/procir_sft.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    model, trainer, data = cfg["model"]["init_args"], cfg["trainer"], cfg["data"]["init_args"]
+    assert model["backbone"]["init_args"]["name_or_path"] == "qwen3.5-0.8b"
+    assert (model["two_stage_dialogue"], model["align"], model["cot"]) == (True, True, False)
+    assert model["doc_align_weight"] == model["src_align_weight"] == 0.25
+    assert model["loss"]["init_args"] == {"temperature": 0.07, "learnable_temperature": False,
+                                          "max_logit_scale": 100.0, "rank": 0, "world_size": 1}
+    assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert model["optimizer"]["init_args"]["lr"] == 1e-5 and model["optimizer"]["init_args"]["weight_decay"] == 0.01
+    assert model["scheduler"]["class_path"] == "lightning_modules.CosineSchedule"
+    assert model["scheduler"]["init_args"]["warmup_steps"] == 0
+    assert model["sft_checkpoint"] == "outputs/procir_sft_pretrain/checkpoints/last.ckpt"
+    assert (trainer["precision"], trainer["gradient_clip_val"], trainer["max_epochs"]) == ("bf16-mixed", 1.0, 1)
+    assert data["batch_size"] == 16 and data["train_text"] == "mixed"
+
+
+def test_the_16_ablation_configs_cover_8_variants_times_2_initialisations() -> None:
+    from lightning_modules.cli import expand_defaults
+
+    root = Path(__file__).parents[1]
+    seen = set()
+    for path in sorted((root / "experiments/procir").glob("*.yaml")):
+        import yaml
+
+        files = [a for i, a in enumerate(expand_defaults(["--config", str(path)])[1:]) if i % 2 == 0]
+        merged: dict = {}
+        callbacks = []
+        for f in files:
+            cfg = yaml.safe_load(Path(f).read_text()) or {}
+            merged.update(cfg.get("model", {}).get("init_args", {}))
+            callbacks += [c["class_path"] for c in cfg.get("trainer", {}).get("callbacks+", [])]
+        key = (merged["two_stage_dialogue"], merged["align"], merged["cot"], merged.get("sft_checkpoint") is not None)
+        assert key not in seen, path.name
+        seen.add(key)
+        assert ("callbacks.CoTSchedule" in callbacks) == merged["cot"], path.name
+    assert len(seen) == 16

@@ -59,3 +59,22 @@ def _llava_caption_cir() -> L.LightningModule:
 def test_two_stage_run_learns(build, data: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     _assert_well_above_chance(_fit(build(), data, tmp_path))
+
+
+@pytest.mark.slow
+def test_procir_mt_align_learns(data: Path, tmp_path: Path) -> None:
+    """ProCIR (MT + Align) on the tiny Qwen3.5, as experiments/procir_demo.yaml but shorter."""
+    from lightning_modules import CosineSchedule, ProCIR
+    from lightning_modules.backbones import QwenBackbone
+
+    torch.manual_seed(0)
+    L.seed_everything(0)
+    module = ProCIR(QwenBackbone("tiny"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
+                    scheduler=lambda o: CosineSchedule(o, warmup_steps=30))
+    dm = ShardDataModule(str(data), batch_size=32, eval_batch_size=32, num_workers=0, train_text="mixed")
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        gradient_clip_val=1.0, default_root_dir=tmp_path, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    _assert_well_above_chance(metrics)
+    assert metrics["val/t2i_recall_at_5"] > 2 * 5 / metrics["val/synth_studio/gallery_size"]
