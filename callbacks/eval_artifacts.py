@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from datamodules.batching import TripletExample, collate, views_of
 from datamodules.schema import stable_id
-from lightning_modules.search import scores as search_scores
+from lightning_modules.search import similarities
 
 _PER_DATASET = re.compile(r"^(?P<stage>val|test)/(?P<ds>[\w\-]+)/(?P<name>\w+)$")
 _OVERALL = re.compile(r"^(?P<stage>val|test)/(?P<name>(mean_)?recall_at_\d+|score|loss)$")
@@ -154,7 +154,7 @@ class EvalArtifacts(Callback):
         for q, s in zip(queries, samples, strict=True):
             ds = names.index(s["json"]["triplet"]["dataset"]) if s["json"]["triplet"]["dataset"] in names else -1
             sel = (g_ds == ds).nonzero().flatten()
-            scores = search_scores(q[None], g_emb[sel])[0]
+            scores = similarities(q[None], g_emb[sel])[0]
             top = sel[scores.topk(min(self.top_k, len(sel))).indices]
             picks.append([int(i) for i in g_ids[top]])
         products = dm.gallery_products(split, {i for p in picks for i in p})

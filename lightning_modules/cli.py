@@ -22,12 +22,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.mlflow_logging import LogConfigToMLflow
 from datamodules.datamodule import ShardDataModule
-from lightning_modules.retrieval import RetrievalModule
 
 _CONFIG_FLAGS = ("--config", "-c")
 
@@ -112,7 +112,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CIRCLI:
 
 def _cli_kwargs() -> dict:
     return dict(
-        model_class=RetrievalModule,
+        # Any LightningModule: the retrieval families and ProCIR's SFT stage (an LM, not a retriever).
+        model_class=L.LightningModule,
         datamodule_class=ShardDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

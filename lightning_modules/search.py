@@ -24,7 +24,7 @@ def maxsim(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return s.amax(dim=(2, 3))
 
 
-def scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+def similarities(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """``[n, m]`` scores: dot products of single vectors, or MaxSim of ``[*, V, D]`` multi-vectors."""
     return queries @ gallery.T if queries.ndim == 2 else maxsim(queries, gallery)
 
@@ -60,7 +60,7 @@ def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: tor
             block = gallery[gs : gs + chunk_size]
             cols = torch.arange(gs, gs + block.shape[0], device=q.device)[None]
             # The target's own column is excluded: a matmul and a dot product may round differently.
-            above = (scores(q, block) > t) & (cols != own)
+            above = (similarities(q, block) > t) & (cols != own)
             if skip is not None:
                 above &= cols != skip
             counts[qs : qs + chunk_size] += above.sum(1)
@@ -87,7 +87,7 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int =
         best_i = torch.zeros((q.shape[0], k), dtype=torch.long, device=q.device)
         for gs in range(0, gallery.shape[0], chunk_size):
             block = gallery[gs : gs + chunk_size]
-            s, i = scores(q, block).topk(min(k, block.shape[0]), dim=1)
+            s, i = similarities(q, block).topk(min(k, block.shape[0]), dim=1)
             merged_s, order = torch.cat([best_s, s], 1).topk(k, dim=1)
             best_i = torch.cat([best_i, i + gs], 1).gather(1, order)
             best_s = merged_s

@@ -306,6 +306,8 @@ def test_sft_dialogues_train_only_assistant_tokens(backbone: QwenBackbone) -> No
     sampler.triplet_dialogue = lambda *a: Sequence(ids=[1])
     batch = {"meta": [meta] * 500, "source_images": [None] * 500, "target_images": [None] * 500}
     assert 160 <= len(sampler.dialogues(batch, 0.2)) <= 240
+    # A batch that draws nothing still yields one dialogue: no rank may skip a DDP step.
+    assert len(sampler.dialogues({k: v[:1] for k, v in batch.items()}, 1e-9)) == 1
 
 
 def test_sft_caption_dialogue_json_and_system_prompt(backbone: QwenBackbone) -> None:
