@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from datamodules.schema import MAX_VIEWS
+
 from .backbones.qwen import PatchedImage, QwenBackbone
 from .dialogue import DialogueBuilder, Sequence, keep_tokens
 from .losses import SymmetricInfoNCE
@@ -149,9 +151,10 @@ class ProCIR(RetrievalModule):
             return d.assistant(d.user(seq, text=text), close=False)
         return d.assistant(d.user(Sequence(), views, text), close=False)
 
-    def _per_view(self, make: Any, items: list[list[PatchedImage]], *extra: list[Any]) -> torch.Tensor:
-        """Embeddings of ``make(views, *extra)`` per product: joint (one request with every view),
-        or one request per view, then mean-pooled or kept as NaN-padded multi-vectors for MaxSim."""
+    def _per_view(self, make: Any, items: list[list[PatchedImage]], *extra: list[Any]) -> list[torch.Tensor]:
+        """Embeddings of ``make(views, *extra)`` per product, one tensor per ``<emb_all>``: joint (one
+        request with every view), or one request per view, then mean-pooled or kept as multi-vectors
+        for MaxSim, NaN-padded to ``MAX_VIEWS`` so batches concatenate."""
         strategy = "joint" if self.training else self.view_strategy
         if strategy == "joint":
             out = self.dialogue.embed([make(v, *e) for v, *e in zip(items, *extra, strict=True)], self.device)
@@ -166,7 +169,8 @@ class ProCIR(RetrievalModule):
         if strategy == "meanpool":
             pooled = torch.zeros(len(items), emb.shape[-1], device=emb.device).index_add_(0, owner_t, emb)
             return [pooled / torch.bincount(owner_t, minlength=len(items))[:, None]]
-        multi = torch.full((len(items), max(len(v) for v in items), emb.shape[-1]), torch.nan, device=emb.device)
+        views = max(MAX_VIEWS, *(len(v) for v in items))
+        multi = torch.full((len(items), views, emb.shape[-1]), torch.nan, device=emb.device)
         slot = torch.tensor([owner[:j].count(owner[j]) for j in range(len(owner))], device=emb.device)
         multi[owner_t, slot] = emb
         return [multi]

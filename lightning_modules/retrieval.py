@@ -259,7 +259,8 @@ class RetrievalModule(L.LightningModule):
         loss (the target encoder is frozen, so targets are embedded without gradients)."""
         query = self.encode_query(batch)
         loss = None
-        if "target_images" in batch:
+        # Multi-vector (MaxSim) queries have no in-batch contrastive loss; only Recall@K scores them.
+        if "target_images" in batch and query.ndim == 2:
             n = query.shape[0]
             if stage == "train" and self.stage == 2 and self.bank is not None:
                 with torch.no_grad():

@@ -229,3 +229,16 @@ def test_sft_then_contrastive_chain(datasets, qwen_folder, sft_checkpoint, tmp_p
     assert max((loaded[k] - sft_state[f"backbone.{k}"]).abs().max() for k in changed) < 1e-4
     assert max((fresh[k] - sft_state[f"backbone.{k}"]).abs().max() for k in changed) > 1e-3
     assert cli.model.variant_switches()["sft"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["meanpool", "maxsim"])
+def test_procir_per_view_strategies_evaluate_over_several_batches(strategy: str, datasets, tmp_path: Path) -> None:
+    exp = ROOT / "experiments/procir_demo.yaml"
+    cli = build_cli(["fit", "--config", str(exp), *data_args(exp, datasets), "--data.init_args.eval_batch_size=4",
+                     f"--model.init_args.view_strategy={strategy}", "--trainer.max_epochs=1",
+                     "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=3",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    metrics = cli.trainer.callback_metrics
+    queries = sum(float(v) for k, v in metrics.items() if k.endswith("/queries"))
+    assert 0.0 <= float(metrics["val/recall_at_10"]) <= 1.0 and queries == 12  # 3 query batches of 4

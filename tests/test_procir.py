@@ -227,6 +227,7 @@ def test_meanpool_and_maxsim_against_per_view_embeddings(backbone: QwenBackbone)
     for i, p in enumerate(per_view):
         assert torch.allclose(mean[i], F.normalize(p.mean(0), dim=-1), atol=1e-5)
         assert torch.allclose(multi[i, : len(p)], p, atol=1e-5) and multi[i, len(p):].isnan().all()
+    assert multi.shape[1] == 5  # padded to MAX_VIEWS: batches with different view counts concatenate
     # MaxSim Recall@K against brute-force max over view pairs.
     metric = RecallAtK(top_k=(1, 2))
     ids = torch.arange(3)
