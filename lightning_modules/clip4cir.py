@@ -14,10 +14,14 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from datamodules.schema import MAX_VIEWS
+
 from .backbones.clip import CLIPBackbone, HFImageTransform
 from .fusion import SumFusion
 from .losses import SymmetricInfoNCE
 from .retrieval import RetrievalEval, RetrievalModule, default_optimizer, save_config_hyperparameters
+
+ViewStrategy = Literal["pooled", "meanpool", "maxsim"]
 
 
 def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -26,14 +30,31 @@ def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (features * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def mean_pooled_views(backbone: CLIPBackbone, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, V, 3, H, W]`` views → ``[B, D]`` product features: every real view through the image
-    encoder in one batch, then the mean over the views the mask marks."""
+def view_features(backbone: CLIPBackbone, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, V, 3, H, W]`` views → ``[B, V, D]`` features, every real view through the image encoder
+    in one batch; padded slots are zero."""
     b, v = mask.shape
     feats = backbone.encode_images(images[mask])
     full = feats.new_zeros(b, v, feats.shape[-1])
     full[mask] = feats
-    return masked_mean(full, mask)
+    return full
+
+
+def mean_pooled_views(backbone: CLIPBackbone, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, V, 3, H, W]`` views → ``[B, D]`` product features: the mean over the real views."""
+    return masked_mean(view_features(backbone, images, mask), mask)
+
+
+def per_view_embeddings(per_view: torch.Tensor, mask: torch.Tensor, strategy: ViewStrategy) -> torch.Tensor:
+    """The FashionMV paper's baselines for single-image models, from ``[B, V, D]`` per-view
+    embeddings: ``meanpool`` (the mean of the normalised views, ``[B, D]``) or ``maxsim``
+    (normalised views NaN-padded to ``MAX_VIEWS``, ``[B, 5, D]``, scored by the best pair)."""
+    e = F.normalize(per_view.float(), dim=-1)
+    if strategy == "meanpool":
+        return F.normalize(masked_mean(e, mask), dim=-1)
+    out = e.new_full((e.shape[0], max(MAX_VIEWS, e.shape[1]), e.shape[-1]), torch.nan)
+    out[:, : e.shape[1]][mask] = e[mask]
+    return out
 
 
 class CLIP4CIR(RetrievalModule):
@@ -44,7 +65,10 @@ class CLIP4CIR(RetrievalModule):
         fusion: image + text features → query (``SumFusion`` or ``Combiner``).
         loss: contrastive loss; defaults to symmetric InfoNCE, τ=0.07, learnable.
         freeze_backbone: train the fusion head only (CLIP4Cir's combiner-training stage).
-        evaluation, stage2_loss, stage, init_checkpoint: see ``RetrievalModule``. In stage 2 the
+        evaluation, stage2_loss, stage, init_checkpoint: see ``RetrievalModule``.
+        view_strategy: how evaluation embeds multi-view products: ``pooled`` (the mean of the views'
+            image features, as trained), or the FashionMV paper's single-image baselines
+            ``meanpool`` and ``maxsim`` (one query per source view; see ``per_view_embeddings``). In stage 2 the
             target encoder (CLIP's image tower, shared with the reference image) is frozen; the text
             encoder and the fusion head go on training against the static bank.
     """
@@ -53,7 +77,8 @@ class CLIP4CIR(RetrievalModule):
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
                  freeze_backbone: bool = False, evaluation: RetrievalEval | None = None,
                  stage2_loss: nn.Module | None = None, stage: Literal[1, 2] = 1,
-                 init_checkpoint: str | None = None, skip_bad_steps: bool = False) -> None:
+                 init_checkpoint: str | None = None, skip_bad_steps: bool = False,
+                 view_strategy: ViewStrategy = "pooled") -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, stage=stage,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
@@ -68,6 +93,7 @@ class CLIP4CIR(RetrievalModule):
             )
         if freeze_backbone:
             self.backbone.requires_grad_(False)
+        self.view_strategy = view_strategy
 
     def image_transform(self) -> HFImageTransform:
         return self.backbone.image_transform
@@ -76,16 +102,28 @@ class CLIP4CIR(RetrievalModule):
         return [self.backbone.model.vision_model, self.backbone.model.visual_projection]
 
     def variant_switches(self) -> dict[str, bool | str]:
-        return {**super().variant_switches(), "combiner": type(self.fusion).__name__ == "Combiner"}
+        return {**super().variant_switches(), "combiner": type(self.fusion).__name__ == "Combiner",
+                "views": self.view_strategy}
 
     def encode_views(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return mean_pooled_views(self.backbone, images, mask)
 
+    def _per_view(self) -> bool:
+        return not self.training and self.view_strategy != "pooled"
+
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
-        image = self.encode_views(batch["source_images"], batch["source_mask"])
         text = self.backbone.encode_texts(batch["text"])
+        if self._per_view():  # one query per source view (each fused with the text), then pooled
+            images, mask = batch["source_images"], batch["source_mask"]
+            feats = view_features(self.backbone, images, mask)
+            b, v, d = feats.shape
+            fused = self.fusion(feats.reshape(b * v, d), text.repeat_interleave(v, dim=0)).reshape(b, v, -1)
+            return per_view_embeddings(fused, mask, self.view_strategy)
+        image = self.encode_views(batch["source_images"], batch["source_mask"])
         return self.fusion(image, text)
 
     def encode_target(self, images: torch.Tensor, mask: torch.Tensor,
                       captions: list[str] | None = None) -> torch.Tensor:
+        if self._per_view():
+            return per_view_embeddings(view_features(self.backbone, images, mask), mask, self.view_strategy)
         return F.normalize(self.encode_views(images, mask), dim=-1)
