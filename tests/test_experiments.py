@@ -242,3 +242,23 @@ def test_procir_per_view_strategies_evaluate_over_several_batches(strategy: str,
     metrics = cli.trainer.callback_metrics
     queries = sum(float(v) for k, v in metrics.items() if k.endswith("/queries"))
     assert 0.0 <= float(metrics["val/recall_at_10"]) <= 1.0 and queries == 12  # 3 query batches of 4
+
+
+@pytest.mark.slow
+def test_cir_query_answers_each_text_from_the_cached_source(datasets, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from lightning_modules.query_cli import main
+
+    views = []
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200)]):
+        views.append(str(tmp_path / f"view{i}.png"))
+        Image.new("RGB", (96, 128), color).save(views[-1])
+    exp = ROOT / "experiments/procir_demo.yaml"
+    main(["--config", str(exp), "--images", *views, "-k", "3", "--text", "make it red", "--text", "add a pocket",
+          "--", *data_args(exp, datasets)])
+    out = capsys.readouterr().out
+    assert "source cached" in out and "gallery:" in out
+    answers = [line for line in out.splitlines() if line.startswith("[") and "ms]" in line]
+    assert len(answers) == 2 and all(line.count("(") == 3 for line in answers)  # 3 products, each with a score
