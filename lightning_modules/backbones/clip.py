@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .registry import get_preset, preset_names
+from .registry import checkpoint_source, get_preset
 from .tokenizer import build_word_tokenizer
 
 
@@ -65,12 +65,7 @@ class CLIPBackbone(nn.Module):
             self.processor = CLIPImageProcessorPil(size={"shortest_edge": size},
                                                    crop_size={"height": size, "width": size})
         else:
-            source = preset.hub_id if preset is not None else name_or_path
-            if preset is None and not Path(source).exists() and source.count("/") != 1:
-                raise ValueError(
-                    f"CLIP backbone {source!r} is neither a preset ({', '.join(preset_names('clip'))}), "
-                    "an existing folder, nor a hub id of the form 'org/name'."
-                )
+            source = checkpoint_source("clip", name_or_path)
             try:
                 self.model = CLIPModel.from_pretrained(source, trust_remote_code=trust_remote_code)
                 self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

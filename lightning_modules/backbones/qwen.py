@@ -28,7 +28,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .clip import load_error
-from .registry import get_preset, preset_names
+from .registry import checkpoint_source, get_preset
 from .tokenizer import build_word_tokenizer
 
 EMB_TOKEN = "<emb_all>"
@@ -128,12 +128,7 @@ class QwenBackbone(nn.Module):
                 torch.manual_seed(seed)
                 self.model = Qwen3_5ForConditionalGeneration(build_config(preset.config, self.tokenizer))
         else:
-            source = preset.hub_id if preset is not None else name_or_path
-            if preset is None and not Path(source).exists() and source.count("/") != 1:
-                raise ValueError(
-                    f"Qwen3.5 backbone {source!r} is neither a preset ({', '.join(preset_names('qwen3.5'))}), "
-                    "an existing folder, nor a hub id of the form 'org/name'."
-                )
+            source = checkpoint_source("qwen3.5", name_or_path)
             try:
                 self.model = Qwen3_5ForConditionalGeneration.from_pretrained(
                     source, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)

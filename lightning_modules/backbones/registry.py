@@ -8,6 +8,7 @@ as a hub id or a local folder saved with ``save_pretrained``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Family = Literal["clip", "qwen3.5"]
@@ -100,3 +101,16 @@ def get_preset(family: Family, name: str) -> BackbonePreset | None:
 
 def preset_names(family: Family) -> list[str]:
     return sorted(PRESETS.get(family, {}))
+
+
+def checkpoint_source(family: Family, name_or_path: str) -> str:
+    """What ``from_pretrained`` loads for ``name_or_path``: a preset's hub id, a folder, or a hub id;
+    anything else is a clear error listing the presets."""
+    preset = get_preset(family, name_or_path)
+    source = preset.hub_id if preset is not None else name_or_path
+    if preset is None and not Path(source).exists() and source.count("/") != 1:
+        raise ValueError(
+            f"{family} backbone {source!r} is neither a preset ({', '.join(preset_names(family))}), "
+            "an existing folder, nor a hub id of the form 'org/name'."
+        )
+    return source
