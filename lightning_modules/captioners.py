@@ -139,8 +139,6 @@ class QwenCaptioner:
         device = next(self.backbone.parameters()).device
         inputs = self.dialogue.batch(seqs, device, left_pad=True)
         inputs.pop("labels")
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.backbone.model.model.visual.dtype)
         tok = self.backbone.tokenizer
         with torch.no_grad():
             out = self.backbone.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,

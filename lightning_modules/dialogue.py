@@ -172,7 +172,9 @@ class DialogueBuilder:
                                "mm_token_type_ids": flags.to(device), "labels": labels.to(device)}
         images = [img for s in seqs for img in s.images]
         if images:
-            out["pixel_values"] = torch.cat([img.pixel_values for img in images]).to(device)
+            # In the vision tower's dtype: a checkpoint loaded in bf16 takes bf16 pixels.
+            out["pixel_values"] = torch.cat([img.pixel_values for img in images]).to(
+                device, self.backbone.model.model.visual.dtype)
             out["image_grid_thw"] = torch.stack([img.grid_thw for img in images]).to(device)
         return out
 

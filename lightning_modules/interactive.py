@@ -25,8 +25,7 @@ from PIL import Image
 
 from .backbones.qwen import PatchedImage, QwenBackbone
 from .dialogue import Sequence
-from .procir import ProCIR
-from .retrieval import load_weights
+from .procir import ProCIR, backbone_weights
 
 Source = list[Image.Image | str | Path | PatchedImage]
 
@@ -59,10 +58,7 @@ class InteractiveEncoder:
         checkpoint (loaded weights-only); no checkpoint: the backbone as it is."""
         model = ProCIR(QwenBackbone(backbone), two_stage_dialogue=True, image_text_eval=False)
         if checkpoint is not None:
-            state = load_weights(checkpoint)
-            state = {k.removeprefix("backbone."): v for k, v in state.get("state_dict", state).items()
-                     if k.startswith("backbone.")}
-            model.backbone.load_state_dict(state)
+            model.backbone.load_state_dict(backbone_weights(checkpoint))
         return cls(model.to(device))
 
     @property

@@ -39,6 +39,13 @@ CaptionChoice = Literal["mixed", "long", "short"]
 SFT_COMMAND = "lightning fit --config experiments/procir_sft_pretrain.yaml"
 
 
+def backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` tensors of a ProCIR or ProCIRSFT checkpoint (loaded weights-only), unprefixed."""
+    state = load_weights(path)
+    return {k.removeprefix("backbone."): v for k, v in state.get("state_dict", state).items()
+            if k.startswith("backbone.")}
+
+
 def procir_optimizer(params: Any) -> torch.optim.Optimizer:
     """The paper's optimizer: AdamW, lr 1e-5, weight decay 0.01."""
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
@@ -122,9 +129,7 @@ class ProCIR(RetrievalModule):
                 f"model.init_args.sft_checkpoint={self.sft_checkpoint} does not exist. The SFT stage writes it: "
                 f"run `{SFT_COMMAND}` first (or drop sft_checkpoint to start from the pretrained backbone)."
             )
-        state = load_weights(path)
-        state = {k[len("backbone."):]: v for k, v in state.get("state_dict", state).items()
-                 if k.startswith("backbone.")}
+        state = backbone_weights(path)
         missing, unexpected = self.backbone.load_state_dict(state, strict=False)
         if missing or unexpected or not state:
             raise ValueError(f"{path} does not fit this backbone ({self.backbone.name_or_path}): missing "

@@ -26,7 +26,7 @@ from .backbones.qwen import PatchedImage, QwenBackbone
 from .dialogue import DialogueBuilder, Sequence
 from .procir import procir_optimizer
 from .prompts import CAPTION_SYSTEM_PROMPT, MODIFICATION_REQUEST
-from .retrieval import save_config_hyperparameters, total_training_steps
+from .retrieval import optimizer_config, save_config_hyperparameters
 
 
 class ProCIRSFT(L.LightningModule):
@@ -119,8 +119,6 @@ class ProCIRSFT(L.LightningModule):
     def lm_loss(self, seqs: list[Sequence]) -> torch.Tensor:
         """Mean next-token cross-entropy over the assistant tokens (labels elsewhere are -100)."""
         inputs = self.dialogue.batch(seqs, self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.backbone.model.model.visual.dtype)
         return self.backbone.model(**inputs).loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -143,10 +141,5 @@ class ProCIRSFT(L.LightningModule):
             self.log("val/loss", self.lm_loss(seqs), batch_size=len(seqs), add_dataloader_idx=False)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = total_training_steps(self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        params = [p for p in self.parameters() if p.requires_grad]
+        return optimizer_config(self, self.optimizer_factory, self.scheduler_factory, params)

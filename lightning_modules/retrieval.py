@@ -91,6 +91,18 @@ def total_training_steps(trainer: L.Trainer) -> int:
     return int(total)
 
 
+def optimizer_config(module: L.LightningModule, optimizer_factory: OptimizerCallable,
+                     scheduler_factory: LRSchedulerCallable | None, params: Any) -> Any:
+    """``configure_optimizers``'s answer: the optimizer, and the scheduler stepped every step."""
+    optimizer = optimizer_factory(params)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer)
+    if getattr(scheduler, "total_steps", 0) is None:  # CosineSchedule: the run's length, known only now
+        scheduler.total_steps = total_training_steps(module.trainer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
@@ -355,10 +367,4 @@ class RetrievalModule(L.LightningModule):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameter_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:  # CosineSchedule: the run's length, known only now
-            scheduler.total_steps = total_training_steps(self.trainer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(self, self.optimizer_factory, self.scheduler_factory, self.parameter_groups())

@@ -177,9 +177,6 @@ class QwenBackbone(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values: Any = None, use_cache: bool = False) -> Any:
         """The base model's output: ``last_hidden_state`` (after the final norm) and the cache."""
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(self.model.visual.dtype if hasattr(self.model, "visual")
-                                           else self.model.model.visual.dtype)
         return self.model.model(input_ids=input_ids, attention_mask=attention_mask,
                                 mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                                 image_grid_thw=image_grid_thw, position_ids=position_ids,
