@@ -14,20 +14,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from datamodules.schema import MAX_VIEWS
-
 from .backbones.clip import CLIPBackbone, HFImageTransform
 from .fusion import SumFusion
 from .losses import SymmetricInfoNCE
+from .multiview import masked_mean, per_view_embeddings
 from .retrieval import RetrievalEval, RetrievalModule, default_optimizer, save_config_hyperparameters
 
 ViewStrategy = Literal["pooled", "meanpool", "maxsim"]
-
-
-def masked_mean(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over the view axis of ``[B, V, D]`` features, counting only views where ``mask``."""
-    m = mask.unsqueeze(-1).to(features.dtype)
-    return (features * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def view_features(backbone: CLIPBackbone, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -43,18 +36,6 @@ def view_features(backbone: CLIPBackbone, images: torch.Tensor, mask: torch.Tens
 def mean_pooled_views(backbone: CLIPBackbone, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, V, 3, H, W]`` views → ``[B, D]`` product features: the mean over the real views."""
     return masked_mean(view_features(backbone, images, mask), mask)
-
-
-def per_view_embeddings(per_view: torch.Tensor, mask: torch.Tensor, strategy: ViewStrategy) -> torch.Tensor:
-    """The FashionMV paper's baselines for single-image models, from ``[B, V, D]`` per-view
-    embeddings: ``meanpool`` (the mean of the normalised views, ``[B, D]``) or ``maxsim``
-    (normalised views NaN-padded to ``MAX_VIEWS``, ``[B, 5, D]``, scored by the best pair)."""
-    e = F.normalize(per_view.float(), dim=-1)
-    if strategy == "meanpool":
-        return F.normalize(masked_mean(e, mask), dim=-1)
-    out = e.new_full((e.shape[0], max(MAX_VIEWS, e.shape[1]), e.shape[-1]), torch.nan)
-    out[:, : e.shape[1]][mask] = e[mask]
-    return out
 
 
 class CLIP4CIR(RetrievalModule):

@@ -69,11 +69,8 @@ class DialogueBuilder:
         self._cache: dict[str, list[int]] = {}
 
     def _text_ids(self, text: str) -> list[int]:
-        if text not in self._cache:  # the fixed pieces ("user\n", "\n\n") recur in every dialogue
-            ids = self.backbone.text_ids(text)
-            if len(self._cache) > 4096:
-                return ids
-            self._cache[text] = ids
+        if text not in self._cache:  # only the fixed pieces ("user\n", "\n\n"), which recur in every dialogue
+            self._cache[text] = self.backbone.text_ids(text)
         return self._cache[text]
 
     def _add(self, seq: Sequence, ids: list[int], trained: bool, image: bool = False) -> None:
@@ -133,13 +130,7 @@ class DialogueBuilder:
 
     def generation_prompt(self, seq: Sequence) -> Sequence:
         """The assistant turn's opening with an empty think block: generation answers directly."""
-        self._special(seq, IM_START, False)
-        self._add(seq, self._text_ids("assistant\n"), False)
-        self._special(seq, THINK, False)
-        self._add(seq, self._text_ids("\n\n"), False)
-        self._special(seq, THINK_END, False)
-        self._add(seq, self._text_ids("\n\n"), False)
-        return seq
+        return self.assistant(seq, emb=False, close=False)
 
     def text_embedding(self, text: str) -> Sequence:
         """Caption alignment's text-only forward: ``[T_cap; <emb_all>]``, nothing else."""

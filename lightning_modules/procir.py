@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from datamodules.schema import MAX_VIEWS
-
 from .backbones.qwen import PatchedImage, QwenBackbone
 from .dialogue import DialogueBuilder, Sequence, keep_tokens
 from .losses import SymmetricInfoNCE
 from .metrics import RecallAtK
+from .multiview import per_view_embeddings
 from .retrieval import RetrievalEval, RetrievalModule, load_weights, save_config_hyperparameters
 
 ViewStrategy = Literal["joint", "meanpool", "maxsim"]
@@ -164,21 +163,12 @@ class ProCIR(RetrievalModule):
         if strategy == "joint":
             out = self.dialogue.embed([make(v, *e) for v, *e in zip(items, *extra, strict=True)], self.device)
             return out
-        seqs, owner = [], []
-        for i, (views, *e) in enumerate(zip(items, *extra, strict=True)):
-            for view in views:
-                seqs.append(make([view], *e))
-                owner.append(i)
-        emb = F.normalize(self.dialogue.embed(seqs, self.device)[-1].float(), dim=-1)
-        owner_t = torch.tensor(owner, device=emb.device)
-        if strategy == "meanpool":
-            pooled = torch.zeros(len(items), emb.shape[-1], device=emb.device).index_add_(0, owner_t, emb)
-            return [pooled / torch.bincount(owner_t, minlength=len(items))[:, None]]
-        views = max(MAX_VIEWS, *(len(v) for v in items))
-        multi = torch.full((len(items), views, emb.shape[-1]), torch.nan, device=emb.device)
-        slot = torch.tensor([owner[:j].count(owner[j]) for j in range(len(owner))], device=emb.device)
-        multi[owner_t, slot] = emb
-        return [multi]
+        seqs = [make([view], *e) for views, *e in zip(items, *extra, strict=True) for view in views]
+        emb = self.dialogue.embed(seqs, self.device)[-1]
+        mask = torch.tensor([[j < len(v) for j in range(max(map(len, items)))] for v in items], device=emb.device)
+        per_view = emb.new_zeros(*mask.shape, emb.shape[-1])
+        per_view[mask] = emb  # row-major: product by product, view by view, as seqs were made
+        return [per_view_embeddings(per_view, mask, strategy)]
 
     @staticmethod
     def _normalize(x: torch.Tensor) -> torch.Tensor:
