@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lightning fit --config experiments/demo.yaml
+	$(BIN)/lightning fit --config experiments/demos/clip4cir.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,7 +3,7 @@
     python benchmarks/generator_throughput.py [--products 2000]
 
 Prints one row per stage: drawing the attribute families and triplets, rendering every view with
-PIL (plus captions), and rendering + JPEG encoding + writing shards (what `cir-data synthetic` does).
+PIL (plus captions), and rendering + JPEG encoding + writing shards (what `cir data synthetic` does).
 """
 
 from __future__ import annotations

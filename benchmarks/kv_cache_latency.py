@@ -57,9 +57,9 @@ def main() -> None:
     args = p.parse_args()
 
     from lightning_modules.backbones import QwenBackbone
-    from lightning_modules.dialogue import Sequence
-    from lightning_modules.interactive import InteractiveEncoder
-    from lightning_modules.procir import ProCIR
+    from lightning_modules.backbones.qwen_chat import Dialogue
+    from lightning_modules.families.procir.interactive import InteractiveEncoder
+    from lightning_modules.families.procir.model import ProCIR
 
     torch.set_grad_enabled(False)
     backbone = QwenBackbone(args.preset)
@@ -78,7 +78,7 @@ def main() -> None:
         cached = timed(lambda c=cache: enc.encode_query(None, TEXT, cache=c), args.repeats, args.device)
         copying = timed(lambda c=cache: copy.deepcopy(c.past_key_values), args.repeats, args.device)
         diff = (enc.encode_query(source, TEXT) - enc.encode_query(None, TEXT, cache=cache)).abs().max().item()
-        turn2 = len(model.dialogue.assistant(model.dialogue.user(Sequence(), text=TEXT), close=False).ids)
+        turn2 = len(model.dialogue.assistant(model.dialogue.user(Dialogue(), text=TEXT), close=False).ids)
         print(f"| {n} | {cache.tokens} | {turn2} | {full:.1f} | {cached:.1f} | {copying:.1f} | "
               f"{full / cached:.1f}× | {diff:.1e} |")
 

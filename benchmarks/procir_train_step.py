@@ -40,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
 
     from lightning_modules.backbones import QwenBackbone
-    from lightning_modules.procir import ProCIR
+    from lightning_modules.families.procir.model import ProCIR
 
     backbone = QwenBackbone(args.preset, gradient_checkpointing=args.gradient_checkpointing)
     cuda = args.device.startswith("cuda")
@@ -62,8 +62,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
-                q = model.encode_query(batch)
-                terms = model.training_loss(q, model.embed_targets(batch, gallery=False), batch)
+                terms = model.training_terms(model.embed_pair(batch), batch)
             terms["loss"].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from lightning_modules.gallery_index import build_faiss_index
-from lightning_modules.search import topk
+from lightning_modules.retrieval.gallery_index import build_faiss_index
+from lightning_modules.retrieval.search import topk
 
 
 def unit(x: np.ndarray) -> np.ndarray:

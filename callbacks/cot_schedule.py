@@ -13,7 +13,8 @@ def keep_ratio(step: int, total_steps: int, removal_fraction: float = 0.5) -> fl
 
 
 class CoTSchedule(Callback):
-    """Sets ``pl_module.cot_keep_ratio`` to ρ(global step) before each training batch.
+    """Sets ``pl_module.cot_keep_ratio`` to ρ(global step) before each training batch (ProCIR's
+    ``CoTRatioSchedule`` interface).
 
     T is the run's number of optimizer steps (``trainer.estimated_stepping_batches``); with the
     paper's ``removal_fraction`` 0.5 no caption token reaches the model from T/2 on. Evaluation
@@ -25,6 +26,8 @@ class CoTSchedule(Callback):
             raise ValueError(f"CoTSchedule.removal_fraction={removal_fraction}: must be in (0, 1]")
         self.removal_fraction = removal_fraction
 
+    def keep_ratio_at(self, step: int, total_steps: int) -> float:
+        return keep_ratio(step, total_steps, self.removal_fraction)
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        pl_module.cot_keep_ratio = keep_ratio(trainer.global_step, int(trainer.estimated_stepping_batches),
-                                              self.removal_fraction)
+        pl_module.cot_keep_ratio = self.keep_ratio_at(trainer.global_step, int(trainer.estimated_stepping_batches))

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from datamodules.interfaces import RetrievalData
+
 
 class SkippedSamplesLogger(Callback):
     """Logs ``data/skipped_samples`` (summed over ranks) after every train and validation epoch.
 
-    The count comes from the DataModule's ``skipped_total``, which totals the per-worker counters
-    that travel with each batch; a DataModule without it logs nothing.
+    The count comes from the DataModule's ``skipped_total`` (``RetrievalData``), which totals the
+    per-worker counters that travel with each batch; other DataModules log nothing.
     """
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dm = getattr(trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "skipped_total"):
+        dm = trainer.datamodule
+        if not isinstance(dm, RetrievalData):
             return
         pl_module.log("data/skipped_samples", float(dm.skipped_total), reduce_fx="sum", sync_dist=True)
 

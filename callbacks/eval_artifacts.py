@@ -22,15 +22,17 @@ from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image, ImageDraw
 
 from datamodules.batching import TripletExample, collate, views_of
+from datamodules.interfaces import RetrievalData
 from datamodules.schema import stable_id
-from lightning_modules.search import similarities
+from lightning_modules.core.interfaces import Retriever
+from lightning_modules.retrieval import similarities
 
 _PER_DATASET = re.compile(r"^(?P<stage>val|test)/(?P<ds>[\w\-]+)/(?P<name>\w+)$")
 _OVERALL = re.compile(r"^(?P<stage>val|test)/(?P<name>(mean_)?recall_at_\d+|score|loss)$")
 
 
 def config_hash(pl_module: LightningModule, trainer: Trainer) -> str:
-    dm = getattr(trainer, "datamodule", None)
+    dm = trainer.datamodule
     payload = {"model": dict(pl_module.hparams), "data": dict(dm.hparams) if dm is not None else {}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -44,20 +46,19 @@ def collect_results(trainer: Trainer, pl_module: LightningModule, stage: str) ->
                 per_dataset.setdefault(m["ds"], {})[m["name"]] = float(value)
         elif (m := _OVERALL.match(key)) and m["stage"] == stage:
             overall[m["name"]] = float(value)
-    dm = getattr(trainer, "datamodule", None)
+    dm = trainer.datamodule
+    data = dm if isinstance(dm, RetrievalData) else None
     ckpt = trainer.ckpt_path or (trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else "")
     return {
         "stage": stage,
-        "split": dm.split_of(trainer.state.fn.value) if hasattr(dm, "split_of") else None,
-        "data_dir": str(getattr(dm, "data_dir", "")),
+        "split": data.split_of(trainer.state.fn.value) if data else None,
+        "data_dir": str(data.data_dir) if data else "",
         "epoch": trainer.current_epoch,
         "global_step": trainer.global_step,
         "checkpoint": ckpt or None,
         "config_hash": config_hash(pl_module, trainer),
-        "protocol": {k: getattr(pl_module.evaluation, k) for k in ("top_k", "score_k", "gallery_protocol",
-                                                                    "remove_source")}
-        if hasattr(pl_module, "evaluation") else {},
-        "skipped_samples": getattr(dm, "skipped_total", None),
+        "protocol": pl_module.evaluation.protocol() if isinstance(pl_module, Retriever) else {},
+        "skipped_samples": data.skipped_total if data else None,
         "overall": overall,
         "datasets": per_dataset,
     }
@@ -134,9 +135,11 @@ class EvalArtifacts(Callback):
 
     @torch.no_grad()
     def picture(self, trainer: Trainer, pl_module: LightningModule, split: str | None) -> Image.Image | None:
-        dm = getattr(trainer, "datamodule", None)
-        gallery = getattr(pl_module, "last_gallery", None)
-        if dm is None or split is None or gallery is None or not hasattr(dm, "example_queries"):
+        dm = trainer.datamodule
+        if not (isinstance(dm, RetrievalData) and isinstance(pl_module, Retriever)) or split is None:
+            return None
+        gallery = pl_module.last_gallery
+        if gallery is None:
             return None
         samples = [s for s in dm.example_queries(split, self.examples) if s["json"]["triplet"].get("target_id")]
         if not samples:
@@ -149,7 +152,7 @@ class EvalArtifacts(Callback):
         pl_module.eval()
         queries = pl_module.encode_query(batch).float()
         pl_module.train(was_training)
-        names = list(getattr(pl_module, "dataset_names", []))
+        names = list(pl_module.dataset_names)
         picks = []
         for q, s in zip(queries, samples, strict=True):
             ds = names.index(s["json"]["triplet"]["dataset"]) if s["json"]["triplet"]["dataset"] in names else -1

@@ -1,4 +1,4 @@
-"""Tags every MLflow run with what it is, so runs can be filtered and compared (``cir-compare``)."""
+"""Tags every MLflow run with what it is, so runs can be filtered and compared (``cir compare``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import MLFlowLogger
+
+from datamodules.interfaces import RetrievalData
+from lightning_modules.core.interfaces import Variants
 
 from .eval_artifacts import config_hash
 
@@ -37,12 +40,12 @@ class RunTags(Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
         if not loggers:
             return
-        switches = pl_module.variant_switches() if hasattr(pl_module, "variant_switches") else {}
-        dm = getattr(trainer, "datamodule", None)
+        switches = pl_module.variant_switches() if isinstance(pl_module, Variants) else {}
+        dm = trainer.datamodule
         tags = {
             "family": type(pl_module).__name__,
             "variant": ",".join(f"{k}={v}" for k, v in switches.items()) or "default",
-            "dataset": ",".join(getattr(dm, "datasets", []) or []) if dm is not None else "",
+            "dataset": ",".join(dm.datasets) if isinstance(dm, RetrievalData) else "",
             "git_commit": git_commit(),
             "config_hash": config_hash(pl_module, trainer),
             **{f"variant.{k}": str(v) for k, v in switches.items()},

@@ -7,12 +7,15 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from datamodules.interfaces import RetrievalData
+from lightning_modules.core.interfaces import TwoStage
+
 
 class StageSwitch(Callback):
     """At epoch ``switch_epoch`` freeze the target encoder, rebuild the optimizer without it, embed
     every product of the ``bank_split`` gallery into the static bank, and turn on the stage-2 loss.
 
-    ``switch_epoch: 0`` (or a model configured with ``stage: 2``) runs stage 2 from the start, as a
+    ``switch_epoch: 0`` (or a model configured with ``training_stage: 2``) runs stage 2 from the start, as a
     separate run initialised from a stage-1 checkpoint does. The bank is rebuilt every
     ``refresh_every`` epochs when set, and after a resume.
 
@@ -33,16 +36,22 @@ class StageSwitch(Callback):
         self.built_at: int | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and self.switch_epoch == 0 and pl_module.stage == 1:
+        if not isinstance(pl_module, TwoStage):
+            raise TypeError(f"StageSwitch needs a two-stage model; {type(pl_module).__name__} is not one "
+                            "(CLIP4CIR and LLaVACaptionCIR are): remove the callback from trainer.callbacks")
+        if not isinstance(trainer.datamodule, RetrievalData):
+            raise TypeError("StageSwitch builds its bank from DataModule.eval_dataloaders: use a "
+                            "datamodules.ShardDataModule (or a DataModule with the RetrievalData interface)")
+        if stage == "fit" and self.switch_epoch == 0 and pl_module.training_stage == 1:
             pl_module.enter_stage2()  # before DDP wraps the model
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
-        if pl_module.stage == 1 and epoch >= self.switch_epoch:
+        if pl_module.training_stage == 1 and epoch >= self.switch_epoch:
             pl_module.enter_stage2()
             trainer.strategy.setup_optimizers(trainer)  # the frozen encoder leaves the optimizer
             rank_zero_info(f"StageSwitch: stage 2 from epoch {epoch}: target encoder frozen")
-        if pl_module.stage != 2:
+        if pl_module.training_stage != 2:
             return
         if self.switched_at is None:
             self.switched_at = epoch

@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lightning_modules.distributed import gather_objects
-from lightning_modules.search import topk
+from datamodules.interfaces import RetrievalData
+from lightning_modules.retrieval import gather_objects, topk
 
 
 class RetrievalSubmission(BasePredictionWriter):
@@ -57,8 +57,8 @@ class RetrievalSubmission(BasePredictionWriter):
                 if q.get("target"):
                     entry["target"] = q["target"]
                 out.append(entry)
-        dm = getattr(trainer, "datamodule", None)
-        split = dm.predict_split if hasattr(dm, "predict_split") else "predict"
+        dm = trainer.datamodule
+        split = dm.predict_split if isinstance(dm, RetrievalData) else "predict"
         folder = Path(self.output_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"submission_{split}.json"

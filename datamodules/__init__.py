@@ -1,5 +1,6 @@
 """Dataset schema, shards, converters, the generator, and the Lightning DataModules."""
 
 from .datamodule import ShardDataModule, SyntheticDataModule
+from .interfaces import RetrievalData
 
-__all__ = ["ShardDataModule", "SyntheticDataModule"]
+__all__ = ["RetrievalData", "ShardDataModule", "SyntheticDataModule"]

@@ -100,7 +100,7 @@ def pick_text(triplet: dict[str, Any], mode: TextMode, rng: random.Random) -> st
 
 
 def caption_of(product: dict[str, Any] | None, captions: dict[str, str] | None) -> str:
-    """A product's caption: the sidecar's (``cir-caption``) when it has one, else the dataset's own."""
+    """A product's caption: the sidecar's (``cir caption``) when it has one, else the dataset's own."""
     if product is None:
         return ""
     if captions:
@@ -113,7 +113,7 @@ def caption_of(product: dict[str, Any] | None, captions: dict[str, str] | None) 
 class TripletExample:
     """Sample → dict for one triplet. A class (not a closure) so DataLoader workers can pickle it.
 
-    ``captions`` (from a ``cir-caption`` sidecar) maps ``{dataset}--{product_id}`` to a product
+    ``captions`` (from a ``cir caption`` sidecar) maps ``{dataset}--{product_id}`` to a product
     caption and a triplet sample's key to a synthesised modified text.
     """
 

@@ -22,6 +22,7 @@ import webdataset as wds
 from .batching import GalleryExample, ImageTransform, ResizeToTensor, TargetPad, TextMode, TripletExample, collate
 from .schema import stable_id
 from .shards import SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls
+from .sidecar import read_sidecar
 from .synthetic import GENERATOR_VERSION, write_synthetic
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class ShardDataModule(L.LightningDataModule):
         predict_split: the split of ``predict`` (default: ``test_split``); may be query-only.
         target_pad_ratio: pad images to this aspect ratio before the model's preprocessing
             (CLIP4Cir's "targetpad" for FashionIQ: 1.25); None keeps them as they are.
-        captions_file: a ``cir-caption`` sidecar (JSON lines); its captions replace the products' own
+        captions_file: a ``cir caption`` sidecar (JSON lines); its captions replace the products' own
             (``source_caption`` / ``target_caption`` in batches).
         seed: seed of shard resampling and shuffling.
     """
@@ -93,6 +94,12 @@ class ShardDataModule(L.LightningDataModule):
                  predict_split: str | None = None, target_pad_ratio: float | None = None,
                  captions_file: str | None = None, seed: int = 0) -> None:
         super().__init__()
+        problems = [f"{key}={value}: must be >= 1" for key, value in
+                    (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
+        problems += [f"num_workers={num_workers}: must be >= 0"] if num_workers < 0 else []
+        problems += [f"shuffle_buffer={shuffle_buffer}: must be >= 1"] if shuffle_buffer < 1 else []
+        if problems:
+            raise ValueError("data.init_args: " + "; ".join(problems))
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.image_transform: ImageTransform = ResizeToTensor(image_size)
@@ -116,8 +123,6 @@ class ShardDataModule(L.LightningDataModule):
     def captions(self) -> dict[str, str] | None:
         """The ``captions_file`` sidecar as {key: text}, read once (None without one)."""
         if self._captions is None and self.hparams.captions_file:
-            from .caption_job import read_sidecar
-
             self._captions = {k: v["text"] for k, v in read_sidecar(self.hparams.captions_file).items()}
         return self._captions
 
@@ -222,9 +227,9 @@ class ShardDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> list[wds.WebLoader]:
         return self.eval_dataloaders(self.predict_split)
 
-    def split_of(self, stage: str) -> str:
+    def split_of(self, trainer_fn: str) -> str:
         return {"validate": self.hparams.val_split, "fit": self.hparams.val_split, "test": self.test_split,
-                "predict": self.predict_split}.get(stage, self.hparams.val_split)
+                "predict": self.predict_split}.get(trainer_fn, self.hparams.val_split)
 
 
     # -- reading a few samples back (pictures, examples) ---------------------------------------------

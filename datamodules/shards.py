@@ -108,8 +108,8 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: {data_dir} is not a shard folder. Create one with `cir-data synthetic --out "
-            f"{data_dir}` (generated data) or a converter (`cir-data --help`)."
+            f"{path} not found: {data_dir} is not a shard folder. Create one with `cir data synthetic --out "
+            f"{data_dir}` (generated data) or a converter (`cir data --help`)."
         )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != "fashion-cir-shards/1":

@@ -1,15 +1,13 @@
-"""Model families, losses, metrics and backbones of fashion-cir."""
+"""Model code of fashion-cir: the core, building blocks, retrieval, backbones and one package per
+family. The classes that configs name by ``class_path`` are re-exported here."""
 
-from .clip4cir import CLIP4CIR
-from .fusion import Combiner, SumFusion, TransformerFusion
-from .llava_caption_cir import LLaVACaptionCIR
-from .losses import HybridNegativesLoss, StaticBankLoss, SymmetricInfoNCE
-from .metrics import RecallAtK
-from .procir import ProCIR
-from .procir_sft import ProCIRSFT
-from .retrieval import RetrievalEval, RetrievalModule
-from .schedules import CosineSchedule
+from .components import Combiner, HybridNegativesLoss, StaticBankLoss, SumFusion, SymmetricInfoNCE, TransformerFusion
+from .core import CosineSchedule, Products, RetrievalEval, RetrievalModule
+from .families.clip4cir import CLIP4CIR
+from .families.llava_caption import LLaVACaptionCIR
+from .families.procir import ProCIR, ProCIRSFT
+from .retrieval import RecallAtK
 
 __all__ = ["CLIP4CIR", "Combiner", "CosineSchedule", "HybridNegativesLoss", "LLaVACaptionCIR", "ProCIR", "ProCIRSFT",
-           "RecallAtK", "RetrievalEval", "RetrievalModule", "StaticBankLoss", "SumFusion", "SymmetricInfoNCE",
-           "TransformerFusion"]
+           "Products", "RecallAtK", "RetrievalEval", "RetrievalModule", "StaticBankLoss", "SumFusion",
+           "SymmetricInfoNCE", "TransformerFusion"]

@@ -30,7 +30,7 @@ def extract_fashiongen_h5(h5_path: str | Path, root: str | Path, dataset: str = 
     try:
         import h5py
     except ImportError as exc:  # an optional extra: say how to get it
-        raise ImportError("cir-data fashiongen-h5 needs h5py: pip install 'fashion-cir[fashiongen]'") from exc
+        raise ImportError("cir data fashiongen-h5 needs h5py: pip install 'fashion-cir[fashiongen]'") from exc
     out = Path(root) / "images" / dataset
     written: dict[str, int] = defaultdict(int)
     skipped = 0

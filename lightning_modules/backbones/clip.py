@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from .registry import checkpoint_source, get_preset
+from ..components.multiview import masked_mean
+from .registry import checkpoint_source, get_preset, load_error
 from .tokenizer import build_word_tokenizer
+from .vocabulary import clip_words
 
 
 class HFImageTransform:
@@ -23,23 +24,6 @@ class HFImageTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
-
-
-def load_error(what: str, source: str, exc: Exception) -> OSError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    return OSError(
-        f"could not load {what} from {source!r} ({type(exc).__name__}: {exc}). "
-        f"{'HF_HUB_OFFLINE=1 is set, so hub ids resolve only from the local cache. ' if offline else ''}"
-        "Give a local folder written with save_pretrained (model, tokenizer and preprocessor), "
-        "or a hub id on a machine with network access."
-    )
-
-
-def _tiny_tokenizer(max_length: int) -> PreTrainedTokenizerBase:
-    # Imported here: the generated vocabulary is only needed when a tiny model is built.
-    from datamodules.synthetic.text import vocabulary
-
-    return build_word_tokenizer(vocabulary(), model_max_length=max_length)
 
 
 class CLIPBackbone(nn.Module):
@@ -56,7 +40,7 @@ class CLIPBackbone(nn.Module):
         preset = get_preset("clip", name_or_path)
         if preset is not None and preset.random_init:
             cfg = preset.config
-            self.tokenizer = _tiny_tokenizer(cfg["text"]["max_position_embeddings"])
+            self.tokenizer = build_word_tokenizer(clip_words(), model_max_length=cfg["text"]["max_position_embeddings"])
             text = dict(cfg["text"], vocab_size=len(self.tokenizer), pad_token_id=self.tokenizer.pad_token_id,
                         bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id)
             config = CLIPConfig(text_config=text, vision_config=cfg["vision"], projection_dim=cfg["projection_dim"])
@@ -87,6 +71,19 @@ class CLIPBackbone(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    def encode_view_grid(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, V, 3, H, W]`` views → ``[B, V, D]`` features, every real view through the image
+        encoder in one batch; padded slots are zero."""
+        b, v = mask.shape
+        feats = self.encode_images(images[mask])
+        full = feats.new_zeros(b, v, feats.shape[-1])
+        full[mask] = feats
+        return full
+
+    def encode_products(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``[B, V, 3, H, W]`` views → ``[B, D]`` product features: the mean over the real views."""
+        return masked_mean(self.encode_view_grid(images, mask), mask)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")

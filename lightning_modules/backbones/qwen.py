@@ -3,7 +3,7 @@
 Images go through ``Qwen2VLImageProcessorPil`` one view at a time (aspect ratio kept, pixel count
 clamped to [128², 512²]): a view becomes a ``PatchedImage`` (its flattened patches and its
 ``(t, h, w)`` patch grid), so products with views of different sizes batch without resizing them
-to one shape. Dialogues are tokenised by ``lightning_modules.dialogue``; this module only runs
+to one shape. Dialogues are tokenised by ``backbones.qwen_chat``; this module only runs
 them and exposes the last hidden layer.
 """
 
@@ -27,9 +27,9 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .clip import load_error
-from .registry import checkpoint_source, get_preset
+from .registry import checkpoint_source, get_preset, load_error
 from .tokenizer import build_word_tokenizer
+from .vocabulary import qwen_words
 
 EMB_TOKEN = "<emb_all>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -68,14 +68,8 @@ def image_processor(patch_size: int, merge_size: int, temporal_patch_size: int) 
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerBase:
-    # The generated vocabulary plus the words of the SFT and dialogue prompts.
-    from datamodules.synthetic.text import vocabulary
-
-    from ..dialogue import prompt_words
-
-    words = set(vocabulary()) | prompt_words()
-    return build_word_tokenizer(words, extra_special_tokens=CHAT_TOKENS, model_max_length=4096, add_bos_eos=False,
-                                single_punctuation=True)
+    return build_word_tokenizer(qwen_words(), extra_special_tokens=CHAT_TOKENS, model_max_length=4096,
+                                add_bos_eos=False, single_punctuation=True)
 
 
 def build_config(cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Qwen3_5Config:

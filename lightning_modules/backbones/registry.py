@@ -7,6 +7,7 @@ as a hub id or a local folder saved with ``save_pretrained``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -114,3 +115,13 @@ def checkpoint_source(family: Family, name_or_path: str) -> str:
             "an existing folder, nor a hub id of the form 'org/name'."
         )
     return source
+
+
+def load_error(what: str, source: str, exc: Exception) -> OSError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return OSError(
+        f"could not load {what} from {source!r} ({type(exc).__name__}: {exc}). "
+        f"{'HF_HUB_OFFLINE=1 is set, so hub ids resolve only from the local cache. ' if offline else ''}"
+        "Give a local folder written with save_pretrained (model, tokenizer and preprocessor), "
+        "or a hub id on a machine with network access."
+    )

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from .tokenizer import build_word_tokenizer
+from .vocabulary import llava_words
 
 IMAGE_TOKEN = "<image>"
 CHAT_TEMPLATE = (
@@ -23,15 +25,7 @@ CHAT_TEMPLATE = (
 
 def build_tiny_llava(image_size: int = 32, patch_size: int = 8, width: int = 32, layers: int = 2,
                      seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    import torch
-
-    from datamodules.synthetic.text import vocabulary
-
-    from ..captioners import DESCRIBE_PROMPT, REWRITE_PROMPT
-
-    words = set(vocabulary()) | {"user", "assistant", "original", "description", "change", ":"}
-    words |= {w.strip(".,").lower() for w in (DESCRIBE_PROMPT + " " + REWRITE_PROMPT).split()}
-    tokenizer = build_word_tokenizer(words, extra_special_tokens=[IMAGE_TOKEN], model_max_length=1024,
+    tokenizer = build_word_tokenizer(llava_words(), extra_special_tokens=[IMAGE_TOKEN], model_max_length=1024,
                                      add_bos_eos=False)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = LlavaConfig(

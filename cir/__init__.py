@@ -1,0 +1,1 @@
+"""The ``cir`` command: the top layer, above datamodules, model code and callbacks."""

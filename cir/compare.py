@@ -1,0 +1,106 @@
+"""``cir compare``: MLflow runs of an experiment as an ablation table, in the layout of the papers'.
+
+    cir compare --experiment fashion-cir [--k 5 10] [--filter "tags.family = 'CLIP4CIR'"] [--out DIR]
+
+One row per run: its name, the variant switches (MLflow tags ``variant.*``, ✓ when on), Recall@K per
+dataset, their average, and wall time; the best value of each metric column is marked ``*``.
+Printed, and written as ``compare.csv`` and ``compare.md``. Works on any tracking URI
+(``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Any
+
+from callbacks.mlflow_logging import resolve_tracking_uri
+
+from .args import command_parser, parse
+
+_RECALL = re.compile(r"^val/(?P<ds>[\w\-]+)/recall_at_(?P<k>\d+)$")
+
+
+def _switch(value: str) -> str:
+    return {"true": "✓", "false": ""}.get(value.lower(), value)
+
+
+def build_table(runs: list[Any], ks: list[int]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, metric columns) for ``runs`` (MLflow ``Run`` objects)."""
+    switches = sorted({k.removeprefix("variant.") for r in runs for k in r.data.tags if k.startswith("variant.")})
+    datasets = sorted({m["ds"] for r in runs for key in r.data.metrics if (m := _RECALL.match(key))})
+    metric_cols = [f"{ds} R@{k}" for ds in datasets for k in ks]
+    header = ["run", "family", *switches, *metric_cols, "avg", "minutes"]
+    rows: list[list[Any]] = []
+    for r in runs:
+        values = [r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets for k in ks]
+        present = [v for v in values if v is not None]
+        avg = sum(present) / len(present) if present else None
+        minutes = (r.info.end_time - r.info.start_time) / 60000 if r.info.end_time else None
+        rows.append([r.info.run_name or r.info.run_id[:8], r.data.tags.get("family", ""),
+                     *(_switch(r.data.tags.get(f"variant.{s}", "")) for s in switches), *values, avg, minutes])
+    first_metric = 2 + len(switches)
+    n_metrics = len(metric_cols) + 1
+    best = {}
+    for c in range(first_metric, first_metric + n_metrics):
+        column = [row[c] for row in rows if row[c] is not None]
+        best[c] = max(column) if column else None
+    out = []
+    for row in rows:
+        cells = []
+        for c, v in enumerate(row):
+            if isinstance(v, float):
+                text = f"{100 * v:.1f}" if c < first_metric + n_metrics else f"{v:.1f}"
+                cells.append(text + ("*" if best.get(c) is not None and v == best[c] else ""))
+            else:
+                cells.append("" if v is None else str(v))
+        out.append(cells)
+    return header, out, [*metric_cols, "avg"]
+
+
+def to_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("*", "") if not c.endswith("*") else f"**{c[:-1]}**" for c in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def to_text(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import mlflow
+
+    parser = command_parser("compare", __doc__)
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 10], help="the K of the Recall@K columns")
+    parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.family = 'ProCIR'\"")
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--out", default="outputs/compare", help="folder for compare.csv and compare.md")
+    args, _ = parse(parser, argv)
+
+    client = mlflow.MlflowClient(resolve_tracking_uri(args.tracking_uri))
+    exp = client.get_experiment_by_name(args.experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise SystemExit(f"cir compare: no MLflow experiment {args.experiment!r} at {client.tracking_uri}; "
+                         f"it has {names}")
+    runs = [r for r in client.search_runs([exp.experiment_id], args.filter, max_results=5000)
+            if any(_RECALL.match(k) for k in r.data.metrics)]
+    if not runs:
+        raise SystemExit(f"cir compare: no run of {args.experiment!r} logged per-dataset recalls")
+    header, rows, _ = build_table(runs, args.k)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "compare.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    (out / "compare.md").write_text(to_markdown(header, rows) + "\n")
+    print(to_text(header, rows))
+    print(f"\n(* best per column; recalls in %; written to {out / 'compare.csv'} and {out / 'compare.md'})")
+

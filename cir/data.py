@@ -1,0 +1,90 @@
+"""``cir data``: create shard folders from the generator or from the real datasets' own layouts.
+
+    cir data synthetic --out data/synthetic [--products 1500 --seed 0]
+    cir data synthetic --out data/fiq-layout --layout fashioniq     # generated data, FashionIQ's layout
+    cir data fashioniq --root FASHIONIQ --out data/fashioniq [--categories dress shirt toptee]
+    cir data fashionmv --root FASHIONMV --out data/fashionmv
+    cir data fashiongen-h5 --h5 fashiongen_256_256_validation.h5 --root FASHIONMV
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from datamodules.converters import convert_fashioniq, convert_fashionmv, extract_fashiongen_h5
+from datamodules.synthetic import generate, write_synthetic
+from datamodules.synthetic.layouts import write_fashioniq_layout, write_fashionmv_layout
+
+from .args import command_parser, parse
+
+
+def _synthetic(args: argparse.Namespace) -> None:
+    if args.layout == "shards":
+        splits = write_synthetic(args.out, products=args.products, seed=args.seed, val_fraction=args.val_fraction,
+                                 maxcount=args.maxcount)
+        print(json.dumps({s: {k: v for k, v in d.items() if k != "shards"} for s, d in splits.items()}, indent=2))
+        return
+    data = generate(args.products, seed=args.seed, val_fraction=args.val_fraction)
+    writer = write_fashioniq_layout if args.layout == "fashioniq" else write_fashionmv_layout
+    print(json.dumps(writer(args.out, data), indent=2))
+
+
+def _fashioniq(args: argparse.Namespace) -> None:
+    convert_fashioniq(args.root, args.out, categories=args.categories, splits=args.splits, maxcount=args.maxcount,
+                      max_side=args.max_side)
+
+
+def _fashionmv(args: argparse.Namespace) -> None:
+    convert_fashionmv(args.root, args.out, splits=args.splits, maxcount=args.maxcount, max_side=args.max_side)
+
+
+def _fashiongen(args: argparse.Namespace) -> None:
+    print(json.dumps(extract_fashiongen_h5(args.h5, args.root, dataset=args.dataset), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("data", __doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    syn = sub.add_parser("synthetic", help="generate the procedural multi-view fashion dataset")
+    syn.add_argument("--out", required=True, help="output folder")
+    syn.add_argument("--products", type=int, default=1500)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--val-fraction", type=float, default=0.2)
+    syn.add_argument("--maxcount", type=int, default=256, help="samples per shard")
+    syn.add_argument("--layout", choices=["shards", "fashioniq", "fashionmv"], default="shards",
+                     help="shards (ready to train) or a real dataset's own layout (input of its converter)")
+    syn.set_defaults(func=_synthetic)
+
+    fiq = sub.add_parser("fashioniq", help="convert FashionIQ (captions/, image_splits/, images/) to shards")
+    fiq.add_argument("--root", required=True)
+    fiq.add_argument("--out", required=True)
+    fiq.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"])
+    fiq.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    fiq.add_argument("--maxcount", type=int, default=1000)
+    fiq.add_argument("--max-side", type=int, default=None, help="downscale images larger than this")
+    fiq.set_defaults(func=_fashioniq)
+
+    fmv = sub.add_parser("fashionmv", help="convert FashionMV (*_triplets.jsonl, *_captions.jsonl, images/)")
+    fmv.add_argument("--root", required=True)
+    fmv.add_argument("--out", required=True)
+    fmv.add_argument("--splits", nargs="+", default=["train", "val"])
+    fmv.add_argument("--maxcount", type=int, default=500)
+    fmv.add_argument("--max-side", type=int, default=None, help="downscale images larger than this")
+    fmv.set_defaults(func=_fashionmv)
+
+    fg = sub.add_parser("fashiongen-h5", help="extract FashionGen images from its h5 file into FashionMV's layout")
+    fg.add_argument("--h5", required=True)
+    fg.add_argument("--root", required=True, help="FashionMV root; images go to ROOT/images/DATASET/ID/")
+    fg.add_argument("--dataset", default="fashiongen_val")
+    fg.set_defaults(func=_fashiongen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args, _ = parse(build_parser(), argv)
+    args.func(args)
+

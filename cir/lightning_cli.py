@@ -1,0 +1,131 @@
+"""``lightning`` (and ``cir fit|validate|test|predict``): LightningCLI for every family and DataModule.
+
+``lightning fit --config experiments/demos/clip4cir.yaml`` runs an experiment. Experiment files hold
+overrides only and name the reusable fragments they start from under ``defaults:`` (paths relative
+to the experiment file), e.g.::
+
+    defaults:
+      - ../../configs/trainer/cpu.yaml
+      - ../../configs/model/clip4cir/tiny.yaml
+    trainer:
+      max_epochs: 3
+
+The fragments are loaded first, in order, then the experiment file, then the command line, and
+OmegaConf interpolation is resolved over the merged result. Write interpolations relative to the
+key that holds them (``${.batch_size}`` for a sibling key, ``${....default_root_dir}``): under a subcommand the
+config's root is ``fit.``/``validate.``…, so absolute ones would not resolve. ``${oc.env:VAR,x}``
+reads the environment.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from callbacks.mlflow_logging import LogConfigToMLflow
+from datamodules.datamodule import ShardDataModule
+
+_CONFIG_FLAGS = ("--config", "-c")
+
+
+def _defaults_of(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
+    """Fragments named under ``defaults:`` of ``path``, depth first, each before what includes it."""
+    if path in chain:
+        raise ValueError(f"config {path} includes itself through 'defaults': {' -> '.join(map(str, chain))}")
+    if not path.is_file():
+        where = f" (listed under 'defaults' in {chain[-1]})" if chain else ""
+        raise FileNotFoundError(f"config file {path} not found{where}")
+    data = yaml.safe_load(path.read_text()) or {}
+    names = (data.get("defaults") or []) if isinstance(data, dict) else []
+    if not isinstance(names, list):
+        raise ValueError(f"{path}: 'defaults' must be a list of config file paths, got {type(names).__name__}")
+    out: list[Path] = []
+    for name in names:
+        fragment = (path.parent / name).resolve()
+        out += _defaults_of(fragment, (*chain, path)) + [fragment]
+    return out
+
+
+def expand_defaults(argv: list[str]) -> list[str]:
+    """Insert ``--config FRAGMENT`` before every ``--config FILE`` whose file lists ``defaults``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        value = None
+        if arg in _CONFIG_FLAGS and i + 1 < len(argv):
+            value, consumed = argv[i + 1], 2
+        elif arg.startswith("--config="):
+            value, consumed = arg.split("=", 1)[1], 1
+        if value is not None and value.endswith((".yaml", ".yml")):
+            for fragment in _defaults_of(Path(value).resolve()):
+                out += ["--config", str(fragment)]
+            out += argv[i : i + consumed]
+            i += consumed
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+class CIRCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--defaults", type=list[str] | None, default=None,
+                            help="Config fragments this config starts from (resolved before parsing).")
+
+    def before_instantiate_classes(self) -> None:
+        """Resuming (``fit --ckpt_path``): log into the MLflow run the checkpoint was written by."""
+        if self.subcommand != "fit":
+            return
+        config = self.config["fit"]
+        path = resolve_ckpt_path(config.get("ckpt_path"), config.trainer.get("default_root_dir") or ".")
+        logger = config.trainer.get("logger")
+        if path is None or logger is None or isinstance(logger, bool | list):
+            return
+        if not str(logger.get("class_path", "")).endswith(("MLflowLogger", "MLFlowLogger")):
+            return
+        if logger.init_args.get("run_id"):
+            return
+        import torch
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if checkpoint.get("mlflow_run_id"):
+            logger.init_args.run_id = checkpoint["mlflow_run_id"]
+
+
+def resolve_ckpt_path(ckpt_path: str | None, default_root_dir: str) -> Path | None:
+    """The file ``--ckpt_path`` names; ``last`` is ``{default_root_dir}/checkpoints/last.ckpt``."""
+    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+        return None
+    path = Path(default_root_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    return path if path.is_file() else None
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> CIRCLI:
+    """The CLI over ``args`` (default: the command line); ``run=False`` only instantiates."""
+    return CIRCLI(**_cli_kwargs(), args=expand_defaults(list(sys.argv[1:] if args is None else args)), run=run)
+
+
+def _cli_kwargs() -> dict:
+    return dict(
+        # Any LightningModule: the retrieval families and ProCIR's SFT stage (an LM, not a retriever).
+        model_class=L.LightningModule,
+        datamodule_class=ShardDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=LogConfigToMLflow,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf+"},
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (returns None: a returned object would become the exit status)."""
+    # LightningCLI reads sys.argv itself when given no args; hand it the expanded list that way.
+    sys.argv[1:] = expand_defaults(sys.argv[1:] if argv is None else argv)
+    CIRCLI(**_cli_kwargs())

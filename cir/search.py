@@ -1,0 +1,70 @@
+"""``cir search``: build a saved faiss index of a gallery with a trained model, and query it.
+
+    cir search build --config experiments/demos/clip4cir.yaml --ckpt outputs/.../last.ckpt --out index/ [--kind ivf]
+    cir search query --index index/ --config experiments/demos/clip4cir.yaml --ckpt outputs/.../last.ckpt \\
+        --images front.jpg back.jpg --text "make it red with an open back" [--dataset synth_studio] [-k 10]
+
+Options after ``--`` are passed to the config (e.g. ``-- --data.init_args.data_dir=data/fashionmv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_modules.retrieval import GalleryIndex
+
+from .args import command_parser, parse
+from .models import encode_gallery, encode_query, load_model_and_data
+
+
+def choose_dataset(available: Sequence[str], wanted: str | None, prog: str) -> str:
+    """The dataset whose gallery a query searches: ``--dataset``, or the only one there is."""
+    available = sorted(set(available))
+    if wanted is None:
+        if len(available) == 1:
+            return available[0]
+        raise SystemExit(f"{prog}: the gallery holds datasets {available}: choose one with --dataset")
+    if wanted not in available:
+        raise SystemExit(f"{prog}: --dataset {wanted}: not in the gallery, which holds {available}")
+    return wanted
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("search", __doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("build", "query"):
+        p = sub.add_parser(name)
+        p.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
+        p.add_argument("--ckpt", default=None, help="checkpoint of the trained model")
+    b = sub.choices["build"]
+    b.add_argument("--out", required=True)
+    b.add_argument("--split", default="val")
+    b.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat")
+    q = sub.choices["query"]
+    q.add_argument("--index", required=True)
+    q.add_argument("--images", nargs="+", required=True, help="views of the source product")
+    q.add_argument("--text", required=True)
+    q.add_argument("--dataset", default=None, help="the gallery searched (needed when the index holds several)")
+    q.add_argument("-k", type=int, default=10)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, extra = parse(parser, argv, passthrough=True)
+    if args.command == "query":
+        index = GalleryIndex.load(args.index)
+        dataset = choose_dataset(list(index.indexes), args.dataset, "cir search query")
+    model, dm = load_model_and_data(args.config, args.ckpt, extra)
+    if args.command == "build":
+        emb, ids, datasets = encode_gallery(model, dm, args.split)
+        GalleryIndex.build(emb, ids, datasets, kind=args.kind).save(args.out)
+        print(f"indexed {len(ids)} products of {sorted(set(datasets))} ({args.kind}) in {Path(args.out)}")
+        return
+    results = index.search(encode_query(model, dm, args.images, args.text), args.k, dataset=dataset)[0]
+    print(f"{'rank':>4}  {'score':>7}  product")
+    for rank, (pid, score) in enumerate(results, 1):
+        print(f"{rank:>4}  {score:>7.4f}  {pid}")
+

@@ -1,0 +1,48 @@
+"""What models, callbacks and commands may call on a DataModule, declared (``typing.Protocol``).
+
+``ShardDataModule`` (and so ``SyntheticDataModule``) implements it; a user's own DataModule that
+does too gets the same wiring: the backbone's preprocessing, dataset names, skipped-sample
+counts, retrieval pictures and submission files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class RetrievalData(Protocol):
+    data_dir: Path
+    image_transform: Callable[[Any], Any]
+
+    @property
+    def datasets(self) -> list[str]:
+        """The datasets (categories) of the folder, each evaluated on its own gallery."""
+        ...
+
+    @property
+    def captions(self) -> dict[str, str] | None: ...
+
+    @property
+    def skipped_total(self) -> int:
+        """Corrupt samples skipped so far, over all loaders and workers."""
+        ...
+
+    @property
+    def predict_split(self) -> str: ...
+
+    def set_image_transform(self, transform: Callable[[Any], Any]) -> None: ...
+
+    def eval_dataloaders(self, split: str) -> list[Any]:
+        """``[gallery loader, query loader]`` of ``split``."""
+        ...
+
+    def split_of(self, trainer_fn: str) -> str:
+        """The split a Trainer function (``fit``, ``validate``, ``test``, ``predict``) evaluates."""
+        ...
+
+    def example_queries(self, split: str, n: int) -> list[dict[str, Any]]: ...
+
+    def gallery_products(self, split: str, wanted: set[int]) -> dict[int, dict[str, Any]]: ...

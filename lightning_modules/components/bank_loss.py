@@ -1,0 +1,49 @@
+"""Stage-2 loss against the static target bank, with precomputed hard negatives."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bank import TargetBank
+
+
+class StaticBankLoss(nn.Module):
+    """Stage-2 loss: each query against its target and the whole static bank, plus hard negatives.
+
+    ``bank``: InfoNCE over [target, every other bank entry] (or ``sample`` random entries) at
+    temperature τ (default 0.02). ``hard``: InfoNCE over [target, the target's precomputed hard
+    negatives]: same category, different attributes, most similar first. Returned as a dict with
+    the weighted sum under ``loss``.
+    """
+
+    def __init__(self, temperature: float = 0.02, bank_weight: float = 1.0, hard_weight: float = 1.0,
+                 sample: int | None = None) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.bank_weight = bank_weight
+        self.hard_weight = hard_weight
+        self.sample = sample
+
+    def forward(self, query: torch.Tensor, target: torch.Tensor, bank: TargetBank,
+                target_ids: list[str]) -> dict[str, torch.Tensor]:
+        q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1).to(query.dtype)
+        rows = bank.rows(target_ids)
+        emb = bank.embeddings.to(q.dtype)
+        cols = torch.arange(len(bank), device=q.device)
+        if self.sample is not None and self.sample < len(bank):
+            cols = torch.randperm(len(bank), device=q.device)[: self.sample]
+        positive = (q * t).sum(-1, keepdim=True) / self.temperature
+        negatives = (q @ emb[cols].T / self.temperature).masked_fill(cols[None] == rows[:, None], -torch.inf)
+        zeros = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        out = {"bank": F.cross_entropy(torch.cat([positive, negatives], 1), zeros)}
+        hard_idx = bank.hard[rows.clamp(min=0)]
+        valid = (hard_idx >= 0) & (rows[:, None] >= 0)
+        hard = (q[:, None] * emb[hard_idx.clamp(min=0)]).sum(-1) / self.temperature
+        hard = hard.masked_fill(~valid, -torch.inf)
+        out["hard"] = F.cross_entropy(torch.cat([positive, hard], 1), zeros)
+        out["loss"] = self.bank_weight * out["bank"] + self.hard_weight * out["hard"]
+        return out

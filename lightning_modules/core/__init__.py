@@ -1,0 +1,17 @@
+"""The small core every retrieval family builds on: the base module's contract and shared step,
+gallery evaluation, two-stage training, checkpoint loading, optimisation, declared interfaces."""
+
+from .checkpoints import load_init_checkpoint, load_weights, state_dict_of, submodule_weights
+from .contract import Products, TrainingPair
+from .evaluation import RetrievalEval, Split
+from .hparams import save_config_hyperparameters
+from .interfaces import DistributedLoss, Retriever, Tempered, TwoStage, Variants
+from .module import RetrievalModule
+from .optimisation import default_optimizer, optimizer_config, parameter_groups, total_training_steps
+from .schedules import CosineSchedule
+from .two_stage import TrainingStage
+
+__all__ = ["CosineSchedule", "DistributedLoss", "Products", "RetrievalEval", "RetrievalModule", "Retriever", "Split",
+           "Tempered", "TrainingPair", "TrainingStage", "TwoStage", "Variants", "default_optimizer",
+           "load_init_checkpoint", "load_weights", "optimizer_config", "parameter_groups",
+           "save_config_hyperparameters", "state_dict_of", "submodule_weights", "total_training_steps"]

@@ -1,0 +1,134 @@
+"""Gallery evaluation of every retrieval family: the protocol, and the validation/test steps.
+
+Dataloader 0 of an evaluation is the gallery, dataloader 1 the queries. Gallery products are
+embedded with ``encode_target``, queries with the shared step; ``RecallAtK`` gathers both and
+scores each query in its own dataset's gallery at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from datamodules.schema import stable_id
+
+from ..retrieval.recall import GalleryProtocol, RecallAtK
+from ..retrieval.search import Backend
+from .contract import Products
+
+Split = Literal["train", "val", "test"]
+
+
+@dataclass
+class RetrievalEval:
+    """How validation and test score retrieval (see ``RecallAtK``).
+
+    Args:
+        top_k: the K of Recall@K.
+        score_k: K values whose dataset-averaged recalls are averaged into ``val/score``.
+        gallery_protocol: ``all`` products of the query's dataset, or only those some query uses.
+        remove_source: exclude each query's source product from its ranking.
+        backend: ``torch`` chunked exact search or a ``faiss`` flat index.
+        examples: queries drawn in the retrieval picture logged after evaluation (0: none).
+    """
+
+    top_k: tuple[int, ...] = (1, 5, 10)
+    score_k: tuple[int, ...] | None = None
+    gallery_protocol: GalleryProtocol = "all"
+    remove_source: bool = False
+    backend: Backend = "torch"
+    examples: int = 4
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.top_k or any(k < 1 for k in self.top_k):
+            problems.append(f"top_k={list(self.top_k)}: give one or more K >= 1")
+        if self.score_k and not set(self.score_k) <= set(self.top_k):
+            problems.append(f"score_k={list(self.score_k)}: every K must also be in top_k={list(self.top_k)}")
+        if self.examples < 0:
+            problems.append(f"examples={self.examples}: must be >= 0")
+        if problems:
+            raise ValueError("model.init_args.evaluation: " + "; ".join(problems))
+
+    def metric(self) -> RecallAtK:
+        return RecallAtK(top_k=self.top_k, score_k=self.score_k, gallery_protocol=self.gallery_protocol,
+                         remove_source=self.remove_source, backend=self.backend)
+
+    def protocol(self) -> dict[str, Any]:
+        """The settings that decide what a number means, for ``eval_results.json``."""
+        return {"top_k": self.top_k, "score_k": self.score_k, "gallery_protocol": self.gallery_protocol,
+                "remove_source": self.remove_source}
+
+
+class GalleryEvaluation:
+    """The evaluation half of ``RetrievalModule`` (a mixin of it, not used alone)."""
+
+    evaluation: RetrievalEval
+    recall: nn.ModuleDict
+    dataset_names: list[str]
+    last_gallery: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+    def _init_evaluation(self, evaluation: RetrievalEval | None) -> None:
+        self.evaluation = evaluation or RetrievalEval()
+        self.dataset_names = []
+        self.recall = nn.ModuleDict({split: self.evaluation.metric() for split in ("val", "test")})
+        # The last evaluated gallery, kept for callbacks (retrieval pictures, indexes) until read.
+        self.last_gallery = None
+
+    # -- hooks a family may extend --------------------------------------------------------------
+    def after_gallery_batch(self, products: Products, embedding: torch.Tensor, split: Split,
+                            ids: torch.Tensor, datasets: torch.Tensor) -> None:
+        """Called with every embedded gallery batch (ProCIR scores image-text retrieval here)."""
+
+    def after_evaluation(self, split: Split) -> None:
+        """Called once Recall@K of ``split`` is logged (families log their extra metrics here)."""
+
+    # -- steps ---------------------------------------------------------------------------------
+    def dataset_index(self, names: list[str]) -> torch.Tensor:
+        for n in names:
+            if n not in self.dataset_names:
+                self.dataset_names.append(n)
+        return torch.tensor([self.dataset_names.index(n) for n in names], device=self.device)
+
+    def id_tensor(self, ids: list[str]) -> torch.Tensor:
+        return torch.tensor([stable_id(i) for i in ids], dtype=torch.long, device=self.device)
+
+    def evaluation_step(self, batch: dict[str, Any], split: Split) -> None:
+        metric = self.recall[split]
+        datasets = self.dataset_index(batch["dataset"])
+        if "images" in batch:  # a gallery product
+            products = Products.gallery_of(batch)
+            emb = self.encode_target(products)
+            ids = self.id_tensor(batch["product_id"])
+            metric.update(emb, ids, datasets, gallery=True)
+            self.after_gallery_batch(products, emb, split, ids, datasets)
+        else:
+            emb, _ = self.model_step(batch, split)
+            metric.update(emb, self.id_tensor(batch["target_id"]), datasets, gallery=False,
+                          source_ids=self.id_tensor(batch["source_id"]))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.evaluation_step(batch, "test")
+
+    def log_recall(self, split: Split) -> None:
+        metric = self.recall[split]
+        if metric.update_called:
+            metric.dataset_names = self.dataset_names
+            for name, value in metric.compute().items():
+                self.log(f"{split}/{name}", value, prog_bar=name == "recall_at_10", sync_dist=False,
+                         add_dataloader_idx=False, rank_zero_only=False)
+            self.last_gallery = metric.gallery()
+            metric.reset()
+        self.after_evaluation(split)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_recall("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_recall("test")

@@ -1,0 +1,191 @@
+"""The base LightningModule of every CIR family: the encoder contract and one shared step.
+
+A family implements the contract, ``encode_query(batch)`` (source views + modification text →
+query embedding) and ``encode_target(products)`` (product views → embedding), and may extend the
+declared hooks below; it overrides nothing else. Evaluation (``core.evaluation``), two-stage
+training (``core.two_stage``), checkpoints and optimisation live beside this file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from datamodules.interfaces import RetrievalData
+
+from ..components.bank import TargetBank
+from .checkpoints import load_init_checkpoint, mlflow_run_id
+from .contract import Products, TrainingPair
+from .evaluation import GalleryEvaluation, RetrievalEval, Split
+from .interfaces import DistributedLoss, Tempered
+from .optimisation import default_optimizer, optimizer_config, parameter_groups
+from .two_stage import TrainingStage, TwoStageTraining
+
+STAGE1_COMMAND = "lightning fit --config experiments/clip4cir/stage1.yaml"
+
+
+class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
+    """Shared training and evaluation logic for composed image retrieval.
+
+    Args:
+        loss: contrastive loss taking (query, target) embeddings, e.g. ``SymmetricInfoNCE``.
+        optimizer: optimizer factory, called with parameter groups (biases, norms and the
+            temperature get no weight decay).
+        scheduler: optional LR scheduler factory; stepped every optimizer step.
+        evaluation: the retrieval protocol of validation and test.
+        stage2_loss: loss of stage 2 (e.g. ``StaticBankLoss``), against the static target bank.
+        training_stage: 1 (coarse alignment, in-batch negatives) or 2 (target encoder frozen, bank +
+            hard negatives). ``callbacks.StageSwitch`` moves a run from 1 to 2; start at 2 for a
+            separate stage-2 run initialised from a stage-1 checkpoint.
+        init_checkpoint: a checkpoint whose weights initialise the model (loaded weights-only).
+        skip_bad_steps: skip (and count, ``train/skipped_steps``) a training step whose loss is NaN or
+            infinite, instead of stopping with an error that names the step and the loss terms.
+    """
+
+    def __init__(self, loss: nn.Module, optimizer: OptimizerCallable = default_optimizer,
+                 scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
+                 stage2_loss: nn.Module | None = None, training_stage: TrainingStage = 1,
+                 init_checkpoint: str | None = None, skip_bad_steps: bool = False) -> None:
+        super().__init__()
+        self.loss = loss
+        self.skip_bad_steps = skip_bad_steps
+        self.skipped_steps = 0
+        self.last_terms: dict[str, float] = {}
+        self.stage2_loss = stage2_loss
+        self.training_stage = training_stage
+        self.init_checkpoint = init_checkpoint
+        self.bank: TargetBank | None = None
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self._init_evaluation(evaluation)
+
+    # -- the contract ------------------------------------------------------------------------------
+    def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Source views + modification text of a triplet batch → query embeddings ``[B, D]`` (or
+        ``[B, V, D]`` multi-vectors for MaxSim evaluation)."""
+        raise NotImplementedError
+
+    def encode_target(self, products: Products) -> torch.Tensor:
+        """Products → target embeddings, the same shape as the queries'."""
+        raise NotImplementedError
+
+    # -- hooks a family may extend -----------------------------------------------------------------
+    def embed_pair(self, batch: dict[str, Any]) -> TrainingPair:
+        """A stage-1 training forward: the query, then the target."""
+        query = self.encode_query(batch)
+        return TrainingPair(query, self.encode_target(Products.targets_of(batch)))
+
+    def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Stage-1 loss terms (``loss`` is the total)."""
+        return {"loss": self.loss(pair.query, pair.target, gather=True)}
+
+    def image_transform(self) -> Any | None:
+        """The preprocessing the backbone expects; handed to the DataModule in ``setup``."""
+        return None
+
+    def variant_switches(self) -> dict[str, bool | str]:
+        """The mechanisms this run has on or off (MLflow tags ``variant.*``, columns of ``cir compare``)."""
+        return {"two_stage": self.stage2_loss is not None}
+
+    def init_command(self) -> str:
+        """The run that writes this family's ``init_checkpoint``, named when the file is missing."""
+        return STAGE1_COMMAND
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.init_checkpoint:
+            load_init_checkpoint(self, self.init_checkpoint, self.init_command(), "model.init_args.init_checkpoint")
+            self.init_checkpoint = None  # once: a resumed run restores from its own checkpoint
+        if self.training_stage == 2:  # before DDP wraps the model, so frozen parameters are never registered
+            self.enter_stage2()
+        self.connect_ranks(self.global_rank, self.trainer.world_size)
+        dm = self.trainer.datamodule
+        if isinstance(dm, RetrievalData):
+            transform = self.image_transform()
+            if transform is not None:
+                dm.set_image_transform(transform)
+            self.dataset_names = list(dm.datasets)
+
+    def connect_ranks(self, rank: int, world_size: int) -> None:
+        """Hand rank and world size to every loss that talks to other ranks (``DistributedLoss``)."""
+        for module in self.modules():
+            if isinstance(module, DistributedLoss):
+                module.set_distributed(rank, world_size)
+
+    def train(self, mode: bool = True) -> RetrievalModule:
+        super().train(mode)
+        self.keep_frozen_in_eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cir_training_stage"] = self.training_stage
+        run_id = mlflow_run_id(self.loggers)  # so `--ckpt_path last` after a crash logs into the same run
+        if run_id:
+            checkpoint["mlflow_run_id"] = run_id
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stage = checkpoint.get("cir_training_stage", checkpoint.get("cir_stage"))
+        if stage == 2 and self.training_stage != 2:
+            self.enter_stage2()
+
+    # -- the shared step ---------------------------------------------------------------------------
+    def model_step(self, batch: dict[str, Any], split: Split) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query embeddings and, when the batch has targets, the loss: in-batch (stage 1 and every
+        evaluation, comparable across stages and families) or against the bank (stage-2 training)."""
+        if split == "train" and self.training_stage == 2 and self.bank is not None:
+            query, terms = self.stage2_terms(batch)
+        elif split == "train":
+            pair = self.embed_pair(batch)
+            query, terms = pair.query, self.training_terms(pair, batch)
+        else:
+            query = self.encode_query(batch)
+            # Multi-vector (MaxSim) queries have no in-batch contrastive loss; only Recall@K scores them.
+            if "target_images" not in batch or query.ndim != 2:
+                return query, None
+            terms = {"loss": self.loss(query, self.encode_target(Products.targets_of(batch)), gather=False)}
+        n = query.shape[0]
+        loss = terms.pop("loss")
+        self.last_terms = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+        for name, value in terms.items():
+            self.log(f"{split}/{name}_loss", value, batch_size=n, add_dataloader_idx=False, sync_dist=split != "train")
+        self.log(f"{split}/loss", loss, prog_bar=split == "train", batch_size=n, sync_dist=split != "train",
+                 add_dataloader_idx=False)
+        return query, loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        _, loss = self.model_step(batch, "train")
+        n = len(batch["text"])
+        if not torch.isfinite(loss):
+            where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            if not self.skip_bad_steps:
+                raise FloatingPointError(
+                    f"non-finite training loss at {where}; loss terms: {self.last_terms}. Lower the learning rate "
+                    "or check the inputs of this batch; model.init_args.skip_bad_steps=true skips such steps.")
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
+            return None  # Lightning skips backward and the optimizer step
+        if isinstance(self.loss, Tempered):
+            self.log("train/temperature", self.loss.temperature, batch_size=n)
+        self.log("train/stage", float(self.training_stage), batch_size=n)
+        return loss
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Embeddings with their ids; the dataset's own ids (``raw_id``) for submission files."""
+        if "images" in batch:
+            return {"product_id": batch["product_id"], "dataset": batch["dataset"],
+                    "raw_id": [m.get("raw_id") or m["product_id"] for m in batch["meta"]],
+                    "embedding": self.encode_target(Products.gallery_of(batch)).cpu()}
+        targets = [m["target"] for m in batch["meta"]]
+        return {"source_id": batch["source_id"], "target_id": batch["target_id"], "dataset": batch["dataset"],
+                "text": batch["text"],
+                "raw_id": [m["source"].get("raw_id") or m["source"]["product_id"] for m in batch["meta"]],
+                "target_raw_id": [(t.get("raw_id") or t["product_id"]) if t else None for t in targets],
+                "embedding": self.encode_query(batch).cpu()}
+
+    # -- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        return optimizer_config(self, self.optimizer_factory, self.scheduler_factory, parameter_groups(self))

@@ -1,0 +1,61 @@
+"""Two-stage training (CLIP4CIR, LLaVA-caption CIR): stage 1 trains everything with in-batch
+negatives; stage 2 freezes the target encoder and trains the query side against a static bank of
+target embeddings plus hard negatives. ``callbacks.StageSwitch`` moves a run from 1 to 2."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..components.bank import TargetBank
+from .contract import Products
+
+TrainingStage = Literal[1, 2]
+
+
+class TwoStageTraining:
+    """The two-stage half of ``RetrievalModule`` (a mixin of it, not used alone)."""
+
+    training_stage: int
+    stage2_loss: nn.Module | None
+    bank: TargetBank | None
+
+    def target_encoder(self) -> list[nn.Module]:
+        """The modules that embed targets; frozen in stage 2. Families with two stages name them."""
+        return []
+
+    def enter_stage2(self) -> None:
+        """Freeze the target encoder: no gradients, eval mode, and out of the optimizer (which is
+        built from trainable parameters only)."""
+        if self.stage2_loss is None:
+            raise ValueError("stage 2 needs model.init_args.stage2_loss (e.g. lightning_modules.StaticBankLoss)")
+        self.training_stage = 2
+        for module in self.target_encoder():
+            module.requires_grad_(False)
+            module.eval()
+
+    def keep_frozen_in_eval(self) -> None:
+        # Lightning switches every module back to train mode after validation.
+        if self.training_stage == 2:
+            for module in self.target_encoder():
+                module.eval()
+
+    @torch.no_grad()
+    def build_bank(self, gallery_batches: Iterable[dict[str, Any]], hard_negatives: int = 8) -> TargetBank:
+        """Embed every product of ``gallery_batches`` with the (frozen) target encoder."""
+        was_training = self.training
+        self.eval()
+        encoded = ((self.encode_target(Products.gallery_of(self.transfer_batch_to_device(b, self.device, 0))),
+                    b["meta"]) for b in gallery_batches)
+        self.bank = TargetBank.from_batches(encoded, hard_negatives=hard_negatives).to(self.device)
+        self.train(was_training)
+        return self.bank
+
+    def stage2_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage-2 training: the query against the bank (the target encoder is frozen)."""
+        query = self.encode_query(batch)
+        target = self.encode_target(Products.targets_of(batch))
+        return query, self.stage2_loss(query, target, self.bank, batch["target_id"])

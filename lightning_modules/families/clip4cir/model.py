@@ -1,0 +1,94 @@
+"""CLIP4CIR: CLIP image and text encoders with a fusion head (sum or the CLIP4Cir Combiner).
+
+Stage 1 (this module as configured by ``experiments/demos/clip4cir.yaml``) fine-tunes both encoders and the
+fusion head with in-batch negatives. Multi-view products are embedded by mean-pooling the image
+features of their views (the view mask excludes padding), for the source and the target alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from ...backbones.clip import CLIPBackbone, HFImageTransform
+from ...components.fusion import Combiner, SumFusion, check_fusion_width
+from ...components.infonce import SymmetricInfoNCE
+from ...components.multiview import per_view_embeddings
+from ...core import (
+    Products,
+    RetrievalEval,
+    RetrievalModule,
+    TrainingStage,
+    default_optimizer,
+    save_config_hyperparameters,
+)
+
+ViewStrategy = Literal["pooled", "meanpool", "maxsim"]
+
+
+class CLIP4CIR(RetrievalModule):
+    """CLIP4CIR stage 1.
+
+    Args:
+        backbone: the CLIP encoders.
+        fusion: image + text features → query (``SumFusion`` or ``Combiner``).
+        loss: contrastive loss; defaults to symmetric InfoNCE, τ=0.07, learnable.
+        freeze_backbone: train the fusion head only (CLIP4Cir's combiner-training stage).
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps: see ``RetrievalModule``.
+        view_strategy: how evaluation embeds multi-view products: ``pooled`` (the mean of the views'
+            image features, as trained), or the FashionMV paper's single-image baselines
+            ``meanpool`` and ``maxsim`` (one query per source view; see ``per_view_embeddings``). In stage 2 the
+            target encoder (CLIP's image tower, shared with the reference image) is frozen; the text
+            encoder and the fusion head go on training against the static bank.
+    """
+
+    def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
+                 optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
+                 freeze_backbone: bool = False, evaluation: RetrievalEval | None = None,
+                 stage2_loss: nn.Module | None = None, training_stage: TrainingStage = 1,
+                 init_checkpoint: str | None = None, skip_bad_steps: bool = False,
+                 view_strategy: ViewStrategy = "pooled") -> None:
+        super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler,
+                         evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
+                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
+        save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
+        self.backbone = backbone
+        self.fusion = fusion or SumFusion()
+        check_fusion_width(self.fusion, backbone.dim, backbone.name_or_path)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+        self.view_strategy = view_strategy
+
+    def image_transform(self) -> HFImageTransform:
+        return self.backbone.image_transform
+
+    def target_encoder(self) -> list[nn.Module]:
+        return [self.backbone.model.vision_model, self.backbone.model.visual_projection]
+
+    def variant_switches(self) -> dict[str, bool | str]:
+        return {**super().variant_switches(), "combiner": isinstance(self.fusion, Combiner),
+                "views": self.view_strategy}
+
+    def _per_view(self) -> bool:
+        return not self.training and self.view_strategy != "pooled"
+
+    def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
+        text = self.backbone.encode_texts(batch["text"])
+        if self._per_view():  # one query per source view (each fused with the text), then pooled
+            images, mask = batch["source_images"], batch["source_mask"]
+            feats = self.backbone.encode_view_grid(images, mask)
+            b, v, d = feats.shape
+            fused = self.fusion(feats.reshape(b * v, d), text.repeat_interleave(v, dim=0)).reshape(b, v, -1)
+            return per_view_embeddings(fused, mask, self.view_strategy)
+        image = self.backbone.encode_products(batch["source_images"], batch["source_mask"])
+        return self.fusion(image, text)
+
+    def encode_target(self, products: Products) -> torch.Tensor:
+        images, mask = products.images, products.mask
+        if self._per_view():
+            return per_view_embeddings(self.backbone.encode_view_grid(images, mask), mask, self.view_strategy)
+        return F.normalize(self.backbone.encode_products(images, mask), dim=-1)

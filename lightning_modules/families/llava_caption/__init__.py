@@ -1,0 +1,8 @@
+"""LLaVA-caption CIR: MLLM captions of the reference joined to the modification text, a frozen
+caption encoder for targets, hybrid negatives, two stages; with its captioners, prompts, lexicon
+and the offline caption job."""
+
+from .captioners import Captioner, LlavaCaptioner, OracleCaptioner, QwenCaptioner
+from .model import LLaVACaptionCIR
+
+__all__ = ["Captioner", "LLaVACaptionCIR", "LlavaCaptioner", "OracleCaptioner", "QwenCaptioner"]

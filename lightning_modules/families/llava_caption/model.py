@@ -1,0 +1,160 @@
+"""LLaVA-caption CIR ("Exploring Multi-Modal LLMs and Two-Stage Fine-Tuning for Fashion Image
+Retrieval"): MLLM captions of the reference enrich the query text; the target is its image plus
+its caption through a frozen CLIP text encoder; hybrid negatives; two-stage fine-tuning.
+
+Query: CLIP image features of the reference views (mean-pooled) and CLIP text features of the
+modification text ⊕ the reference caption C_r (or the MLLM's synthesised modified text), fused by a
+2-layer transformer. Target: CLIP image features of the target views plus the target caption C_t
+through a frozen copy of the CLIP text encoder. Captions come from ``cir caption`` (LLaVA, Qwen3.5,
+or the generator's own captions) through the DataModule's ``captions_file``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from ...backbones.clip import CLIPBackbone, HFImageTransform
+from ...components.fusion import TransformerFusion, check_fusion_width
+from ...components.hybrid_negatives import HybridNegativesLoss
+from ...core import (
+    Products,
+    RetrievalEval,
+    RetrievalModule,
+    TrainingPair,
+    TrainingStage,
+    default_optimizer,
+    save_config_hyperparameters,
+)
+from .lexicon import perturb_caption
+from .target_text import FrozenTextEncoder
+
+QueryText = Literal["modification+caption", "modified_text", "modification"]
+
+
+class LLaVACaptionCIR(RetrievalModule):
+    """The LLaVA-caption CIR model.
+
+    Args:
+        backbone: CLIP encoders (image and trainable query text).
+        fusion: image + text → query; default ``TransformerFusion`` (2 layers).
+        loss: hybrid-negative loss (in-batch, synthetic, augmented; each weighted, each switchable).
+        query_text: ``modification+caption`` (modification text, then C_r: CLIP truncates at the end,
+            so the modification comes first), ``modified_text`` (the MLLM's synthesised text) or
+            ``modification`` alone (ablation).
+        target_caption_weight: weight of the frozen C_t feature in the target (0: image only).
+        synthetic_negatives: perturbed target captions per query.
+        augmented_negatives: cross-combined targets per query.
+        seed: seed of the caption perturbations.
+    """
+
+    def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
+                 optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
+                 query_text: QueryText = "modification+caption", target_caption_weight: float = 1.0,
+                 synthetic_negatives: int = 4, augmented_negatives: int = 2, seed: int = 0,
+                 evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
+                 training_stage: TrainingStage = 1, init_checkpoint: str | None = None,
+                 skip_bad_steps: bool = False) -> None:
+        super().__init__(loss=loss or HybridNegativesLoss(), optimizer=optimizer, scheduler=scheduler,
+                         evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
+                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
+        save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
+        self.backbone = backbone
+        self.fusion = fusion or TransformerFusion(backbone.dim)
+        check_fusion_width(self.fusion, backbone.dim, backbone.name_or_path)
+        self.target_text = FrozenTextEncoder(backbone)
+        self.query_text = query_text
+        self.target_caption_weight = target_caption_weight
+        self.synthetic_negatives = synthetic_negatives
+        self.augmented_negatives = augmented_negatives
+        self.rng = random.Random(seed)
+
+    def image_transform(self) -> HFImageTransform:
+        return self.backbone.image_transform
+
+    def target_encoder(self) -> list[nn.Module]:
+        return [self.backbone.model.vision_model, self.backbone.model.visual_projection, self.target_text]
+
+    def variant_switches(self) -> dict[str, bool | str]:
+        weights = self.loss.weights if isinstance(self.loss, HybridNegativesLoss) else {}
+        return {**super().variant_switches(), "captions": self.query_text != "modification",
+                "synthetic": bool(self.synthetic_negatives and weights.get("synthetic")),
+                "augmented": bool(self.augmented_negatives and weights.get("augmented")),
+                "target_caption": bool(self.target_caption_weight)}
+
+    # -- encoders --------------------------------------------------------------------------------
+    def query_texts(self, batch: dict[str, Any]) -> list[str]:
+        mods = batch["text"]
+        if self.query_text == "modification":
+            return list(mods)
+        if self.query_text == "modified_text":
+            return [m2 or m for m, m2 in zip(mods, batch.get("modified_text") or mods, strict=True)]
+        captions = batch.get("source_caption") or [""] * len(mods)
+        return [f"{m} . {c}" if c else m for m, c in zip(mods, captions, strict=True)]
+
+    def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
+        image = self.backbone.encode_products(batch["source_images"], batch["source_mask"])
+        text = self.backbone.encode_texts(self.query_texts(batch))
+        return self.fusion(image, text)
+
+    def compose_target(self, image: torch.Tensor, caption_features: torch.Tensor | None) -> torch.Tensor:
+        out = F.normalize(image, dim=-1)
+        if caption_features is not None and self.target_caption_weight:
+            out = out + self.target_caption_weight * F.normalize(caption_features.to(out.dtype), dim=-1)
+        return F.normalize(out, dim=-1)
+
+    def encode_target(self, products: Products) -> torch.Tensor:
+        image = self.backbone.encode_products(products.images, products.mask)
+        captions = products.captions
+        return self.compose_target(image, self.target_text(captions) if captions else None)
+
+    # -- hybrid negatives ------------------------------------------------------------------------
+    def synthetic_targets(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Targets whose caption had attribute words swapped: [B, S, d] and a [B, S] validity mask."""
+        captions = batch.get("target_caption")
+        if not self.synthetic_negatives or not captions:
+            return None
+        texts, valid = [], []
+        for c in captions:
+            for _ in range(self.synthetic_negatives):
+                p = perturb_caption(c, self.rng) if c else None
+                valid.append(p is not None and p != c)
+                texts.append(p if p is not None else c or "")
+        if not any(valid):
+            return None
+        b, s = len(captions), self.synthetic_negatives
+        with torch.no_grad():
+            image = self.backbone.encode_products(batch["target_images"], batch["target_mask"])
+        caption_feats = self.target_text(texts).view(b, s, -1)
+        negatives = self.compose_target(image[:, None].expand(b, s, -1), caption_feats)
+        return negatives, torch.tensor(valid, device=negatives.device).view(b, s)
+
+    def augmented_targets(self, batch: dict[str, Any],
+                          target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cross-combined triplets: for query i, targets j of the batch whose reference caption (or
+        modification text) is most like i's but whose target caption differs."""
+        n = target.shape[0]
+        if not self.augmented_negatives or n < 2:
+            return None
+        keys = batch.get("source_caption") or batch["text"]
+        keys = [k or t for k, t in zip(keys, batch["text"], strict=True)]
+        sim = F.normalize(self.target_text(keys), dim=-1)
+        sim = sim @ sim.T
+        captions = batch.get("target_caption") or [""] * n
+        same = torch.tensor([[captions[i] == captions[j] or batch["target_id"][i] == batch["target_id"][j]
+                              for j in range(n)] for i in range(n)], device=sim.device)
+        sim = sim.masked_fill(same, -torch.inf)  # never the positive, nor a copy of it
+        k = min(self.augmented_negatives, n - 1)
+        val, idx = sim.topk(k, dim=1)
+        return target[idx], val > -torch.inf
+
+    def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not isinstance(self.loss, HybridNegativesLoss):  # another loss: in-batch negatives only
+            return super().training_terms(pair, batch)
+        return self.loss.terms(pair.query, pair.target, synthetic=self.synthetic_targets(batch),
+                               augmented=self.augmented_targets(batch, pair.target.detach()))

@@ -1,0 +1,107 @@
+"""A saved, searchable gallery: one faiss index per dataset, exact or approximate.
+
+``flat`` is exact inner-product search (embeddings are unit vectors, so cosine). For very large
+catalogues ``ivf`` (inverted lists, ``nprobe`` of ``nlist`` cells searched) and ``hnsw`` (graph
+search) trade a little recall for speed; ``benchmarks/search_backends.py`` measures the trade.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+
+
+def _as_f32(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def build_faiss_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int | None = None,
+                      nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 128, train_size: int = 100_000,
+                      seed: int = 0) -> faiss.Index:
+    vectors = _as_f32(vectors)
+    n, dim = vectors.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        nlist = nlist or max(1, min(4 * int(math.sqrt(n)), n // 39))  # faiss wants >= 39 points per cell
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = vectors[rng.choice(n, size=min(n, train_size), replace=False)]
+        index.train(sample)
+        index.nprobe = min(nprobe, nlist)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+    else:
+        raise ValueError(f"unknown index kind {kind!r}; choose flat, ivf or hnsw")
+    index.add(vectors)
+    return index
+
+
+class GalleryIndex:
+    """Per-dataset faiss indexes over product embeddings, with the products' ids."""
+
+    def __init__(self, kind: IndexKind = "flat") -> None:
+        self.kind = kind
+        self.indexes: dict[str, faiss.Index] = {}
+        self.ids: dict[str, list[str]] = {}
+
+    @classmethod
+    def build(cls, embeddings: Any, ids: Sequence[str], datasets: Sequence[str], kind: IndexKind = "flat",
+              **options: Any) -> GalleryIndex:
+        vectors = _as_f32(embeddings)
+        if not len(vectors) == len(ids) == len(datasets):
+            raise ValueError(f"{len(vectors)} embeddings, {len(ids)} ids and {len(datasets)} datasets differ")
+        out = cls(kind)
+        for dataset in sorted(set(datasets)):
+            rows = [i for i, d in enumerate(datasets) if d == dataset]
+            out.indexes[dataset] = build_faiss_index(vectors[rows], kind, **options)
+            out.ids[dataset] = [ids[i] for i in rows]
+        return out
+
+    def search(self, queries: Any, k: int, dataset: str | None = None) -> list[list[tuple[str, float]]]:
+        """Top-``k`` (id, score) per query in ``dataset``'s gallery (the only one when None)."""
+        if dataset is None:
+            if len(self.indexes) != 1:
+                raise ValueError(f"this index holds datasets {sorted(self.indexes)}: name one with dataset=")
+            dataset = next(iter(self.indexes))
+        if dataset not in self.indexes:
+            raise KeyError(f"no gallery for dataset {dataset!r}; the index holds {sorted(self.indexes)}")
+        scores, idx = self.indexes[dataset].search(_as_f32(queries), k)
+        names = self.ids[dataset]
+        return [[(names[i], float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
+                for row_i, row_s in zip(idx, scores, strict=True)]
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, "datasets": {}}
+        for n, (dataset, index) in enumerate(sorted(self.indexes.items())):
+            faiss.write_index(index, str(folder / f"{n:03d}.faiss"))
+            meta["datasets"][dataset] = {"file": f"{n:03d}.faiss", "ids": self.ids[dataset]}
+        (folder / "gallery_index.json").write_text(json.dumps(meta))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> GalleryIndex:
+        folder = Path(folder)
+        meta_path = folder / "gallery_index.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} not found: build the index with `cir search build`")
+        meta = json.loads(meta_path.read_text())
+        out = cls(meta["kind"])
+        for dataset, entry in meta["datasets"].items():
+            out.indexes[dataset] = faiss.read_index(str(folder / entry["file"]))
+            out.ids[dataset] = entry["ids"]
+        return out

@@ -1,0 +1,96 @@
+"""Exact gallery search that never materialises a queries × gallery matrix.
+
+Scores are computed one (query chunk × gallery chunk) block at a time, so memory stays at
+``chunk_size²`` floats whatever the gallery size; faiss (``IndexFlatIP``) is the alternative for
+top-k lists on the CPU, where its BLAS kernels win on large galleries.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .gallery_index import build_faiss_index
+
+Backend = Literal["torch", "faiss"]
+
+
+def maxsim(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """MaxSim scores ``[n, m]`` of multi-vector items ``[n, V, D]`` × ``[m, W, D]``: the best pair
+    of views. Rows of NaN are padding (products with fewer views) and never score."""
+    q_ok, g_ok = ~queries[..., 0].isnan(), ~gallery[..., 0].isnan()
+    s = torch.einsum("nvd,mwd->nmvw", queries.nan_to_num(0.0), gallery.nan_to_num(0.0))
+    s = s.masked_fill(~(q_ok[:, None, :, None] & g_ok[None, :, None, :]), -torch.inf)
+    return s.amax(dim=(2, 3))
+
+
+def similarities(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """``[n, m]`` scores: dot products of single vectors, or MaxSim of ``[*, V, D]`` multi-vectors."""
+    return queries @ gallery.T if queries.ndim == 2 else maxsim(queries, gallery)
+
+
+def pair_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    """Score of each query with the gallery item in the same row."""
+    if queries.ndim == 2:
+        return (queries * gallery).sum(-1)
+    return torch.stack([maxsim(q[None], g[None])[0, 0] for q, g in zip(queries, gallery, strict=True)])
+
+
+def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor,
+                 chunk_size: int = 4096, exclude_index: torch.Tensor | None = None) -> torch.Tensor:
+    """0-based rank of each query's target: how many gallery items score strictly higher.
+
+    ``target_index[i] < 0`` means the target is absent from the gallery: rank = len(gallery).
+    ``exclude_index[i]`` (>= 0) is a gallery item not to count for query i (its own source).
+    """
+    n = queries.shape[0]
+    ranks = torch.full((n,), gallery.shape[0], dtype=torch.long, device=queries.device)
+    present = target_index >= 0
+    if n == 0 or gallery.shape[0] == 0 or not present.any():
+        return ranks
+    target_scores = torch.zeros(n, dtype=queries.dtype, device=queries.device)
+    target_scores[present] = pair_scores(queries[present], gallery[target_index[present]])
+    counts = torch.zeros(n, dtype=torch.long, device=queries.device)
+    for qs in range(0, n, chunk_size):
+        q = queries[qs : qs + chunk_size]
+        t = target_scores[qs : qs + chunk_size, None]
+        own = target_index[qs : qs + chunk_size, None]
+        skip = exclude_index[qs : qs + chunk_size, None] if exclude_index is not None else None
+        for gs in range(0, gallery.shape[0], chunk_size):
+            block = gallery[gs : gs + chunk_size]
+            cols = torch.arange(gs, gs + block.shape[0], device=q.device)[None]
+            # The target's own column is excluded: a matmul and a dot product may round differently.
+            above = (similarities(q, block) > t) & (cols != own)
+            if skip is not None:
+                above &= cols != skip
+            counts[qs : qs + chunk_size] += above.sum(1)
+    ranks[present] = counts[present]
+    return ranks
+
+
+def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 4096,
+         backend: Backend = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, indices) of the ``k`` best gallery items per query, best first."""
+    k = min(k, gallery.shape[0])
+    if backend == "faiss":
+        if queries.ndim != 2:
+            raise ValueError("the faiss backend searches single vectors; MaxSim multi-vectors need backend='torch'")
+        index = build_faiss_index(gallery.detach().float().cpu().numpy(), "flat")
+        scores, idx = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        return torch.from_numpy(scores), torch.from_numpy(idx).long()
+    out_s, out_i = [], []
+    for qs in range(0, queries.shape[0], chunk_size):
+        q = queries[qs : qs + chunk_size]
+        best_s = torch.full((q.shape[0], k), -torch.inf, dtype=q.dtype, device=q.device)
+        best_i = torch.zeros((q.shape[0], k), dtype=torch.long, device=q.device)
+        for gs in range(0, gallery.shape[0], chunk_size):
+            block = gallery[gs : gs + chunk_size]
+            s, i = similarities(q, block).topk(min(k, block.shape[0]), dim=1)
+            merged_s, order = torch.cat([best_s, s], 1).topk(k, dim=1)
+            best_i = torch.cat([best_i, i + gs], 1).gather(1, order)
+            best_s = merged_s
+        out_s.append(best_s)
+        out_i.append(best_i)
+    return torch.cat(out_s), torch.cat(out_i)

@@ -1,0 +1,265 @@
+"""End-to-end: every experiment YAML runs, training from a saved backbone folder, MLflow records,
+real-dataset experiments on the generated data converted from the real layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cir.lightning_cli import build_cli, expand_defaults
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "experiments/demos/clip4cir.yaml"
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "sweeps" not in p.parts)
+SMALL_LOADER = ["--data.init_args.num_workers=0", "--data.init_args.batch_size=8",
+                "--data.init_args.eval_batch_size=16"]
+
+
+def merged_config(experiment: Path) -> dict:
+    """The experiment's YAML merged over its defaults (top-level data/model keys are enough here)."""
+    argv = expand_defaults(["--config", str(experiment)])
+    merged: dict = {}
+    for f in (argv[i + 1] for i, a in enumerate(argv) if a == "--config"):
+        for key, value in (yaml.safe_load(Path(f).read_text()) or {}).items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value, "init_args": {**merged[key].get("init_args", {}),
+                                                                       **value.get("init_args", {})}}
+            else:
+                merged[key] = value
+    return merged
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Generated data as shards, and converted from the FashionIQ and FashionMV layouts."""
+    from datamodules.converters import convert_fashioniq, convert_fashionmv
+    from datamodules.synthetic import generate, write_synthetic
+    from datamodules.synthetic.layouts import write_fashioniq_layout, write_fashionmv_layout
+
+    base = tmp_path_factory.mktemp("exp-data")
+    write_synthetic(base / "synthetic", products=200, seed=0, val_fraction=0.2, maxcount=64)
+    data = generate(240, seed=1)
+    write_fashioniq_layout(base / "fiq-layout", data)
+    convert_fashioniq(base / "fiq-layout", base / "fashioniq", maxcount=64)
+    write_fashionmv_layout(base / "fmv-layout", data)
+    convert_fashionmv(base / "fmv-layout", base / "fashionmv", maxcount=64)
+    return {"synthetic": base / "synthetic", "fashioniq": base / "fashioniq", "fashionmv": base / "fashionmv"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lightning_modules.backbones import CLIPBackbone
+
+    folder = tmp_path_factory.mktemp("backbones") / "tiny-clip"
+    CLIPBackbone("tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3.5 saved to a folder: what the experiments' real hub ids are replaced by."""
+    from lightning_modules.backbones import QwenBackbone
+
+    folder = tmp_path_factory.mktemp("backbones") / "tiny-qwen"
+    QwenBackbone("tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(datasets, qwen_folder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ProCIR's SFT stage, as experiments/procir/sft_stage.yaml runs it, on the saved tiny Qwen."""
+    root = tmp_path_factory.mktemp("sft")
+    exp = ROOT / "experiments/procir/sft_stage.yaml"
+    cli = build_cli(["fit", "--config", str(exp), *data_args(exp, datasets, qwen_folder=qwen_folder),
+                     "--config", str(ROOT / "configs/model/procir/sft_tiny.yaml"),
+                     f"--model.init_args.backbone.init_args.name_or_path={qwen_folder}",
+                     "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.accumulate_grad_batches=1",
+                     "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={root}"])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(datasets, tiny_folder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CLIP4CIR checkpoint on the saved tiny backbone, as clip4cir_stage1.yaml would write."""
+    root = tmp_path_factory.mktemp("stage1")
+    cli = build_cli(["fit", "--config", str(DEMO), *SMALL_LOADER,
+                     f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200",
+                     f"--model.init_args.backbone.init_args.name_or_path={tiny_folder}",
+                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                     f"--trainer.default_root_dir={root}"])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | None = None,
+              checkpoint: Path | None = None, qwen_folder: Path | None = None, sft: Path | None = None) -> list[str]:
+    """Point an experiment at test data, its real backbone at a saved tiny one (no downloads), its
+    stage-1 or SFT checkpoint at a tiny one, and its caption sidecar at one the oracle captioner
+    writes; GPU settings (bf16-mixed) become CPU float32."""
+    config = merged_config(experiment)
+    data, model = config["data"], config["model"]["init_args"]
+    args = [*SMALL_LOADER, "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
+    if config["model"]["class_path"].startswith("lightning_modules.ProCIR"):
+        if model["backbone"]["init_args"]["name_or_path"] != "tiny":
+            assert qwen_folder is not None, f"{experiment.name} needs the saved tiny Qwen3.5"
+            args.append(f"--model.init_args.backbone.init_args.name_or_path={qwen_folder}")
+        if model.get("sft_checkpoint"):
+            assert sft is not None, f"{experiment.name} needs an SFT checkpoint"
+            args.append(f"--model.init_args.sft_checkpoint={sft}")
+        model = {}  # no fusion head, no stage-1 checkpoint
+    if data["class_path"].endswith("SyntheticDataModule"):
+        args += [f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200"]
+    else:
+        kind = next(k for k in ("fashioniq", "fashionmv") if k in data["init_args"]["data_dir"])
+        args.append(f"--data.init_args.data_dir={datasets[kind]}")
+        if data["init_args"].get("captions_file"):
+            from lightning_modules.families.llava_caption import OracleCaptioner
+            from lightning_modules.families.llava_caption.caption_job import run_caption_job
+
+            sidecar = datasets[kind] / "captions.oracle.jsonl"
+            run_caption_job(datasets[kind], sidecar, OracleCaptioner(), progress=False)
+            args.append(f"--data.init_args.captions_file={sidecar}")
+    backbone = model.get("backbone", {}).get("init_args", {}).get("name_or_path")
+    if backbone not in (None, "tiny"):
+        args += [f"--model.init_args.backbone.init_args.name_or_path={tiny_folder}",
+                 "--model.init_args.fusion.init_args.dim=48"]
+        if model.get("fusion", {}).get("init_args", {}).get("heads"):
+            args.append("--model.init_args.fusion.init_args.heads=4")
+    if model.get("init_checkpoint"):
+        assert checkpoint is not None, f"{experiment.name} needs a stage-1 checkpoint"
+        args.append(f"--model.init_args.init_checkpoint={checkpoint}")
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
+def test_experiment_fast_dev_run(experiment: Path, request: pytest.FixtureRequest, datasets, tmp_path: Path) -> None:
+    # Fixtures by need: the ProCIR ones are not built for a CLIP experiment and vice versa.
+    procir = merged_config(experiment)["model"]["class_path"].startswith("lightning_modules.ProCIR")
+    fixtures = {"qwen_folder": "qwen_folder", "sft": "sft_checkpoint"} if procir else {
+        "tiny_folder": "tiny_folder", "checkpoint": "stage1_checkpoint"}
+    kwargs = {k: request.getfixturevalue(v) for k, v in fixtures.items()}
+    cli = build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2",
+                     f"--trainer.default_root_dir={tmp_path}", *data_args(experiment, datasets, **kwargs)])
+    if procir and type(cli.model).__name__ == "ProCIR":  # image-text retrieval is evaluated too
+        assert {"val/i2t_recall_at_1", "val/t2i_recall_at_5", "val/recall_at_10"} <= set(cli.trainer.callback_metrics)
+
+
+@pytest.mark.slow
+def test_train_from_a_saved_backbone_folder_and_log_to_mlflow(datasets, tiny_folder, tmp_path: Path) -> None:
+    import mlflow
+
+    demo = ROOT / "experiments/demos/clip4cir.yaml"
+    common = ["--config", str(demo), f"--model.init_args.backbone.init_args.name_or_path={tiny_folder}",
+              f"--trainer.default_root_dir={tmp_path}", *data_args(demo, datasets, tiny_folder)]
+    cli = build_cli(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=4"])
+    assert cli.model.backbone.name_or_path == str(tiny_folder)
+    logger = cli.trainer.logger
+    client = mlflow.MlflowClient(logger._tracking_uri)
+    run = client.get_run(logger.run_id)
+    assert run.data.params["backbone/init_args/name_or_path"] == str(tiny_folder)
+    assert run.data.params["batch_size"] == "8"
+    assert 0.0 <= run.data.metrics["val/recall_at_10"] <= 1.0
+    assert "val/synth_studio/recall_at_10" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(logger.run_id)}
+    assert {"config.yaml", "eval_results.json", "retrieval_examples.png"} <= artifacts
+    config = Path(client.download_artifacts(logger.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert str(tiny_folder) in config and "class_path: lightning_modules.CLIP4CIR" in config
+    results = json.loads(Path(client.download_artifacts(logger.run_id, "eval_results.json", str(tmp_path)))
+                         .read_text())
+    assert results["overall"]["recall_at_10"] == pytest.approx(run.data.metrics["val/recall_at_10"])
+    assert set(results["datasets"]) == {"synth_studio", "synth_street"}
+    assert results["datasets"]["synth_studio"]["gallery_size"] > 0 and len(results["config_hash"]) == 16
+    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
+
+    # The same checkpoint through `validate` reproduces the logged recall.
+    last = cli.trainer.checkpoint_callback.last_model_path
+    val = build_cli(["validate", *common, "--trainer.logger=false", f"--ckpt_path={last}"])
+    assert float(val.trainer.callback_metrics["val/recall_at_10"]) == pytest.approx(
+        run.data.metrics["val/recall_at_10"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fashioniq_predict_writes_a_top50_submission(datasets, tiny_folder, tmp_path: Path) -> None:
+    exp = ROOT / "experiments/clip4cir/fashioniq.yaml"
+    args = ["--config", str(exp), f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+            *data_args(exp, datasets, tiny_folder)]
+    build_cli(["predict", *args])
+    rows = json.loads((tmp_path / "submission_test.json").read_text())
+    queries = {c: json.loads((datasets["fashioniq"].parent / "fiq-layout" / "captions" / f"cap.{c}.test.json")
+                             .read_text()) for c in ("dress", "shirt", "toptee")}
+    assert len(rows) == sum(len(q) for q in queries.values())
+    for row in rows:
+        category = row["dataset"].removeprefix("fashioniq_")
+        gallery = json.loads((datasets["fashioniq"].parent / "fiq-layout" / "image_splits" /
+                              f"split.{category}.test.json").read_text())
+        assert len(row["ranking"]) == min(50, len(gallery)) and set(row["ranking"]) <= set(gallery)
+        assert "target" not in row
+
+
+@pytest.mark.slow
+def test_procir_sft_without_its_checkpoint_names_the_command(datasets, qwen_folder, tmp_path: Path) -> None:
+    exp = ROOT / "experiments/procir_sft.yaml"
+    args = [a for a in data_args(exp, datasets, qwen_folder=qwen_folder, sft=tmp_path / "unused.ckpt")
+            if "sft_checkpoint" not in a]
+    with pytest.raises(FileNotFoundError, match=r"lightning fit --config experiments/procir_sft_stage\.yaml"):
+        build_cli(["fit", "--config", str(exp), *args, f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.fast_dev_run=1", f"--model.init_args.sft_checkpoint={tmp_path}/missing/last.ckpt"])
+
+
+@pytest.mark.slow
+def test_sft_then_contrastive_chain(datasets, qwen_folder, sft_checkpoint, tmp_path: Path) -> None:
+    """The tiny SFT stage's checkpoint initialises the contrastive model's backbone."""
+    from lightning_modules.backbones import QwenBackbone
+    from lightning_modules.core import load_weights
+
+    sft_state = load_weights(sft_checkpoint)["state_dict"]
+    fresh = QwenBackbone(str(qwen_folder)).state_dict()
+    changed = [k for k, v in fresh.items() if not torch.equal(v, sft_state[f"backbone.{k}"])]
+    assert changed, "the SFT steps changed no weight"
+    exp = ROOT / "experiments/procir_sft.yaml"
+    cli = build_cli(["fit", "--config", str(exp), *data_args(exp, datasets, qwen_folder=qwen_folder,
+                                                             sft=sft_checkpoint),
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
+                     "--trainer.limit_val_batches=0"])
+    # One AdamW step at lr 1e-5 moves a weight by ~1e-5; the SFT steps (lr 1e-3) moved them by far more.
+    loaded = cli.model.backbone.state_dict()
+    assert max((loaded[k] - sft_state[f"backbone.{k}"]).abs().max() for k in changed) < 1e-4
+    assert max((fresh[k] - sft_state[f"backbone.{k}"]).abs().max() for k in changed) > 1e-3
+    assert cli.model.variant_switches()["sft"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["meanpool", "maxsim"])
+def test_procir_per_view_strategies_evaluate_over_several_batches(strategy: str, datasets, tmp_path: Path) -> None:
+    exp = ROOT / "experiments/demos/procir.yaml"
+    cli = build_cli(["fit", "--config", str(exp), *data_args(exp, datasets), "--data.init_args.eval_batch_size=4",
+                     f"--model.init_args.view_strategy={strategy}", "--trainer.max_epochs=1",
+                     "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=3",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    metrics = cli.trainer.callback_metrics
+    queries = sum(float(v) for k, v in metrics.items() if k.endswith("/queries"))
+    assert 0.0 <= float(metrics["val/recall_at_10"]) <= 1.0 and queries == 12  # 3 query batches of 4
+
+
+@pytest.mark.slow
+def test_cir_query_answers_each_text_from_the_cached_source(datasets, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from cir.query import main
+
+    views = []
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200)]):
+        views.append(str(tmp_path / f"view{i}.png"))
+        Image.new("RGB", (96, 128), color).save(views[-1])
+    exp = ROOT / "experiments/demos/procir.yaml"
+    main(["--config", str(exp), "--images", *views, "-k", "3", "--text", "make it red", "--text", "add a pocket",
+          "--", *data_args(exp, datasets)])
+    out = capsys.readouterr().out
+    assert "source cached" in out and "gallery:" in out
+    answers = [line for line in out.splitlines() if line.startswith("[") and "ms]" in line]
+    assert len(answers) == 2 and all(line.count("(") == 3 for line in answers)  # 3 products, each with a score

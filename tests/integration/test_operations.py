@@ -1,0 +1,211 @@
+"""Experiment operations: non-finite losses, crash-safe resume into the same MLflow run, Optuna
+sweeps that survive a kill, cir compare."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules import ShardDataModule
+from lightning_modules import CLIP4CIR, SumFusion, SymmetricInfoNCE
+from lightning_modules.backbones import CLIPBackbone
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "experiments/demos/clip4cir.yaml"
+LIGHTNING = str(Path(sys.executable).parent / "lightning")
+
+
+class _NaNAfter(SymmetricInfoNCE):
+    """In-batch InfoNCE that turns NaN from the ``n``-th call on (a diverging run)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, query, target, gather=True):
+        self.calls += 1
+        loss = super().forward(query, target, gather)
+        return loss * float("nan") if self.calls > self.n else loss
+
+
+def _fit(module, data: Path, tmp_path: Path, steps: int = 4) -> L.Trainer:
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ShardDataModule(str(data), batch_size=8, num_workers=0))
+    return trainer
+
+
+def test_non_finite_loss_stops_with_the_step_and_terms(small_data: Path, tmp_path: Path) -> None:
+    module = CLIP4CIR(CLIPBackbone("tiny"), SumFusion(), loss=_NaNAfter(2))
+    with pytest.raises(FloatingPointError, match=r"global step 2 .*'loss': nan.*skip_bad_steps"):
+        _fit(module, small_data, tmp_path)
+
+
+def test_skip_bad_steps_skips_and_counts_without_touching_weights(small_data: Path, tmp_path: Path) -> None:
+    module = CLIP4CIR(CLIPBackbone("tiny"), SumFusion(), loss=_NaNAfter(2), skip_bad_steps=True)
+    before = {}
+
+    class Snap(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=5, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[Snap()],
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ShardDataModule(str(small_data), batch_size=8, num_workers=0))
+    assert module.skipped_steps == 3
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def _cli(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([LIGHTNING, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_finishes_in_the_same_mlflow_run(small_data: Path, tmp_path: Path) -> None:
+    import mlflow
+
+    common = ["fit", "--config", str(DEMO), "--data.init_args.products=120",
+              f"--data.init_args.data_dir={small_data}", "--data.init_args.generator_seed=3",
+              "--data.init_args.val_fraction=0.25", "--data.init_args.batch_size=4",
+              "--data.init_args.num_workers=0", "--trainer.max_epochs=2", "--seed_everything=0"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    ref = _cli([*common, f"--trainer.default_root_dir={tmp_path / 'ref'}"], env)
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out[-3000:]
+
+    root = tmp_path / "crash"
+    steps_per_epoch = sum(1 for _ in ShardDataModule(str(small_data), batch_size=4, num_workers=0).train_dataloader())
+    # Step checkpoints every 5 steps (all kept), so a kill mid-epoch 1 finds a recent last.ckpt.
+    extra = tmp_path / "every5.yaml"
+    extra.write_text(f"""trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {root}/checkpoints, filename: "step{{step:06d}}", auto_insert_metric_name: false,
+                  every_n_train_steps: 5, save_top_k: -1, save_last: true, enable_version_counter: false}}
+""")
+    args = [*common, "--config", str(extra), f"--trainer.default_root_dir={root}"]
+    crashed = _cli(args, env)
+    deadline = time.time() + 600
+    target = root / "checkpoints" / f"step{steps_per_epoch + 5:06d}.ckpt"
+    while not target.exists():
+        assert crashed.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    crashed.send_signal(signal.SIGKILL)
+    crashed.wait()
+    resumed = _cli([*args, "--ckpt_path=last"], env)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("fashion-cir")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2, [r.info.run_id for r in runs]  # the reference and ONE run for crash + resume
+    final = {r.info.run_id: r.data.metrics["val/recall_at_10"] for r in runs}
+    history = [client.get_metric_history(r.info.run_id, "val/recall_at_10") for r in runs]
+    assert sorted(len(h) for h in history) == [2, 2]  # both runs validated after epochs 0 and 1
+    # The resumed epoch restarts its resampled stream (the data position is not restored), so the
+    # runs match within a tolerance, not exactly: 0.15 absolute on a ~35-product gallery.
+    a, b = final.values()
+    assert abs(a - b) <= 0.15, final
+
+
+@pytest.mark.slow
+def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Path, tmp_path: Path, capsys) -> None:
+    import mlflow
+    import optuna
+    import yaml
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "experiment": str(DEMO), "study_name": "t", "metric": "val/recall_at_10",
+        "n_trials": 3, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "output_dir": str(tmp_path / "sweeps"),
+        "sampler": {"name": "RandomSampler", "seed": 0}, "pruner": {"name": "NopPruner"},
+        "overrides": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
+                      f"--data.init_args.data_dir={small_data}",
+                      "--data.init_args.products=120", "--data.init_args.generator_seed=3",
+                      "--data.init_args.val_fraction=0.25", "--data.init_args.num_workers=0",
+                      "--data.init_args.batch_size=8"],
+        "search_space": {"model.init_args.loss.init_args.temperature": {"type": "float", "low": 0.03, "high": 0.2,
+                                                                        "log": True},
+                         "model.init_args.optimizer.init_args.lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
+    }))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    command = [str(Path(sys.executable).parent / "cir sweep"), "--config", str(sweep)]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    deadline = time.time() + 600
+    while True:  # kill it in the middle of its second trial
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:] if first.stdout else ""
+        try:
+            states = [t.state.name for t in optuna.load_study(study_name="t", storage=storage).trials]
+        except KeyError:
+            states = []
+        if states.count("COMPLETE") >= 1 and states.count("RUNNING") == 1:
+            break
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = optuna.load_study(study_name="t", storage=storage).trials
+    interrupted = [t.number for t in before if t.state.name == "RUNNING"]
+    completed = [t.number for t in before if t.state.name == "COMPLETE"]
+    assert len(interrupted) == 1 and completed
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"marked interrupted trials {interrupted} as FAIL" in second.stdout
+
+    trials = optuna.load_study(study_name="t", storage=storage).trials
+    states = {t.number: t.state.name for t in trials}
+    assert [n for n, st in states.items() if st == "FAIL"] == interrupted
+    assert sum(st == "COMPLETE" for st in states.values()) == 3  # n_trials completed in all
+    assert all(states[n] == "COMPLETE" for n in completed)  # nothing finished before the kill was lost
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("fashion-cir-sweeps")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("optuna.role") == "parent"]
+    assert len(parent) == 1  # the resumed sweep reused its parent run
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    # One MLflow run per trial that got as far as logging (a trial killed at once may have none).
+    child_trials = {int(r.data.tags["optuna.trial"]) for r in children}
+    assert {n for n, st in states.items() if st == "COMPLETE"} <= child_trials <= set(states)
+    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"best.yaml", "optimization_history.png", "param_importances.png", "sweep.yaml"} <= artifacts
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: -t.value)
+    tags = parent[0].data.tags
+    assert float(tags["best.model.init_args.loss.init_args.temperature"]) == pytest.approx(
+        best.params["model.init_args.loss.init_args.temperature"])
+
+    from cir.lightning_cli import build_cli
+
+    best_yaml = tmp_path / "sweeps" / "t" / "best.yaml"
+    cli = build_cli(["--config", str(best_yaml), f"--data.init_args.data_dir={small_data}",
+                     "--data.init_args.products=120", "--data.init_args.generator_seed=3",
+                     "--data.init_args.val_fraction=0.25"], run=False)
+    assert cli.model.loss.temperature == pytest.approx(best.params["model.init_args.loss.init_args.temperature"])
+
+    from cir.compare import main as compare
+
+    capsys.readouterr()
+    compare(["--experiment", "fashion-cir-sweeps", "--tracking-uri", env["MLFLOW_TRACKING_URI"],
+             "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    header = printed.splitlines()[0].split()
+    assert {"run", "family", "two_stage", "combiner", "synth_studio", "avg", "minutes"} <= set(header)
+    assert "*" in printed
+    csv_rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
+    evaluated = [c for c in children if "val/synth_studio/recall_at_10" in c.data.metrics]
+    assert len(evaluated) >= 3  # the killed trial may have died before its first validation
+    assert len(csv_rows) == 1 + len(evaluated)  # header + one row per evaluated trial; the parent has none
+    assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| run | family |")

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from callbacks.metrics_table import format_table
+from callbacks.mlflow_logging import DEFAULT_TRACKING_URI, resolve_tracking_uri
+from cir.lightning_cli import build_cli, expand_defaults
+
+ROOT = Path(__file__).resolve().parents[3]
+DEMO = ROOT / "experiments/demos/clip4cir.yaml"
+
+
+def test_defaults_are_loaded_first_in_order(tmp_path: Path) -> None:
+    (tmp_path / "frag").mkdir()
+    (tmp_path / "frag" / "a.yaml").write_text("defaults: [b.yaml]\ntrainer: {max_epochs: 1}\n")
+    (tmp_path / "frag" / "b.yaml").write_text("trainer: {max_epochs: 2}\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("defaults: [frag/a.yaml]\ntrainer: {max_epochs: 3}\n")
+    argv = expand_defaults(["fit", "--config", str(exp), "--trainer.max_epochs=4"])
+    files = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+    assert [Path(f).name for f in files] == ["b.yaml", "a.yaml", "exp.yaml"]
+    assert argv[-1] == "--trainer.max_epochs=4"
+
+
+def test_defaults_errors_name_the_file(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("defaults: [missing.yaml]\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml.*exp.yaml"):
+        expand_defaults(["fit", "--config", str(exp)])
+    exp.write_text("defaults: [exp.yaml]\n")
+    with pytest.raises(ValueError, match="includes itself"):
+        expand_defaults(["fit", "--config", str(exp)])
+
+
+def test_demo_config_composes_and_interpolates(tmp_path: Path) -> None:
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  init_args:\n    eval_batch_size: ${.batch_size}\n")
+    cli = build_cli(["--config", str(DEMO), "--config", str(extra),
+                     "--data.init_args.batch_size=7", f"--data.init_args.data_dir={tmp_path / 'd'}"], run=False)
+    assert cli.datamodule.hparams.eval_batch_size == 7
+    assert type(cli.model).__name__ == "CLIP4CIR" and cli.trainer.max_epochs == 12
+
+
+def test_wrong_key_is_reported_by_name() -> None:
+    with pytest.raises(SystemExit):
+        build_cli(["--config", str(DEMO), "--model.init_args.no_such_key=1"], run=False)
+
+
+def test_tracking_uri_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert resolve_tracking_uri() == "sqlite:///elsewhere.db"
+    assert resolve_tracking_uri("http://server:5000") == "http://server:5000"
+
+
+def test_metrics_table_reports_chance() -> None:
+    metrics = {"val/recall_at_10": 0.5, "val/a/recall_at_10": 0.6, "val/a/gallery_size": 100.0,
+               "val/a/queries": 30.0, "val/b/recall_at_10": 0.4, "val/b/gallery_size": 50.0,
+               "val/b/queries": 10.0}
+    table = format_table(metrics)
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
+    assert float(rows["a"][3]) == pytest.approx(0.1) and float(rows["b"][3]) == pytest.approx(0.2)
+    assert float(rows["all"][3]) == pytest.approx((30 * 0.1 + 10 * 0.2) / 40)
+    assert float(rows["a"][4]) == pytest.approx(6.0)

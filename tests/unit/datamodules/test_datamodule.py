@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from support.shard_tools import rewrite_shard
+
+from datamodules import ShardDataModule, SyntheticDataModule
+from datamodules.batching import collate, pad_views
+from datamodules.shards import iterate_shards, read_manifest, shard_urls
+
+
+def test_pad_views_builds_the_view_mask() -> None:
+    stacks = [torch.ones(2, 3, 4, 4), torch.ones(5, 3, 4, 4), torch.ones(1, 3, 4, 4)]
+    images, mask = pad_views(stacks)
+    assert images.shape == (3, 5, 3, 4, 4)
+    assert mask.sum(1).tolist() == [2, 5, 1]
+    assert images[0, 2:].abs().sum() == 0 and images[2, 1:].abs().sum() == 0
+    batch = collate([{"images": s, "product_id": str(i)} for i, s in enumerate(stacks)])
+    assert batch["mask"].sum(1).tolist() == [2, 5, 1] and batch["product_id"] == ["0", "1", "2"]
+
+
+def test_eval_loaders_cover_gallery_and_queries_once(small_data: Path) -> None:
+    dm = ShardDataModule(str(small_data), eval_batch_size=16, num_workers=0)
+    manifest = read_manifest(small_data)
+    gallery, queries = dm.val_dataloader()
+    ids, n_views = [], 0
+    for batch in gallery:
+        batch = dm.on_before_batch_transfer(batch, 0)
+        ids += batch["product_id"]
+        n_views += int(batch["mask"].sum())
+        for meta, m in zip(batch["meta"], batch["mask"], strict=True):
+            assert int(m.sum()) == len(meta["view_names"])
+    assert len(ids) == len(set(ids)) == manifest["splits"]["val"]["products"]
+    n_queries = sum(len(b["text"]) for b in queries)
+    assert n_queries == manifest["splits"]["val"]["triplets"]
+    assert dm.skipped_total == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_epoch_has_the_same_number_of_full_batches(small_data: Path, workers: int) -> None:
+    dm = ShardDataModule(str(small_data), batch_size=8, num_workers=workers, shuffle_buffer=20)
+    per_worker, n_workers = dm.train_batches_per_worker()
+    batches = list(dm.train_dataloader())
+    assert len(batches) == per_worker * n_workers
+    assert all(len(b["text"]) == 8 for b in batches)
+    b = batches[0]
+    assert b["source_images"].shape[:2] == b["source_mask"].shape and b["target_images"].ndim == 5
+
+
+class _FakeTrainer:
+    def __init__(self, rank: int, world: int) -> None:
+        self.global_rank, self.world_size = rank, world
+
+
+def test_batches_per_rank_do_not_depend_on_shard_division(small_data: Path) -> None:
+    # 2 ranks, shards that do not divide evenly: every rank must still run the same number of batches.
+    dm = ShardDataModule(str(small_data), batch_size=4, num_workers=3)
+    n = read_manifest(small_data)["splits"]["train"]["triplets"]
+    counts = []
+    for rank in (0, 1):
+        dm.trainer = _FakeTrainer(rank, 2)  # type: ignore[assignment]
+        per_worker, workers = dm.train_batches_per_worker()
+        counts.append(per_worker * workers)
+    assert counts[0] == counts[1] >= n // (4 * 2)
+
+
+def test_corrupt_gallery_sample_is_skipped_counted_and_reported(small_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    manifest = read_manifest(data)
+    shard = Path(shard_urls(data, manifest, "val", "gallery")[0])
+    # Rewrite the first shard with one image's bytes flipped.
+    with tarfile.open(shard) as tar:
+        victim = next(m.name for m in tar.getmembers() if m.name.endswith("view0.jpg"))
+    rewrite_shard(shard, lambda name, b: b[:30] + bytes(x ^ 0xFF for x in b[30:]) if name == victim else b)
+    dm = ShardDataModule(str(data), eval_batch_size=16, num_workers=0)
+    gallery, _ = dm.val_dataloader()
+    n = sum(len(dm.on_before_batch_transfer(b, 0)["product_id"]) for b in gallery)
+    assert n == manifest["splits"]["val"]["products"] - 1
+    assert dm.skipped_total == 1
+    assert len(list(iterate_shards([str(shard)], handler=lambda e: True))) == n_in(shard) - 1
+
+
+def n_in(shard: Path) -> int:
+    with tarfile.open(shard) as tar:
+        return len({m.name.split(".", 1)[0] for m in tar.getmembers()})
+
+
+def test_synthetic_prepare_data_generates_once_and_checks_settings(tmp_path: Path) -> None:
+    dm = SyntheticDataModule(str(tmp_path / "d"), products=40, num_workers=0)
+    dm.prepare_data()
+    assert read_manifest(tmp_path / "d")["source"]["products"] == 40
+    dm.prepare_data()  # present: nothing to do
+    with pytest.raises(ValueError, match="delete"):
+        SyntheticDataModule(str(tmp_path / "d"), products=50).prepare_data()

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules.schema import stable_id
+from lightning_modules.retrieval.recall import RecallAtK
+from lightning_modules.retrieval.search import target_ranks, topk
+
+
+def _brute_force(q, q_tgt, q_ds, g, g_ids, g_ds, k, q_src=None, protocol="all", remove_source=False):
+    """Full score matrix per query, sort, check the target's position."""
+    hits = []
+    for i in range(len(q)):
+        keep = g_ds == q_ds[i]
+        if protocol == "queries":  # only products some query of this dataset uses
+            used = set(q_tgt[q_ds == q_ds[i]].tolist()) | set(q_src[q_ds == q_ds[i]].tolist())
+            keep &= torch.tensor([int(x) in used for x in g_ids])
+        if remove_source:
+            keep &= g_ids != q_src[i]
+        sel = keep.nonzero().flatten()
+        scores = g[sel] @ q[i]
+        order = sel[torch.argsort(scores, descending=True)]
+        hits.append(bool((g_ids[order[:k]] == q_tgt[i]).any()))
+    return torch.tensor(hits, dtype=torch.float)
+
+
+@pytest.fixture
+def embeddings():
+    gen = torch.Generator().manual_seed(0)
+    g = F.normalize(torch.randn(300, 16, generator=gen), dim=-1)
+    g_ids = torch.arange(300) * 7 + 3
+    g_ds = torch.randint(0, 3, (300,), generator=gen)
+    tgt = torch.randint(0, 300, (120,), generator=gen)
+    q = F.normalize(g[tgt] + 0.9 * torch.randn(120, 16, generator=gen), dim=-1)
+    q_tgt, q_ds = g_ids[tgt].clone(), g_ds[tgt].clone()
+    q_tgt[:5] = 10**9  # targets absent from the gallery: always a miss
+    return q, q_tgt, q_ds, g, g_ids, g_ds
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_recall_matches_brute_force(embeddings, backend) -> None:
+    q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
+    metric = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10), chunk_size=17, backend=backend)
+    for s in range(0, 300, 64):  # batched updates, gallery duplicated once (DDP padding)
+        metric.update(g[s : s + 64], g_ids[s : s + 64], g_ds[s : s + 64], gallery=True)
+    metric.update(g[:10], g_ids[:10], g_ds[:10], gallery=True)
+    for s in range(0, 120, 50):
+        metric.update(q[s : s + 50], q_tgt[s : s + 50], q_ds[s : s + 50], gallery=False)
+    out = metric.compute()
+    for k in (1, 5, 10):
+        ref = _brute_force(q, q_tgt, q_ds, g, g_ids, g_ds, k)
+        assert out[f"recall_at_{k}"].item() == pytest.approx(ref.mean().item())
+        for d, name in enumerate("abc"):
+            assert out[f"{name}/recall_at_{k}"].item() == pytest.approx(ref[q_ds == d].mean().item())
+            assert out[f"{name}/gallery_size"].item() == (g_ds == d).sum().item()
+    assert 0 < out["recall_at_10"] < 1
+
+
+def test_target_ranks_and_topk_against_full_sort() -> None:
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(257, 8, generator=gen)
+    q = torch.randn(33, 8, generator=gen)
+    t = torch.randint(0, 257, (33,), generator=gen)
+    full = q @ g.T
+    ref_rank = (full > full.gather(1, t[:, None])).sum(1)
+    assert torch.equal(target_ranks(q, g, t, chunk_size=10), ref_rank)
+    s, i = topk(q, g, 7, chunk_size=10)
+    ref_s, ref_i = full.topk(7, dim=1)
+    assert torch.equal(i, ref_i) and torch.allclose(s, ref_s)
+    fs, fi = topk(q, g, 7, backend="faiss")
+    assert torch.equal(fi, ref_i) and torch.allclose(fs, ref_s, atol=1e-5)
+
+
+def test_stable_id_is_process_independent() -> None:
+    import subprocess
+    import sys
+
+    code = "from datamodules.schema import stable_id; print(stable_id('p000001'))"
+    values = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": s},
+                             capture_output=True, text=True, check=True).stdout.strip() for s in ("1", "2")}
+    assert values == {str(stable_id("p000001"))}
+    assert stable_id("p000001") != stable_id("p000002") and 0 <= stable_id("x") < 2**63
+
+
+def _rank_recall(rank: int, world: int, data: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    q, q_tgt, q_ds, g, g_ids, g_ds = data
+    metric = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10), chunk_size=33)
+    # Uneven shares per rank, as split_by_node gives when shards do not divide evenly.
+    g_cut, q_cut = (0, 170, 300), (0, 50, 120)
+    metric.update(g[g_cut[rank] : g_cut[rank + 1]], g_ids[g_cut[rank] : g_cut[rank + 1]],
+                  g_ds[g_cut[rank] : g_cut[rank + 1]], gallery=True)
+    metric.update(q[q_cut[rank] : q_cut[rank + 1]], q_tgt[q_cut[rank] : q_cut[rank + 1]],
+                  q_ds[q_cut[rank] : q_cut[rank + 1]], gallery=False)
+    return {k: float(v) for k, v in metric.compute().items()}
+
+
+@pytest.mark.slow
+def test_recall_under_two_gloo_processes_equals_one_process(embeddings) -> None:
+    from support.gloo import run_gloo
+
+    single = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10))
+    q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
+    single.update(g, g_ids, g_ds, gallery=True)
+    single.update(q, q_tgt, q_ds, gallery=False)
+    expected = {k: float(v) for k, v in single.compute().items()}
+    results = run_gloo(_rank_recall, 2, embeddings)
+    assert results[0] == pytest.approx(expected) and results[1] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("protocol,remove_source", [("all", True), ("queries", False), ("queries", True)])
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_gallery_protocols_match_brute_force(embeddings, protocol, remove_source, backend) -> None:
+    q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
+    gen = torch.Generator().manual_seed(7)
+    # Sources: gallery products of the query's dataset, often close to the query (as in CIR).
+    q_src = torch.stack([g_ids[(g_ds == d).nonzero().flatten()[torch.randint(0, int((g_ds == d).sum()), (1,),
+                                                                               generator=gen)]][0] for d in q_ds])
+    metric = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10, 50), score_k=(10, 50), gallery_protocol=protocol,
+                       remove_source=remove_source, chunk_size=29, backend=backend)
+    metric.update(g, g_ids, g_ds, gallery=True)
+    metric.update(q, q_tgt, q_ds, gallery=False, source_ids=q_src)
+    out = metric.compute()
+    refs = {k: _brute_force(q, q_tgt, q_ds, g, g_ids, g_ds, k, q_src, protocol, remove_source)
+            for k in (1, 5, 10, 50)}
+    for k, ref in refs.items():
+        assert out[f"recall_at_{k}"].item() == pytest.approx(ref.mean().item())
+        per_ds = [ref[q_ds == d].mean().item() for d in range(3)]
+        assert out[f"mean_recall_at_{k}"].item() == pytest.approx(sum(per_ds) / 3)
+    assert out["score"].item() == pytest.approx((out["mean_recall_at_10"] + out["mean_recall_at_50"]).item() / 2)
+    if protocol == "queries":
+        used = set(q_tgt.tolist()) | set(q_src.tolist())
+        assert sum(out[f"{n}/gallery_size"].item() for n in "abc") == sum(int(i) in used for i in g_ids)
