@@ -15,12 +15,13 @@ from typing import Any, Literal
 
 import faiss
 import numpy as np
+import torch
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 
 
 def _as_f32(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
+    if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     return np.ascontiguousarray(x, dtype=np.float32)
 

@@ -205,7 +205,7 @@ def test_procir_sft_without_its_checkpoint_names_the_command(datasets, qwen_fold
     exp = ROOT / "experiments/procir_sft.yaml"
     args = [a for a in data_args(exp, datasets, qwen_folder=qwen_folder, sft=tmp_path / "unused.ckpt")
             if "sft_checkpoint" not in a]
-    with pytest.raises(FileNotFoundError, match=r"lightning fit --config experiments/procir_sft_stage\.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"lightning fit --config experiments/procir/sft_stage\.yaml"):
         build_cli(["fit", "--config", str(exp), *args, f"--trainer.default_root_dir={tmp_path}",
                    "--trainer.fast_dev_run=1", f"--model.init_args.sft_checkpoint={tmp_path}/missing/last.ckpt"])
 
@@ -258,8 +258,37 @@ def test_cir_query_answers_each_text_from_the_cached_source(datasets, tmp_path: 
         Image.new("RGB", (96, 128), color).save(views[-1])
     exp = ROOT / "experiments/demos/procir.yaml"
     main(["--config", str(exp), "--images", *views, "-k", "3", "--text", "make it red", "--text", "add a pocket",
-          "--", *data_args(exp, datasets)])
+          "--dataset", "synth_studio", "--", *data_args(exp, datasets)])
     out = capsys.readouterr().out
-    assert "source cached" in out and "gallery:" in out
+    assert "source cached" in out and "gallery:" in out and "of synth_studio" in out
     answers = [line for line in out.splitlines() if line.startswith("[") and "ms]" in line]
     assert len(answers) == 2 and all(line.count("(") == 3 for line in answers)  # 3 products, each with a score
+    # Two datasets in the split: cir query, like cir search, asks which gallery to search.
+    with pytest.raises(SystemExit, match="choose one with --dataset"):
+        main(["--config", str(exp), "--images", *views, "--text", "x", "--", *data_args(exp, datasets)])
+
+
+@pytest.mark.slow
+def test_cir_query_runs_the_full_forward_for_a_family_without_a_cache(datasets, tiny_folder, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """CLIP4CIR has no KV cache: each text is one full query forward, ranked in the chosen gallery."""
+    from PIL import Image
+
+    from cir.query import main
+
+    views = [str(tmp_path / "front.png"), str(tmp_path / "back.png")]
+    for path, color in zip(views, [(200, 30, 30), (30, 30, 200)], strict=True):
+        Image.new("RGB", (64, 64), color).save(path)
+    main(["--config", str(DEMO), "--images", *views, "-k", "4", "--dataset", "synth_street", "--text", "make it red",
+          "--", *data_args(DEMO, datasets, tiny_folder)])
+    out = capsys.readouterr().out
+    assert "no cache for this model" in out and "of synth_street" in out
+    answer = next(line for line in out.splitlines() if "'make it red'" in line)
+    ids = [part.split(" (")[0] for part in answer.split(": ", 1)[1].split(", ")]
+    from datamodules.shards import SkipCounter, iterate_shards, read_manifest, shard_urls
+
+    folder = datasets["synthetic"]
+    street = {smp["json"]["product_id"] for smp in iterate_shards(
+        shard_urls(folder, read_manifest(folder), "val", "gallery"), handler=SkipCounter("t"))
+        if smp["json"]["dataset"] == "synth_street"}
+    assert len(ids) == 4 and set(ids) <= street

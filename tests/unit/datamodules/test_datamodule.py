@@ -97,3 +97,10 @@ def test_synthetic_prepare_data_generates_once_and_checks_settings(tmp_path: Pat
     dm.prepare_data()  # present: nothing to do
     with pytest.raises(ValueError, match="delete"):
         SyntheticDataModule(str(tmp_path / "d"), products=50).prepare_data()
+
+
+@pytest.mark.parametrize(("key", "value"), [("batch_size", 0), ("batch_size", -4), ("eval_batch_size", 0),
+                                            ("num_workers", -1)])
+def test_bad_loader_sizes_are_refused_naming_the_key(small_data: Path, key: str, value: int) -> None:
+    with pytest.raises(ValueError, match=rf"data\.init_args: {key}={value}: must be"):
+        ShardDataModule(str(small_data), **{key: value})

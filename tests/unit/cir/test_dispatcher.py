@@ -1,0 +1,49 @@
+"""``cir``: one command, each subcommand routed to its module, shared handling of ``--``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cir.__main__ import COMMANDS, TRAINER_COMMANDS, main
+from cir.args import split_passthrough
+
+
+def test_every_subcommand_module_has_a_main() -> None:
+    import importlib
+
+    for name, module in COMMANDS.items():
+        assert callable(importlib.import_module(module).main), name
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"cir {c}" in out for c in COMMANDS) and "fit|validate|test|predict" in out
+
+
+def test_an_unknown_command_names_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit, match="did you mean 'cir search'"):
+        main(["serch"])
+    assert "fit" in TRAINER_COMMANDS
+
+
+def test_cir_data_writes_a_shard_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["cir", "ignored"])
+    main(["data", "synthetic", "--out", str(tmp_path / "gen"), "--products", "40", "--seed", "1"])
+    manifest = json.loads((tmp_path / "gen" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["products"] + manifest["splits"]["val"]["products"] == 40
+    assert sys.argv == ["cir data"]  # cleared for LightningCLI, which other commands build
+
+
+def test_passthrough_splits_at_the_first_double_dash() -> None:
+    assert split_passthrough(["--a", "1", "--", "--data.x=2", "--", "y"]) == (["--a", "1"], ["--data.x=2", "--", "y"])
+    assert split_passthrough(["--a"]) == (["--a"], [])
+
+
+def test_a_command_without_config_overrides_refuses_them() -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--experiment", "x", "--", "--model.init_args.lr=1"])
