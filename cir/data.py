@@ -3,8 +3,9 @@
     cir data synthetic --out data/synthetic [--products 1500 --seed 0]
     cir data synthetic --out data/fiq-layout --layout fashioniq     # generated data, FashionIQ's layout
     cir data fashioniq --root FASHIONIQ --out data/fashioniq [--categories dress shirt toptee]
-    cir data fashionmv --root FASHIONMV --out data/fashionmv
-    cir data fashiongen-h5 --h5 fashiongen_256_256_validation.h5 --root FASHIONMV
+    cir data fashionmv --root FASHIONMV --out data/fashionmv     # the release: ROOT/data/*.jsonl, ROOT/images/
+    cir data fashionmv --data-dir FASHIONMV/data --image-root /images/elsewhere --out data/fashionmv
+    cir data fashiongen-h5 --h5 fashiongen_256_256_validation.h5 --root FASHIONMV   # → FASHIONMV/images/fashiongen_val/
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from datamodules.converters import convert_fashioniq, convert_fashionmv, extract_fashiongen_h5
 from datamodules.synthetic import generate, write_synthetic
@@ -37,11 +39,17 @@ def _fashioniq(args: argparse.Namespace) -> None:
 
 
 def _fashionmv(args: argparse.Namespace) -> None:
-    convert_fashionmv(args.root, args.out, splits=args.splits, maxcount=args.maxcount, max_side=args.max_side)
+    if args.root is None and (args.data_dir is None or args.image_root is None):
+        raise SystemExit("cir data fashionmv: give --root, or both --data-dir and --image-root")
+    convert_fashionmv(args.root, args.out, splits=args.splits, maxcount=args.maxcount, max_side=args.max_side,
+                      data_dir=args.data_dir, image_root=args.image_root)
 
 
 def _fashiongen(args: argparse.Namespace) -> None:
-    print(json.dumps(extract_fashiongen_h5(args.h5, args.root, dataset=args.dataset), indent=2))
+    if (args.root is None) == (args.image_root is None):
+        raise SystemExit("cir data fashiongen-h5: give --root (images go to ROOT/images/DATASET/) or --image-root")
+    image_root = args.image_root or str(Path(args.root) / "images")
+    print(json.dumps(extract_fashiongen_h5(args.h5, image_root, dataset=args.dataset), indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     fiq.set_defaults(func=_fashioniq)
 
     fmv = sub.add_parser("fashionmv", help="convert FashionMV (*_triplets.jsonl, *_captions.jsonl, images/)")
-    fmv.add_argument("--root", required=True)
+    fmv.add_argument("--root", default=None, help="the release's folder: ROOT/data/*.jsonl (or ROOT/*.jsonl) and "
+                     "ROOT/images/; shorthand for --data-dir and --image-root")
+    fmv.add_argument("--data-dir", default=None, help="folder of {split}_triplets.jsonl and {split}_captions.jsonl")
+    fmv.add_argument("--image-root", default=None, help="folder of one subfolder per dataset (deepfashion/, ...)")
     fmv.add_argument("--out", required=True)
     fmv.add_argument("--splits", nargs="+", default=["train", "val"])
     fmv.add_argument("--maxcount", type=int, default=500)
@@ -77,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fg = sub.add_parser("fashiongen-h5", help="extract FashionGen images from its h5 file into FashionMV's layout")
     fg.add_argument("--h5", required=True)
-    fg.add_argument("--root", required=True, help="FashionMV root; images go to ROOT/images/DATASET/ID/")
+    fg.add_argument("--root", default=None, help="FashionMV root; images go to ROOT/images/DATASET/ID/ROW.jpg")
+    fg.add_argument("--image-root", default=None, help="images go to IMAGE_ROOT/DATASET/ID/ROW.jpg")
     fg.add_argument("--dataset", default="fashiongen_val")
     fg.set_defaults(func=_fashiongen)
     return parser

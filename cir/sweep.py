@@ -57,7 +57,7 @@ class SweepConfig:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "MedianPruner", "n_warmup_steps": 1})
     overrides: list[str] = field(default_factory=list)
     output_dir: str = "outputs/sweeps"
-    mlflow_experiment: str = "fashion-cir sweeps"
+    mlflow_experiment: str = "fashion-cir-sweeps"
 
     @classmethod
     def load(cls, path: str | Path) -> SweepConfig:

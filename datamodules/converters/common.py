@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -14,17 +15,24 @@ from ..shards import encode_image
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+ORIGINAL_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
-def load_image_bytes(path: Path, max_side: int | None = None) -> bytes | None:
-    """JPEG bytes of the image at ``path``, or None when it is missing or unreadable.
+def load_image_bytes(path: Path, max_side: int | None = None, keep_original: bool = True) -> bytes | None:
+    """The image at ``path`` as bytes for a shard, or None when it is missing or unreadable.
 
     Real copies of FashionIQ and FashionMV miss thousands of images and hold some broken files:
-    a converter counts those and goes on rather than failing hours into a run.
+    a converter counts those and goes on rather than failing hours into a run. Every file is
+    decoded in full before it is accepted. A JPEG, PNG or WebP that needs no resize is stored as its
+    own bytes (``keep_original``) (decoding them gives exactly the pixels an evaluator reading
+    the file sees); anything else is re-encoded as JPEG.
     """
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
+            if keep_original and img.format in ORIGINAL_FORMATS and not (max_side and max(img.size) > max_side):
+                return data
             img = img.convert("RGB")
             if max_side and max(img.size) > max_side:
                 img.thumbnail((max_side, max_side))

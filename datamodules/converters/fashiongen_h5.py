@@ -1,7 +1,11 @@
-"""FashionGen's h5 file → FashionMV's image layout (``ROOT/images/{dataset}/{product_id}/NN.jpg``).
+"""FashionGen's h5 file → FashionMV's image layout (``IMAGE_ROOT/{dataset}/{product_id}/{row}.jpg``).
 
 FashionGen ships its images inside an HDF5 file, one row per image, several rows per product
-(``input_productID``, ``input_image`` as ``N×H×W×3`` uint8). Needs ``h5py`` (the ``fashiongen`` extra).
+(``input_productID``, ``input_image`` as ``N×H×W×3`` uint8). The files are written exactly as the
+FashionMV release's own extraction tool writes them: every row of a product, named by its row
+index in the h5 file, JPEG quality 95. The converter and the official evaluator then both take
+"the first 5 files sorted by name", the same views in the same order (``1000.jpg`` sorts before
+``998.jpg``: names are compared as strings). Needs ``h5py`` (the ``fashiongen`` extra).
 """
 
 from __future__ import annotations
@@ -24,16 +28,18 @@ def _decode_id(raw: object) -> str:
     return str(raw).strip()
 
 
-def extract_fashiongen_h5(h5_path: str | Path, root: str | Path, dataset: str = "fashiongen_val",
-                          max_views: int = 5) -> dict[str, int]:
-    """Write each product's images (at most ``max_views``) as JPEGs; returns counts."""
+def extract_fashiongen_h5(h5_path: str | Path, image_root: str | Path,
+                          dataset: str = "fashiongen_val") -> dict[str, int]:
+    """Write every row as ``IMAGE_ROOT/{dataset}/{product_id}/{row}.jpg``; returns counts. A file
+    already there is kept (a rerun after a kill resumes), a half-written one never is: each image
+    goes to a temporary name first."""
     try:
         import h5py
     except ImportError as exc:  # an optional extra: say how to get it
         raise ImportError("cir data fashiongen-h5 needs h5py: pip install 'fashion-cir[fashiongen]'") from exc
-    out = Path(root) / "images" / dataset
+    out = Path(image_root) / dataset
     written: dict[str, int] = defaultdict(int)
-    skipped = 0
+    existing = 0
     with h5py.File(h5_path, "r") as f:
         for key in ("input_productID", "input_image"):
             if key not in f:
@@ -41,11 +47,14 @@ def extract_fashiongen_h5(h5_path: str | Path, root: str | Path, dataset: str = 
         ids, images = f["input_productID"], f["input_image"]
         for i in range(len(ids)):
             pid = _decode_id(ids[i])
-            if written[pid] >= max_views:
-                skipped += 1
-                continue
             folder = out / pid
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.asarray(images[i], dtype=np.uint8)).save(folder / f"{written[pid]:02d}.jpg", quality=95)
+            target = folder / f"{i}.jpg"
             written[pid] += 1
-    return {"products": len(written), "images": sum(written.values()), "images_over_max_views": skipped}
+            if target.is_file():
+                existing += 1
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{i}.jpg.tmp"
+            Image.fromarray(np.asarray(images[i], dtype=np.uint8)).save(tmp, format="JPEG", quality=95)
+            tmp.replace(target)
+    return {"products": len(written), "images": sum(written.values()), "already_there": existing}

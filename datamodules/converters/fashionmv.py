@@ -1,11 +1,17 @@
 """FashionMV (product-level, multi-view CIR) → shards.
 
-Reads::
+Reads the release's layout, annotations and images apart::
 
-    ROOT/{split}_triplets.jsonl   source_id, target_id, dataset, modification_text_short,
-                                  [modification_text_long], [views_involved]
-    ROOT/{split}_captions.jsonl   product_id, dataset, long_caption, short_caption, [image_captions]
-    ROOT/images/{dataset}/{product_id}/*.{jpg,jpeg,png,webp}   views, sorted by file name, at most 5
+    DATA_DIR/{split}_triplets.jsonl   source_id, target_id, dataset, modification_text_short,
+                                      [modification_text_long], [views_involved]
+    DATA_DIR/{split}_captions.jsonl   product_id, dataset, long_caption, short_caption, [image_captions]
+                                      (optional; per-image captions optional too)
+    IMAGE_ROOT/{dataset}/{product_id}/*.{jpg,jpeg,png,webp}   views, sorted by file name, at most 5
+
+``root`` is the shorthand for both: ``DATA_DIR`` = ``ROOT/data`` when it holds the triplets (the
+release) else ``ROOT``, and ``IMAGE_ROOT`` = ``ROOT/images``. Views are taken as the official
+evaluator takes them (top-level files of the product folder, sorted by name as strings, the first
+5) and stored as their original bytes, so the model sees the evaluator's pixels.
 
 Product ids may be nested paths; shard keys use ``safe_key(id)`` and keep the original as
 ``raw_id``. The gallery of a dataset is the union of the source and target products of its
@@ -35,25 +41,45 @@ def _view_files(folder: Path, max_views: int) -> list[Path]:
 
 
 def _per_image_captions(row: dict[str, Any], files: list[Path]) -> list[str]:
+    """One caption per view file: the row's per-image captions where it has them, else empty."""
     for key in _PER_IMAGE_KEYS:
         value = row.get(key)
         if isinstance(value, dict):  # keyed by file name
             return [str(value.get(f.name, value.get(f.stem, ""))) for f in files]
         if isinstance(value, list):
             return [str(v) for v in value[: len(files)]] + [""] * max(0, len(files) - len(value))
-    return []
+    return [""] * len(files)
 
 
-def convert_fashionmv(root: str | Path, out: str | Path, splits: Sequence[str] = SPLITS, maxcount: int = 500,
-                      max_views: int = MAX_VIEWS, max_side: int | None = None) -> dict[str, Any]:
+def resolve_layout(root: str | Path | None, data_dir: str | Path | None,
+                   image_root: str | Path | None, splits: Sequence[str]) -> tuple[Path, Path]:
+    """(annotation folder, image folder) from ``--root`` and/or ``--data-dir``/``--image-root``."""
+    if root is None and (data_dir is None or image_root is None):
+        raise ValueError("FashionMV: give --root, or both --data-dir (the *_triplets.jsonl files) and --image-root "
+                         "(the folder of deepfashion/, f200k/, fashiongen_val/ ...)")
+    if root is not None:
+        root = Path(root)
+        if data_dir is None:
+            release = root / "data"
+            data_dir = release if any((release / f"{s}_triplets.jsonl").is_file() for s in splits) else root
+        image_root = image_root if image_root is not None else root / "images"
+    return Path(data_dir), Path(image_root)
+
+
+def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence[str] = SPLITS, maxcount: int = 500,
+                      max_views: int = MAX_VIEWS, max_side: int | None = None, data_dir: str | Path | None = None,
+                      image_root: str | Path | None = None) -> dict[str, Any]:
     """Write shards + ``manifest.json`` + ``summary.json``; returns the summary."""
-    root, out = Path(root), Path(out)
+    data_dir, image_root = resolve_layout(root, data_dir, image_root, splits)
+    out = Path(out)
     summary: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
     manifest_splits: dict[str, dict[str, Any]] = {}
     datasets: set[str] = set()
     for split in splits:
-        triplets = read_jsonl(root / f"{split}_triplets.jsonl")
-        captions = {(r["dataset"], str(r["product_id"])): r for r in read_jsonl(root / f"{split}_captions.jsonl")}
+        triplets = read_jsonl(data_dir / f"{split}_triplets.jsonl")
+        caption_file = data_dir / f"{split}_captions.jsonl"
+        caption_rows = read_jsonl(caption_file) if caption_file.is_file() else []
+        captions = {(r.get("dataset", ""), str(r["product_id"])): r for r in caption_rows if "product_id" in r}
         writer = ShardSetWriter(out, split, maxcount=maxcount)
         counts: dict[str, dict[str, int]] = defaultdict(lambda: {
             "triplets_written": 0, "triplets_skipped": 0, "products_written": 0, "products_missing": 0})
@@ -61,7 +87,7 @@ def convert_fashionmv(root: str | Path, out: str | Path, splits: Sequence[str] =
         for n, t in enumerate(triplets):
             missing = [k for k in ("source_id", "target_id", "dataset", "modification_text_short") if k not in t]
             if missing:
-                raise ValueError(f"{root / f'{split}_triplets.jsonl'} line {n + 1}: missing fields {missing}")
+                raise ValueError(f"{data_dir / f'{split}_triplets.jsonl'} line {n + 1}: missing fields {missing}")
             for pid in (str(t["source_id"]), str(t["target_id"])):
                 if pid not in needed[t["dataset"]]:
                     needed[t["dataset"]].append(pid)
@@ -75,7 +101,7 @@ def convert_fashionmv(root: str | Path, out: str | Path, splits: Sequence[str] =
                 if seen_keys.setdefault(key, pid) != pid:
                     raise ValueError(f"FashionMV {dataset}: product ids {seen_keys[key]!r} and {pid!r} map to the "
                                      f"same shard key {key!r}; rename one of them")
-                listed = _view_files(root / "images" / dataset / pid, max_views)
+                listed = _view_files(image_root / dataset / pid, max_views)
                 loaded = [(f, load_image_bytes(f, max_side)) for f in listed]
                 files = [f for f, b in loaded if b is not None]  # an unreadable view is dropped, not the product
                 views = [b for _, b in loaded if b is not None]
@@ -105,7 +131,8 @@ def convert_fashionmv(root: str | Path, out: str | Path, splits: Sequence[str] =
         for dataset, c in counts.items():
             summary[dataset][split] = c
         manifest_splits[split] = writer.close()
-    write_manifest(out, manifest_splits, datasets, {"converter": "fashionmv", "root": str(root)})
+    write_manifest(out, manifest_splits, datasets, {"converter": "fashionmv", "data_dir": str(data_dir),
+                                                    "image_root": str(image_root)})
     summary = {k: dict(v) for k, v in summary.items()}
     write_summary(out, summary)
     return summary

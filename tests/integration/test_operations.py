@@ -142,7 +142,7 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
                          "model.init_args.optimizer.init_args.lr": {"type": "float", "low": 1e-4, "high": 1e-3}},
     }))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    command = [str(Path(sys.executable).parent / "cir sweep"), "--config", str(sweep)]
+    command = [str(Path(sys.executable).parent / "cir"), "sweep", "--config", str(sweep)]
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     deadline = time.time() + 600

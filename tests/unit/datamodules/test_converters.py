@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -13,7 +14,7 @@ from datamodules.shards import iterate_shards, read_manifest, shard_urls
 from datamodules.synthetic import generate
 from datamodules.synthetic.layouts import write_fashioniq_layout, write_fashionmv_layout
 
-SHARED_FIQ = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashioniq"
+SHARED_FIQ = Path(__file__).resolve().parents[4] / "shared" / "data" / "fashioniq"
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +121,138 @@ def test_real_fashioniq_annotations_convert_with_the_right_counts(tmp_path: Path
     assert summary["dress"]["val"]["gallery_written"] + summary["dress"]["val"]["gallery_missing"] == 3817
 
 
-def test_fashiongen_h5_extraction(tmp_path: Path) -> None:
+def test_fashiongen_h5_extraction_writes_the_release_tools_layout(tmp_path: Path) -> None:
     h5py = pytest.importorskip("h5py")
+    # Product 103 has 7 rows (4..10): more than 5 views, and row indices crossing a power of ten.
     ids = np.array([101, 101, 102, 101, 103, 103, 103, 103, 103, 103, 103])
-    images = np.stack([np.full((8, 8, 3), 20 * i, dtype=np.uint8) for i in range(len(ids))])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(len(ids), 8, 8, 3), dtype=np.uint8)
     with h5py.File(tmp_path / "fg.h5", "w") as f:
         f["input_productID"] = ids[:, None]
         f["input_image"] = images
-    counts = extract_fashiongen_h5(tmp_path / "fg.h5", tmp_path / "root")
-    assert counts == {"products": 3, "images": 3 + 1 + 5, "images_over_max_views": 2}
-    folder = tmp_path / "root" / "images" / "fashiongen_val"
-    assert sorted(p.name for p in (folder / "101").iterdir()) == ["00.jpg", "01.jpg", "02.jpg"]
-    assert len(list((folder / "103").iterdir())) == 5
-    # Extracted images then convert as FashionMV products.
-    assert np.asarray(Image.open(folder / "102" / "00.jpg")).mean() == pytest.approx(40, abs=3)
+    counts = extract_fashiongen_h5(tmp_path / "fg.h5", tmp_path / "images")
+    assert counts == {"products": 3, "images": 11, "already_there": 0}
+    folder = tmp_path / "images" / "fashiongen_val"
+    assert sorted(p.name for p in (folder / "101").iterdir()) == ["0.jpg", "1.jpg", "3.jpg"]
+    assert sorted(p.name for p in (folder / "103").iterdir()) == [f"{i}.jpg" for i in (10, 4, 5, 6, 7, 8, 9)]
+    for row in range(len(ids)):  # byte for byte what a JPEG of quality 95 of that row is
+        buf = io.BytesIO()
+        Image.fromarray(images[row]).save(buf, format="JPEG", quality=95)
+        assert (folder / str(ids[row]) / f"{row}.jpg").read_bytes() == buf.getvalue()
+    # A rerun keeps what is there.
+    assert extract_fashiongen_h5(tmp_path / "fg.h5", tmp_path / "images")["already_there"] == 11
+
+    # The converter takes the official evaluator's 5 views of 103: sorted names as strings, so 10.jpg first.
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"source_id": 103, "target_id": 101, "dataset": "fashiongen_val", "modification_text_short": "x"}]
+    (data / "val_triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    convert_fashionmv(None, tmp_path / "out", splits=["val"], data_dir=data, image_root=tmp_path / "images")
+    gallery = {s["json"]["raw_id"]: s for s in _read(tmp_path / "out", "val", "gallery")}
+    chosen = ["10", "4", "5", "6", "7"]
+    assert gallery["103"]["json"]["view_names"] == chosen
+    for k, name in enumerate(chosen):
+        assert np.array_equal(np.asarray(gallery["103"][f"view{k}.jpg"]),
+                              np.asarray(Image.open(folder / "103" / f"{name}.jpg").convert("RGB")))
+
+
+def _read(out: Path, split: str, kind: str) -> list[dict]:
+    return list(iterate_shards(shard_urls(out, read_manifest(out), split, kind)))
+
+
+def _release(tmp_path: Path) -> tuple[Path, dict[str, list[Path]]]:
+    """A hand-made folder in the FashionMV release's layout, with what real copies contain."""
+    root = tmp_path / "FashionMV"
+    rng = np.random.default_rng(1)
+    files: dict[str, list[Path]] = {}
+
+    def product(dataset: str, pid: str, names: list[str]) -> None:
+        folder = root / "images" / dataset / pid
+        folder.mkdir(parents=True, exist_ok=True)
+        files[pid] = []
+        for name in names:
+            arr = rng.integers(0, 256, size=(int(rng.integers(20, 40)), int(rng.integers(20, 40)), 3), dtype=np.uint8)
+            fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[Path(name).suffix]
+            Image.fromarray(arr).save(folder / name, format=fmt, **({"quality": 80} if fmt == "JPEG" else {}))
+            files[pid].append(folder / name)
+
+    nested = "WOMEN/Dresses/id_00004544/02"
+    product("deepfashion", nested, ["02_1_front.jpg", "02_2_side.png", "02_3_back.webp", "02_4_full.jpeg",
+                                    "02_5_additional.jpg", "02_6_flat.jpg", "02_7_extra.png"])  # 7 views
+    (root / "images" / "deepfashion" / nested / "notes.txt").write_text("not an image")
+    product("deepfashion", "WOMEN/Dresses/id_00004545/01", ["01_1_front.jpg", "01_2_back.jpg"])
+    product("f200k", "90456812", ["90456812_0.jpeg"])
+    product("f200k", "90456813", ["90456813_0.jpeg", "90456813_1.jpeg"])
+    (root / "images" / "f200k" / "90456814").mkdir(parents=True)  # a product without images
+    data = root / "data"
+    data.mkdir()
+    triplets = [
+        {"source_id": nested, "target_id": "WOMEN/Dresses/id_00004545/01", "dataset": "deepfashion",
+         "modification_text_short": "make it shorter", "modification_text_long": "a shorter hem"},
+        {"source_id": 90456812, "target_id": 90456813, "dataset": "f200k", "modification_text_short": "add a belt"},
+        {"source_id": 90456812, "target_id": 90456814, "dataset": "f200k", "modification_text_short": "in blue"},
+    ]
+    captions = [
+        {"product_id": nested, "dataset": "deepfashion", "long_caption": "long", "short_caption": "short",
+         "image_captions": ["[Image 1] front", "[Image 2] side"]},  # fewer than the views
+        {"product_id": "WOMEN/Dresses/id_00004545/01", "dataset": "deepfashion", "long_caption": "l",
+         "short_caption": "s"},  # no per-image captions at all
+        # 90456812 and 90456813 have no caption row
+    ]
+    (data / "val_triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in triplets))
+    (data / "val_captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
+    return root, files
+
+
+@pytest.mark.parametrize("how", ["root", "separate"])
+def test_the_fashionmv_release_layout_converts_as_the_official_evaluator_reads_it(tmp_path: Path, how: str) -> None:
+    from cir.data import main
+
+    root, files = _release(tmp_path)
+    out = tmp_path / "out"
+    where = (["--root", str(root)] if how == "root" else
+             ["--data-dir", str(root / "data"), "--image-root", str(root / "images")])
+    main(["fashionmv", *where, "--out", str(out), "--splits", "val"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["deepfashion"]["val"] == {"triplets_written": 1, "triplets_skipped": 0, "products_written": 2,
+                                             "products_missing": 0}
+    assert summary["f200k"]["val"] == {"triplets_written": 1, "triplets_skipped": 1, "products_written": 2,
+                                       "products_missing": 1}
+    gallery = {s["json"]["raw_id"]: s for s in _read(out, "val", "gallery")}
+    nested = "WOMEN/Dresses/id_00004544/02"
+    meta = gallery[nested]["json"]
+    # The evaluator's views: top-level image files sorted by name, the first 5, mixed extensions.
+    expected = sorted(files[nested], key=lambda p: str(p))[:5]
+    assert meta["view_names"] == [p.stem for p in expected]
+    assert meta["view_captions"] == ["[Image 1] front", "[Image 2] side", "", "", ""]
+    assert gallery["WOMEN/Dresses/id_00004545/01"]["json"]["view_captions"] == ["", ""]
+    assert gallery["90456812"]["json"]["view_captions"] == [""] and gallery["90456812"]["json"]["long_caption"] == ""
+    # Pixels as the evaluator sees them: the original files, decoded, not a re-encoded copy.
+    for raw, sample in gallery.items():
+        chosen = sorted(files[raw], key=lambda p: str(p))[:5]
+        for k, path in enumerate(chosen):
+            assert np.array_equal(np.asarray(sample[f"view{k}.jpg"]), np.asarray(Image.open(path).convert("RGB")))
+    query = next(q for q in _read(out, "val", "triplets") if q["json"]["triplet"]["dataset"] == "deepfashion")
+    for k, path in enumerate(expected):  # the query's source views too
+        assert np.array_equal(np.asarray(query[f"src{k}.jpg"]), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_fashionmv_needs_both_folders_or_root(tmp_path: Path) -> None:
+    from cir.data import main
+
+    with pytest.raises(SystemExit, match="--data-dir and --image-root"):
+        main(["fashionmv", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_a_file_that_does_not_decode_is_dropped_not_stored(tmp_path: Path) -> None:
+    from datamodules.converters.common import load_image_bytes
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (9, 7), (1, 2, 3)).save(good)
+    assert load_image_bytes(good) == good.read_bytes()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good.read_bytes()[:30])  # a truncated download
+    assert load_image_bytes(broken) is None
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (400, 300), (9, 9, 9)).save(big)
+    assert max(Image.open(io.BytesIO(load_image_bytes(big, max_side=100))).size) == 100  # resized: re-encoded
