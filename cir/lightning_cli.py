@@ -19,15 +19,19 @@ reads the environment.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import lightning as L
 import yaml
+from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.mlflow_logging import LogConfigToMLflow
 from datamodules.datamodule import ShardDataModule
+
+from .errors import concise, debug_requested, report
 
 _CONFIG_FLAGS = ("--config", "-c")
 
@@ -72,7 +76,43 @@ def expand_defaults(argv: list[str]) -> list[str]:
     return out
 
 
+class ConciseArgumentParser(LightningArgumentParser):
+    """Reports a config mistake in a few lines (``cir.errors``); ``CIR_DEBUG=1`` for jsonargparse's own."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:
+        if not self.exit_on_error or debug_requested():
+            super().error(message, ex)
+            return
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [o for action in parser._actions for o in action.option_strings]
+        sys.stderr.write(report(parser.prog.replace(" [options]", ""), concise(message, options)) + "\n")
+        self.exit(2)
+
+
 class CIRCLI(LightningCLI):
+    def init_parser(self, **kwargs: object) -> LightningArgumentParser:
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={L.__version__}"])
+        parser = ConciseArgumentParser(**kwargs)
+        parser.add_argument("-c", "--config", action=ActionConfigFile,
+                            help="Path to a configuration file in json or yaml format.")
+        return parser
+
+    # The console scripts report a failure to build the model, data or trainer (a missing file, an
+    # unreachable hub id, a refused value) in a few lines; library callers get the exception itself.
+    concise_errors = False
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as exc:
+            if not self.concise_errors or debug_requested():
+                raise
+            prog = f"lightning {self.subcommand}" if self.subcommand else "lightning"
+            detail = concise(str(exc)) if "Does not validate" in str(exc) else f"{type(exc).__name__}: {exc}"
+            sys.stderr.write(report(prog, detail).replace("error in the configuration", "could not build the run")
+                             + "\n")
+            raise SystemExit(2) from None
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--defaults", type=list[str] | None, default=None,
                             help="Config fragments this config starts from (resolved before parsing).")
@@ -119,7 +159,8 @@ def _cli_kwargs() -> dict:
         subclass_mode_data=True,
         save_config_callback=LogConfigToMLflow,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        # No prefix abbreviations: --trainer.max_epoch must be an error, not max_epochs.
+        parser_kwargs={"parser_mode": "omegaconf+", "allow_abbrev": False},
         auto_configure_optimizers=False,
     )
 
@@ -127,5 +168,10 @@ def _cli_kwargs() -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (returns None: a returned object would become the exit status)."""
     # LightningCLI reads sys.argv itself when given no args; hand it the expanded list that way.
-    sys.argv[1:] = expand_defaults(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # the full jsonargparse messages and tracebacks
+        argv.remove("--debug")
+        os.environ["CIR_DEBUG"] = "1"
+    sys.argv[1:] = expand_defaults(argv)
+    CIRCLI.concise_errors = True
     CIRCLI(**_cli_kwargs())

@@ -280,9 +280,17 @@ class SyntheticDataModule(ShardDataModule):
                       GENERATOR_VERSION)
             found = (source.get("products"), source.get("seed"), source.get("val_fraction"), source.get("version"))
             if found != wanted:
+                keys = ("products", "generator_seed", "val_fraction")
+                differ = [f"{k}: folder {f}, config {w}"
+                          for k, f, w in zip(keys, found, wanted, strict=False) if f != w]
+                if found[3] != GENERATOR_VERSION:
+                    differ.append(f"generator version: folder {found[3]}, this code {GENERATOR_VERSION}")
                 raise ValueError(
-                    f"{manifest} was generated with (products, seed, val_fraction, generator version)={found}, the "
-                    f"config asks for {wanted}: delete {self.data_dir} to regenerate, or point data_dir elsewhere."
+                    f"{self.data_dir} holds generated data made with other settings ({'; '.join(differ)}). To train "
+                    "on that folder as it is, use class_path datamodules.ShardDataModule with "
+                    f"data_dir={self.data_dir}; "
+                    f"or pass --data.init_args.products={found[0]} --data.init_args.generator_seed={found[1]} "
+                    f"--data.init_args.val_fraction={found[2]}; or delete {self.data_dir} to regenerate."
                 )
             return
         log.info("generating %d synthetic products into %s", self.hparams.products, self.data_dir)

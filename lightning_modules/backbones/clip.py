@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..components.multiview import masked_mean
-from .registry import checkpoint_source, get_preset, load_error
+from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import build_word_tokenizer
 from .vocabulary import clip_words
 
@@ -51,9 +51,10 @@ class CLIPBackbone(nn.Module):
         else:
             source = checkpoint_source("clip", name_or_path)
             try:
-                self.model = CLIPModel.from_pretrained(source, trust_remote_code=trust_remote_code)
-                self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-                self.processor = CLIPImageProcessorPil.from_pretrained(source)
+                hub = hub_kwargs(source)
+                self.model = CLIPModel.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+                self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+                self.processor = CLIPImageProcessorPil.from_pretrained(source, **hub)
             except OSError as exc:
                 raise load_error("the CLIP backbone", source, exc) from exc
             self.model.train()  # from_pretrained returns eval mode; this module is built to be trained

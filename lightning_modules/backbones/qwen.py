@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .registry import checkpoint_source, get_preset, load_error
+from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import build_word_tokenizer
 from .vocabulary import qwen_words
 
@@ -82,13 +82,13 @@ def build_config(cfg: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Qwe
                          vision_end_token_id=ids[VISION_END], tie_word_embeddings=cfg.get("tie_word_embeddings", True))
 
 
-def load_tokenizer(source: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(source: str, trust_remote_code: bool = False, **hub: Any) -> PreTrainedTokenizerBase:
     """The folder's tokenizer. A saved word-level tokenizer (tiny models) is loaded as itself:
     AutoTokenizer would pick the Qwen3.5 BPE class from config.json and drop its vocabulary."""
     config = Path(source) / "tokenizer_config.json"
     if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in GENERIC_TOKENIZERS:
         return PreTrainedTokenizerFast.from_pretrained(source)
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
 
 
 def _dtype(dtype: Dtype) -> torch.dtype | str:
@@ -124,10 +124,11 @@ class QwenBackbone(nn.Module):
         else:
             source = checkpoint_source("qwen3.5", name_or_path)
             try:
+                hub = hub_kwargs(source)
                 self.model = Qwen3_5ForConditionalGeneration.from_pretrained(
-                    source, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
-                self.tokenizer = load_tokenizer(source, trust_remote_code)
-                self.processor = Qwen2VLImageProcessorPil.from_pretrained(source)
+                    source, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **hub)
+                self.tokenizer = load_tokenizer(source, trust_remote_code, **hub)
+                self.processor = Qwen2VLImageProcessorPil.from_pretrained(source, **hub)
             except OSError as exc:
                 raise load_error("the Qwen3.5 backbone", source, exc) from exc
             # The paper's pixel range, whatever the checkpoint's processor says.

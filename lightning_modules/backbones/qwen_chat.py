@@ -66,12 +66,16 @@ class DialogueBuilder:
 
     def system(self, seq: Dialogue, text: str) -> Dialogue:
         self._special(seq, IM_START, False)
-        self._add(seq, self._text_ids("system\n") + self.backbone.text_ids(text), False)
+        self._add(seq, self._text_ids("system\n") + self.backbone.text_ids(text.strip()), False)
         self._special(seq, IM_END, False)
         self._add(seq, self._text_ids("\n"), False)
         return seq
 
     def user(self, seq: Dialogue, images: list[PatchedImage] = (), text: str = "") -> Dialogue:
+        """A user turn: the images, then the text. Qwen's chat template trims a message's content,
+        so the text loses its trailing whitespace, and its leading whitespace when no image precedes
+        it (the ids then equal the template's: tested in test_procir_parity.py)."""
+        text = text.rstrip() if images else text.strip()
         self._special(seq, IM_START, False)
         self._add(seq, self._text_ids("user\n"), False)
         for img in images:

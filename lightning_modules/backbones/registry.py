@@ -7,10 +7,15 @@ as a hub id or a local folder saved with ``save_pretrained``.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
+
+from huggingface_hub import try_to_load_from_cache
 
 Family = Literal["clip", "qwen3.5"]
 
@@ -73,6 +78,10 @@ PRESETS: dict[Family, dict[str, BackbonePreset]] = {
             name="qwen3.5-0.8b", family="qwen3.5", hub_id="Qwen/Qwen3.5-0.8B", image_size=512,
             description="Qwen3.5-0.8B (24 layers, 1024-d embeddings at <emb_all>); bf16 on GPU",
         ),
+        "procir-released": BackbonePreset(
+            name="procir-released", family="qwen3.5", hub_id="yuandaxia/ProCIR", image_size=512,
+            description="the FashionMV release's ProCIR checkpoint (Qwen3.5-0.8B, its tokenizer holds <emb_all>)",
+        ),
         "qwen3.5-0.8b-random": BackbonePreset(
             name="qwen3.5-0.8b-random", family="qwen3.5", image_size=512,
             config={
@@ -106,15 +115,53 @@ def preset_names(family: Family) -> list[str]:
 
 def checkpoint_source(family: Family, name_or_path: str) -> str:
     """What ``from_pretrained`` loads for ``name_or_path``: a preset's hub id, a folder, or a hub id;
-    anything else is a clear error listing the presets."""
+    anything else is a clear error listing the presets. A hub id that can be neither downloaded
+    (offline, or the hub unreachable) nor found in the local cache fails here, at once, instead of
+    after the hub client's retries."""
     preset = get_preset(family, name_or_path)
     source = preset.hub_id if preset is not None else name_or_path
-    if preset is None and not Path(source).exists() and source.count("/") != 1:
+    if Path(source).exists():
+        return source
+    if source.count("/") != 1:
         raise ValueError(
             f"{family} backbone {source!r} is neither a preset ({', '.join(preset_names(family))}), "
             "an existing folder, nor a hub id of the form 'org/name'."
         )
+    if not hub_reachable() and not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub ({hub_endpoint()}) cannot be reached"
+        raise OSError(f"{family} backbone {source!r}: {why} and it is not in the local Hugging Face cache. "
+                      f"Download it where there is network (`hf download {source} --local-dir DIR`) and pass "
+                      "the folder as name_or_path.")
     return source
+
+
+def hub_kwargs(source: str) -> dict[str, Any]:
+    """``from_pretrained`` options: cached files only when the hub cannot be reached."""
+    return {} if Path(source).exists() or hub_reachable() else {"local_files_only": True}
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+@functools.cache
+def _reachable(endpoint: str, timeout: float) -> bool:
+    url = urlparse(endpoint)
+    try:
+        with socket.create_connection((url.hostname or "", url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers a TCP connection within ``timeout`` (checked once per endpoint)."""
+    return not hub_offline() and _reachable(hub_endpoint(), timeout)
 
 
 def load_error(what: str, source: str, exc: Exception) -> OSError:

@@ -144,7 +144,7 @@ def test_experiment_fast_dev_run(experiment: Path, request: pytest.FixtureReques
     kwargs = {k: request.getfixturevalue(v) for k, v in fixtures.items()}
     cli = build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2",
                      f"--trainer.default_root_dir={tmp_path}", *data_args(experiment, datasets, **kwargs)])
-    if procir and type(cli.model).__name__ == "ProCIR":  # image-text retrieval is evaluated too
+    if procir and type(cli.model).__name__ == "ProCIR" and cli.model.image_text is not None:  # image-text too
         assert {"val/i2t_recall_at_1", "val/t2i_recall_at_5", "val/recall_at_10"} <= set(cli.trainer.callback_metrics)
 
 
@@ -292,3 +292,22 @@ def test_cir_query_runs_the_full_forward_for_a_family_without_a_cache(datasets, 
         shard_urls(folder, read_manifest(folder), "val", "gallery"), handler=SkipCounter("t"))
         if smp["json"]["dataset"] == "synth_street"}
     assert len(ids) == 4 and set(ids) <= street
+
+
+@pytest.mark.slow
+def test_the_released_checkpoint_is_evaluated_without_training(datasets, qwen_folder, tmp_path: Path) -> None:
+    """`lightning validate --config experiments/procir/eval_released.yaml` on a plain Qwen3.5 folder
+    whose tokenizer already holds <emb_all> (as the release's does): no resize, the paper's protocol."""
+    from lightning_modules.backbones import QwenBackbone
+
+    exp = ROOT / "experiments/procir/eval_released.yaml"
+    cli = build_cli(["validate", "--config", str(exp), *data_args(exp, datasets, qwen_folder=qwen_folder),
+                     f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"])
+    metrics = cli.trainer.callback_metrics
+    names = {n.split("/")[1] for n in metrics if n.count("/") == 2}
+    assert names and {f"val/{d}/recall_at_{k}" for d in names for k in (1, 5, 10)} <= set(metrics)
+    assert 0.0 <= float(metrics["val/score"]) <= 1.0
+    rows = QwenBackbone(str(qwen_folder)).model.get_input_embeddings().weight.shape[0]
+    assert cli.model.backbone.model.get_input_embeddings().weight.shape[0] == rows  # <emb_all> was there
+    assert cli.model.evaluation.protocol() == {"top_k": (1, 5, 10), "score_k": (5, 10), "gallery_protocol": "queries",
+                                               "remove_source": False}

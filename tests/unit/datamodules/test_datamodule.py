@@ -95,8 +95,14 @@ def test_synthetic_prepare_data_generates_once_and_checks_settings(tmp_path: Pat
     dm.prepare_data()
     assert read_manifest(tmp_path / "d")["source"]["products"] == 40
     dm.prepare_data()  # present: nothing to do
-    with pytest.raises(ValueError, match="delete"):
+    with pytest.raises(ValueError, match="delete") as err:
         SyntheticDataModule(str(tmp_path / "d"), products=50).prepare_data()
+    # The error names what differs, the keys that match the folder, and the module for a folder as it is.
+    message = str(err.value)
+    assert "products: folder 40, config 50" in message and "datamodules.ShardDataModule" in message
+    assert "--data.init_args.products=40 --data.init_args.generator_seed=0" in message
+    # ...and following it works: the folder trains as it is through ShardDataModule.
+    assert ShardDataModule(str(tmp_path / "d"), num_workers=0).datasets
 
 
 @pytest.mark.parametrize(("key", "value"), [("batch_size", 0), ("batch_size", -4), ("eval_batch_size", 0),

@@ -87,5 +87,6 @@ def test_save_and_load_by_path_gives_the_same_model(tmp_path: Path) -> None:
 def test_unknown_name_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="neither a preset"):
         CLIPBackbone("no-such-model")
-    with pytest.raises(ValueError, match=r"qwen3.5 backbone 'no-such-model' is neither a preset \(qwen3.5-0.8b, "):
+    with pytest.raises(ValueError, match=r"qwen3.5 backbone 'no-such-model' is neither a preset "
+                                         r"\(procir-released, qwen3.5-0.8b, "):
         QwenBackbone("no-such-model")
