@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import MLFlowLogger
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from datamodules.batching import TripletExample, collate, views_of
 from datamodules.interfaces import RetrievalData
@@ -37,6 +37,16 @@ def config_hash(pl_module: LightningModule, trainer: Trainer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def trained_position(trainer: Trainer) -> tuple[int, int]:
+    """(epoch, global step) of the weights evaluated: the checkpoint's outside fit, where the Trainer's
+    own counters start at 0 whatever the checkpoint."""
+    path = trainer.ckpt_path
+    if trainer.state.fn != "fit" and path and Path(path).is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
+    return trainer.current_epoch, trainer.global_step
+
+
 def collect_results(trainer: Trainer, pl_module: LightningModule, stage: str) -> dict[str, Any]:
     per_dataset: dict[str, dict[str, float]] = {}
     overall: dict[str, float] = {}
@@ -48,13 +58,14 @@ def collect_results(trainer: Trainer, pl_module: LightningModule, stage: str) ->
             overall[m["name"]] = float(value)
     dm = trainer.datamodule
     data = dm if isinstance(dm, RetrievalData) else None
+    epoch, step = trained_position(trainer)
     ckpt = trainer.ckpt_path or (trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else "")
     return {
         "stage": stage,
         "split": data.split_of(trainer.state.fn.value) if data else None,
         "data_dir": str(data.data_dir) if data else "",
-        "epoch": trainer.current_epoch,
-        "global_step": trainer.global_step,
+        "epoch": epoch,
+        "global_step": step,
         "checkpoint": ckpt or None,
         "config_hash": config_hash(pl_module, trainer),
         "protocol": pl_module.evaluation.protocol() if isinstance(pl_module, Retriever) else {},
@@ -71,24 +82,29 @@ def _thumb(img: Image.Image, size: int, border: tuple[int, int, int] | None = No
     return t
 
 
-def retrieval_picture(rows: list[dict[str, Any]], thumb: int = 80) -> Image.Image:
-    """``rows``: dicts with ``source`` (PIL views), ``text``, ``results`` ([(PIL, is_target)])."""
+def retrieval_picture(rows: list[dict[str, Any]], thumb: int = 96, font_size: int = 20) -> Image.Image:
+    """``rows``: dicts with ``source`` (PIL views), ``text``, ``results`` ([(PIL, is_target)]). The
+    modification text is set large enough to read at the size MLflow's artifact viewer shows it."""
+    font = ImageFont.load_default(size=font_size)
     n_src = max(len(r["source"]) for r in rows)
     n_res = max(len(r["results"]) for r in rows)
-    text_h = 48
     width = (n_src + n_res) * (thumb + 4) + 24
-    height = len(rows) * (thumb + text_h + 8) + 8
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    chars = max(20, int(width / (0.55 * font_size)))
+    wrapped = [textwrap.wrap(r["text"], width=chars)[:3] for r in rows]
+    line_h = font_size + 6
+    heights = [thumb + 8 + line_h * max(1, len(w)) + 8 for w in wrapped]
+    canvas = Image.new("RGB", (width, sum(heights) + 8), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for i, row in enumerate(rows):
-        y = 8 + i * (thumb + text_h + 8)
+    y = 8
+    for row, lines, h in zip(rows, wrapped, heights, strict=True):
         for j, view in enumerate(row["source"]):
             canvas.paste(_thumb(view, thumb, (40, 40, 200)), (4 + j * (thumb + 4), y))
         x0 = 4 + n_src * (thumb + 4) + 16
         for j, (img, hit) in enumerate(row["results"]):
             canvas.paste(_thumb(img, thumb, (20, 170, 40) if hit else None), (x0 + j * (thumb + 4), y))
-        lines = textwrap.wrap(row["text"], width=max(20, width // 7))[:3]
-        draw.text((4, y + thumb + 2), "\n".join(lines), fill=(0, 0, 0))
+        for k, line in enumerate(lines):
+            draw.text((4, y + thumb + 6 + k * line_h), line, fill=(0, 0, 0), font=font)
+        y += h
     return canvas
 
 

@@ -45,6 +45,16 @@ class MLflowLogger(MLFlowLogger):
                          tracking_uri=resolve_tracking_uri(tracking_uri), tags=tags, log_model=log_model,
                          run_id=run_id)
 
+    def log_hyperparams(self, params: Any) -> None:
+        # LightningCLI stores how it built the module under ``_instantiator``: not a hyperparameter.
+        if isinstance(params, dict):
+            params = {k: v for k, v in params.items() if not str(k).startswith("_")}
+        super().log_hyperparams(params)
+
+
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces); this kind opens the runs table.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
 
 class LogConfigToMLflow(SaveConfigCallback):
     """Saves the resolved LightningCLI config as ``config.yaml`` in every MLflow run of the trainer."""

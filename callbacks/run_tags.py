@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import MLFlowLogger
+from mlflow.entities import Dataset, DatasetInput, InputTag
 
 from datamodules.interfaces import RetrievalData
 from lightning_modules.core.interfaces import Variants
 
 from .eval_artifacts import config_hash
+from .mlflow_logging import EXPERIMENT_KIND_TAG, MODEL_TRAINING
 
 
 def git_commit() -> str:
@@ -27,9 +31,22 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def dataset_input(data: RetrievalData, context: str) -> DatasetInput:
+    """The shard folder as an MLflow dataset input: its name, a digest of its manifest (which lists
+    every shard and count), and its path, so the runs table says what a run used."""
+    manifest = Path(data.data_dir) / "manifest.json"
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else "unknown"
+    name = Path(data.data_dir).resolve().name or str(data.data_dir)
+    source = json.dumps({"uri": str(Path(data.data_dir).resolve()), "datasets": data.datasets})
+    return DatasetInput(Dataset(name=name, digest=digest, source_type="local", source=source),
+                        tags=[InputTag("mlflow.data.context", context)])
+
+
 class RunTags(Callback):
     """Sets ``family``, ``variant`` (and one ``variant.<switch>`` tag per switch), ``dataset``,
-    ``git_commit`` and ``config_hash`` on the MLflow run, once, at the start of fit/validate/test."""
+    ``stage`` (fit, validate, test), ``git_commit`` and ``config_hash`` on the MLflow run, once, at the
+    start of fit/validate/test; logs the shard folder as the run's dataset input and marks the
+    experiment as model training (so MLflow's UI opens it on the runs table)."""
 
     def __init__(self) -> None:
         self.done = False
@@ -46,13 +63,21 @@ class RunTags(Callback):
             "family": type(pl_module).__name__,
             "variant": ",".join(f"{k}={v}" for k, v in switches.items()) or "default",
             "dataset": ",".join(dm.datasets) if isinstance(dm, RetrievalData) else "",
+            "stage": trainer.state.fn.value if trainer.state.fn else "",
             "git_commit": git_commit(),
             "config_hash": config_hash(pl_module, trainer),
             **{f"variant.{k}": str(v) for k, v in switches.items()},
         }
+        context = "train" if trainer.state.fn == "fit" else "eval"
         for logger in loggers:
+            client = logger.experiment
             for k, v in tags.items():
-                logger.experiment.set_tag(logger.run_id, k, v)
+                client.set_tag(logger.run_id, k, v)
+            experiment = client.get_experiment(logger.experiment_id)
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                client.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+            if isinstance(dm, RetrievalData):
+                client.log_inputs(logger.run_id, datasets=[dataset_input(dm, context)])
         self.done = True
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

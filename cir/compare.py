@@ -31,16 +31,16 @@ def build_table(runs: list[Any], ks: list[int]) -> tuple[list[str], list[list[st
     switches = sorted({k.removeprefix("variant.") for r in runs for k in r.data.tags if k.startswith("variant.")})
     datasets = sorted({m["ds"] for r in runs for key in r.data.metrics if (m := _RECALL.match(key))})
     metric_cols = [f"{ds} R@{k}" for ds in datasets for k in ks]
-    header = ["run", "family", *switches, *metric_cols, "avg", "minutes"]
+    header = ["run", "stage", "family", *switches, *metric_cols, "avg", "minutes"]
     rows: list[list[Any]] = []
     for r in runs:
         values = [r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets for k in ks]
         present = [v for v in values if v is not None]
         avg = sum(present) / len(present) if present else None
         minutes = (r.info.end_time - r.info.start_time) / 60000 if r.info.end_time else None
-        rows.append([r.info.run_name or r.info.run_id[:8], r.data.tags.get("family", ""),
+        rows.append([r.info.run_name or r.info.run_id[:8], r.data.tags.get("stage", ""), r.data.tags.get("family", ""),
                      *(_switch(r.data.tags.get(f"variant.{s}", "")) for s in switches), *values, avg, minutes])
-    first_metric = 2 + len(switches)
+    first_metric = 3 + len(switches)
     n_metrics = len(metric_cols) + 1
     best = {}
     for c in range(first_metric, first_metric + n_metrics):

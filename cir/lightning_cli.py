@@ -22,10 +22,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 import yaml
-from jsonargparse import ActionConfigFile
+from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.mlflow_logging import LogConfigToMLflow
@@ -118,23 +120,37 @@ class CIRCLI(LightningCLI):
                             help="Config fragments this config starts from (resolved before parsing).")
 
     def before_instantiate_classes(self) -> None:
-        """Resuming (``fit --ckpt_path``): log into the MLflow run the checkpoint was written by."""
-        if self.subcommand != "fit":
+        """The MLflow run's name says the backbone and, outside ``fit``, the subcommand; resuming
+        (``fit --ckpt_path``) logs into the MLflow run the checkpoint was written by."""
+        if self.subcommand is None:
             return
-        config = self.config["fit"]
-        path = resolve_ckpt_path(config.get("ckpt_path"), config.trainer.get("default_root_dir") or ".")
+        config = self.config[self.subcommand]
         logger = config.trainer.get("logger")
-        if path is None or logger is None or isinstance(logger, bool | list):
+        if logger is None or isinstance(logger, bool | list):
             return
         if not str(logger.get("class_path", "")).endswith(("MLflowLogger", "MLFlowLogger")):
             return
-        if logger.init_args.get("run_id"):
+        logger.init_args.run_name = run_name(logger.init_args.get("run_name"), config, self.subcommand)
+        if self.subcommand != "fit" or logger.init_args.get("run_id"):
             return
-        import torch
-
+        path = resolve_ckpt_path(config.get("ckpt_path"), config.trainer.get("default_root_dir") or ".")
+        if path is None:
+            return
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if checkpoint.get("mlflow_run_id"):
             logger.init_args.run_id = checkpoint["mlflow_run_id"]
+
+
+def run_name(name: str | None, config: Any, subcommand: str) -> str:
+    """``{name}@{backbone}``, plus `` (validate)`` / `` (test)`` outside fit: the config's run name
+    written for one backbone stays true when the backbone is overridden on the command line."""
+    source = config
+    for key in ("model", "init_args", "backbone", "init_args", "name_or_path"):
+        source = source.get(key) if isinstance(source, dict | Namespace) else None
+    out = name or "run"
+    if source:
+        out = f"{out}@{Path(str(source)).name}"
+    return out if subcommand == "fit" else f"{out} ({subcommand})"
 
 
 def resolve_ckpt_path(ckpt_path: str | None, default_root_dir: str) -> Path | None:

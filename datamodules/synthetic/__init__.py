@@ -11,7 +11,7 @@ from .generate import DEFAULT_STYLES, DatasetStyle, ProductSpec, SyntheticData, 
 
 # Bump when a change to the generator changes its output for the same seed: DataModules then refuse
 # folders written by an older generator instead of silently training on different data.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: captions describe only what the product's views show
 
 __all__ = ["DEFAULT_STYLES", "GENERATOR_VERSION", "DatasetStyle", "ProductSpec", "SyntheticData", "generate",
            "write_synthetic"]

@@ -54,8 +54,8 @@ class ProductSpec:
             category=self.attributes["category"],
             views=views,
             view_names=list(self.view_names),
-            short_caption=short_caption(self.attributes, rng),
-            long_caption=long_caption(self.attributes, rng),
+            short_caption=short_caption(self.attributes, rng, self.view_names),
+            long_caption=long_caption(self.attributes, rng, self.view_names),
             view_captions=[view_caption(self.attributes, v) for v in self.view_names],
             attributes={k: v for k, v in self.attributes.items() if k != "category"},
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 
-from .attributes import ATTRIBUTE_VALUES, CATEGORIES, VISIBLE_IN, visible_views
+from .attributes import ATTRIBUTE_VALUES, CATEGORIES, visible_views
 
 SHORT_WORDS = (16, 32)
 LONG_WORDS = (64, 128)
@@ -145,8 +145,14 @@ def _details(attrs: dict[str, str], names: list[str]) -> list[str]:
     return [_phrase(n, attrs[n], attrs) for n in names if n in attrs and n not in ("colour", "pattern")]
 
 
-def short_caption(attrs: dict[str, str], rng: random.Random) -> str:
-    names = [n for n in ATTRIBUTE_VALUES if n in attrs]
+def shown_attributes(attrs: dict[str, str], views: list[str]) -> list[str]:
+    """Attributes that at least one of ``views`` shows: a product's captions describe nothing else,
+    as FashionMV's captions are written from the product's own images."""
+    return [n for n in ATTRIBUTE_VALUES if n in attrs and any(v in visible_views(n, attrs[n]) for v in views)]
+
+
+def short_caption(attrs: dict[str, str], rng: random.Random, views: list[str]) -> str:
+    names = shown_attributes(attrs, views)
     # Absent details are the least informative: drop them first when the caption runs long.
     names.sort(key=lambda n: attrs[n] == "none")
     while True:
@@ -157,11 +163,13 @@ def short_caption(attrs: dict[str, str], rng: random.Random) -> str:
     return _pad(text, SHORT_FILLER, SHORT_WORDS[0], rng)
 
 
-def long_caption(attrs: dict[str, str], rng: random.Random) -> str:
+def long_caption(attrs: dict[str, str], rng: random.Random, views: list[str]) -> str:
+    """An opening (category, colour, pattern: every view shows them), then what each of the
+    product's own views shows, in its view order."""
     fields = _fields(attrs)
     parts = [rng.choice(LONG_OPENING).format(**fields)]
-    for view in ("front", "back", "side_left"):
-        names = [n for n in ATTRIBUTE_VALUES if n in attrs and view in VISIBLE_IN[n]]
+    for view in dict.fromkeys(views):
+        names = [n for n in ATTRIBUTE_VALUES if n in attrs and view in visible_views(n, attrs[n])]
         details = _details(attrs, names)
         if details:
             parts.append(rng.choice(LONG_VIEW).format(view=VIEW_PHRASE[view], details=_join(details), **fields))

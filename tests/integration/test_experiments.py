@@ -3,6 +3,7 @@ real-dataset experiments on the generated data converted from the real layouts."
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -180,6 +181,32 @@ def test_train_from_a_saved_backbone_folder_and_log_to_mlflow(datasets, tiny_fol
     val = build_cli(["validate", *common, "--trainer.logger=false", f"--ckpt_path={last}"])
     assert float(val.trainer.callback_metrics["val/recall_at_10"]) == pytest.approx(
         run.data.metrics["val/recall_at_10"], abs=1e-6)
+
+    # What the MLflow UI and cir compare show of the two runs.
+    assert "_instantiator" not in run.data.params and not any(k.startswith("_") for k in run.data.params)
+    assert run.info.run_name == f"demo@{tiny_folder.name}"  # the overridden backbone, not the config's
+    assert run.data.tags["stage"] == "fit"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
+    (inp,) = run.inputs.dataset_inputs
+    manifest = datasets["synthetic"] / "manifest.json"
+    assert inp.dataset.name == datasets["synthetic"].name and inp.dataset.source_type == "local"
+    assert inp.dataset.digest == hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "train"
+    logged = build_cli(["validate", *common, f"--ckpt_path={last}"])
+    val_run = client.get_run(logged.trainer.logger.run_id)
+    assert val_run.info.run_id != run.info.run_id
+    assert val_run.info.run_name == f"demo@{tiny_folder.name} (validate)" and val_run.data.tags["stage"] == "validate"
+    val_results = json.loads(Path(client.download_artifacts(val_run.info.run_id, "eval_results.json", str(tmp_path)))
+                             .read_text())
+    trained = torch.load(last, map_location="cpu", weights_only=True)
+    assert (val_results["epoch"], val_results["global_step"]) == (trained["epoch"], trained["global_step"])
+    assert val_results["global_step"] > 0
+
+    from cir.compare import build_table
+
+    header, rows, _ = build_table([run, client.get_run(val_run.info.run_id)], [10])
+    assert header[:3] == ["run", "stage", "family"] and {r[1] for r in rows} == {"fit", "validate"}
 
 
 @pytest.mark.slow

@@ -127,3 +127,26 @@ def test_left_and_right_are_mirrored_between_front_and_back() -> None:
     assert _logo_centroid_x("back", "left") < 0.5
     assert _logo_centroid_x("front", "right") < 0.5
     assert _logo_centroid_x("back", "right") > 0.5
+
+
+def test_captions_describe_only_what_the_products_views_show() -> None:
+    """A back design, a neckline, a side detail: never in the captions of a product without a view
+    that shows it (the table of which view shows what is VISIBLE_IN, a logo also from the back)."""
+    data = generate(400, seed=11)
+    checked = 0
+    for spec in data.products.values():
+        product = spec.render(32)
+        attrs = spec.attributes
+        for name in ("back", "neckline", "side_detail"):
+            value = attrs.get(name)
+            if value is None or value == "none" or set(VISIBLE_IN[name]) & set(spec.view_names):
+                continue
+            phrase = PHRASE[name][value]
+            assert phrase not in product.long_caption and phrase not in product.short_caption, (
+                name, value, spec.view_names, product.long_caption)
+            checked += 1
+        shown = [v for v in spec.view_names if v in ("front", "back", "side_left", "side_right")]
+        for view in shown:  # every side view the product has is described in the long caption
+            assert {"front": "front", "back": "back", "side_left": "left side",
+                    "side_right": "right side"}[view] in product.long_caption
+    assert checked > 50  # plenty of products lack the view of one of their details
