@@ -38,6 +38,16 @@ def test_cir_data_writes_a_shard_folder(tmp_path: Path, monkeypatch: pytest.Monk
     assert manifest["splits"]["train"]["products"] + manifest["splits"]["val"]["products"] == 40
     assert sys.argv == ["cir data"]  # cleared for LightningCLI, which other commands build
 
+    # The README's way to train on it as it is, whatever settings made it.
+    from cir.lightning_cli import build_cli
+
+    root = Path(__file__).resolve().parents[3]
+    cli = build_cli(["fit", "--config", str(root / "experiments/demos/clip4cir.yaml"), "--data",
+                     "datamodules.ShardDataModule", f"--data.init_args.data_dir={tmp_path / 'gen'}",
+                     "--data.init_args.num_workers=0", "--data.init_args.batch_size=4", "--trainer.fast_dev_run=1",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    assert type(cli.datamodule).__name__ == "ShardDataModule" and cli.trainer.state.finished
+
 
 def test_passthrough_splits_at_the_first_double_dash() -> None:
     assert split_passthrough(["--a", "1", "--", "--data.x=2", "--", "y"]) == (["--a", "1"], ["--data.x=2", "--", "y"])
