@@ -4,8 +4,6 @@ from pathlib import Path
 
 import pytest
 
-from callbacks.metrics_table import format_table
-from callbacks.mlflow_logging import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from cir.lightning_cli import build_cli, expand_defaults
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -48,20 +46,3 @@ def test_wrong_key_is_reported_by_name() -> None:
         build_cli(["--config", str(DEMO), "--model.init_args.no_such_key=1"], run=False)
 
 
-def test_tracking_uri_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert resolve_tracking_uri() == "sqlite:///elsewhere.db"
-    assert resolve_tracking_uri("http://server:5000") == "http://server:5000"
-
-
-def test_metrics_table_reports_chance() -> None:
-    metrics = {"val/recall_at_10": 0.5, "val/a/recall_at_10": 0.6, "val/a/gallery_size": 100.0,
-               "val/a/queries": 30.0, "val/b/recall_at_10": 0.4, "val/b/gallery_size": 50.0,
-               "val/b/queries": 10.0}
-    table = format_table(metrics)
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
-    assert float(rows["a"][3]) == pytest.approx(0.1) and float(rows["b"][3]) == pytest.approx(0.2)
-    assert float(rows["all"][3]) == pytest.approx((30 * 0.1 + 10 * 0.2) / 40)
-    assert float(rows["a"][4]) == pytest.approx(6.0)
