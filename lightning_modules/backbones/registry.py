@@ -131,7 +131,7 @@ def checkpoint_source(family: Family, name_or_path: str) -> str:
         why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub ({hub_endpoint()}) cannot be reached"
         raise OSError(f"{family} backbone {source!r}: {why} and it is not in the local Hugging Face cache. "
                       f"Download it where there is network (`hf download {source} --local-dir DIR`) and pass "
-                      "the folder as name_or_path.")
+                      "the folder (or any written with save_pretrained) as name_or_path.")
     return source
 
 

@@ -202,10 +202,11 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
              "--out", str(tmp_path / "cmp")])
     printed = capsys.readouterr().out
     header = printed.splitlines()[0].split()
-    assert {"run", "family", "two_stage", "combiner", "synth_studio", "avg", "minutes"} <= set(header)
+    assert {"run", "stage", "family", "two_stage", "combiner", "synth_studio", "avg", "minutes"} <= set(header)
     assert "*" in printed
     csv_rows = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
     evaluated = [c for c in children if "val/synth_studio/recall_at_10" in c.data.metrics]
     assert len(evaluated) >= 3  # the killed trial may have died before its first validation
     assert len(csv_rows) == 1 + len(evaluated)  # header + one row per evaluated trial; the parent has none
-    assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| run | family |")
+    assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| run | stage | family |")
+    assert all(row.split(",")[1] == "fit" for row in csv_rows[1:])  # every trial is a fit run
