@@ -2,11 +2,13 @@
 
     python benchmarks/search_backends.py                       # 10K and 100K products
     python benchmarks/search_backends.py --sizes 10000 100000 1000000 --kinds torch flat ivf
+    python benchmarks/search_backends.py --sizes 10000 100000 --kinds torch flat --recall   # + evaluation
 
 Random unit vectors of dimension 1024 stand for product embeddings; each query is a noisy copy of
 one gallery vector (the "planted" answer). For each gallery size and method it prints the build
 time, queries per second for top-10 search, the recall@10 of the method's top-10 against the exact
-top-10, and how often the planted answer is in the top-10.
+top-10, and how often the planted answer is in the top-10. ``--recall`` adds what evaluation does
+(``RecallAtK.compute``: every query ranked in the whole gallery) with each exact backend.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import faiss
 import numpy as np
 import torch
 
+from lightning_modules.retrieval import RecallAtK
 from lightning_modules.retrieval.gallery_index import build_faiss_index
 from lightning_modules.retrieval.search import topk
 
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--noise", type=float, default=0.6, help="norm of the noise added to planted queries")
     parser.add_argument("--repeats", type=int, default=3, help="searches per method; the median time is reported")
+    parser.add_argument("--recall", action="store_true", help="also time RecallAtK.compute per exact backend")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -84,6 +88,19 @@ def main() -> None:
             planted = np.mean([p in row for p, row in zip(picks, idx, strict=True)])
             print(f"{n:>9,} {label:<16} {build:>8.2f} {args.queries / seconds:>10,.0f} {recall:>19.3f} "
                   f"{planted:>18.3f}", flush=True)
+        if args.recall:
+            for backend in ("torch", "faiss"):
+                metric = RecallAtK(top_k=(1, 5, args.k), backend=backend)
+                metric.update(torch.from_numpy(gallery), torch.arange(n), torch.zeros(n, dtype=torch.long),
+                              gallery=True)
+                targets = torch.from_numpy(picks)
+                metric.update(torch.from_numpy(queries), targets, torch.zeros(args.queries, dtype=torch.long),
+                              gallery=False, source_ids=targets)
+                t = time.perf_counter()
+                out = metric.compute()
+                seconds = time.perf_counter() - t
+                print(f"{n:>9,} {'RecallAtK ' + backend:<16} {0.0:>8.2f} {args.queries / seconds:>10,.0f} "
+                      f"{'-':>19} {float(out[f'recall_at_{args.k}']):>18.3f}", flush=True)
 
 
 if __name__ == "__main__":

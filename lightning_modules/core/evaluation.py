@@ -31,7 +31,8 @@ class RetrievalEval:
         score_k: K values whose dataset-averaged recalls are averaged into ``val/score``.
         gallery_protocol: ``all`` products of the query's dataset, or only those some query uses.
         remove_source: exclude each query's source product from its ranking.
-        backend: ``torch`` chunked exact search or a ``faiss`` flat index.
+        backend: ``auto`` (a faiss flat index for single vectors on the CPU, torch's chunked exact
+            search on a GPU and for MaxSim), or ``torch`` / ``faiss`` always.
         examples: queries drawn in the retrieval picture logged after evaluation (0: none).
     """
 
@@ -39,7 +40,7 @@ class RetrievalEval:
     score_k: tuple[int, ...] | None = None
     gallery_protocol: GalleryProtocol = "all"
     remove_source: bool = False
-    backend: Backend = "torch"
+    backend: Backend = "auto"
     examples: int = 4
 
     def __post_init__(self) -> None:

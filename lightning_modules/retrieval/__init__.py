@@ -7,7 +7,8 @@ with the same code that evaluation uses.
 from .distributed import gather_objects, gather_with_grad, is_distributed
 from .gallery_index import GalleryIndex, IndexKind, build_faiss_index
 from .recall import GalleryProtocol, RecallAtK
-from .search import Backend, maxsim, similarities, target_ranks, topk
+from .search import Backend, maxsim, resolve_backend, similarities, target_ranks, topk
 
 __all__ = ["Backend", "GalleryIndex", "GalleryProtocol", "IndexKind", "RecallAtK", "build_faiss_index",
-           "gather_objects", "gather_with_grad", "is_distributed", "maxsim", "similarities", "target_ranks", "topk"]
+           "gather_objects", "gather_with_grad", "is_distributed", "maxsim", "resolve_backend", "similarities",
+           "target_ranks", "topk"]

@@ -14,7 +14,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from .search import Backend, target_ranks, topk
+from .search import Backend, resolve_backend, target_ranks, topk
 
 GalleryProtocol = Literal["all", "queries"]
 
@@ -39,14 +39,15 @@ class RecallAtK(Metric):
             FashionIQ's "VAL" protocol).
         remove_source: drop each query's own source product from its ranking.
         chunk_size: block size of the chunked exact search.
-        backend: ``torch`` (exact rank counting) or ``faiss`` (exact flat index top-k).
+        backend: ``torch`` (exact rank counting), ``faiss`` (exact flat index top-k) or ``auto``
+            (faiss for single vectors on the CPU, torch on a GPU and for MaxSim; see ``resolve_backend``).
     """
 
     full_state_update = False
 
     def __init__(self, dataset_names: Sequence[str] = ("default",), top_k: Sequence[int] = (1, 5, 10),
                  score_k: Sequence[int] | None = None, gallery_protocol: GalleryProtocol = "all",
-                 remove_source: bool = False, chunk_size: int = 4096, backend: Backend = "torch",
+                 remove_source: bool = False, chunk_size: int = 4096, backend: Backend = "auto",
                  **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.dataset_names = list(dataset_names)
@@ -132,7 +133,7 @@ class RecallAtK(Metric):
         if self.remove_source:
             source_index = index_of(query_sources)
             target_index[query_targets == query_sources] = -1  # a removed source cannot be the answer
-        if self.backend == "faiss" and queries.ndim == 2:
+        if resolve_backend(self.backend, queries) == "faiss":
             extra = 1 if source_index is not None else 0
             _, idx = topk(queries, gallery, max(self.top_k) + extra, backend="faiss")
             idx = idx.to(target_index.device)

@@ -14,7 +14,16 @@ import torch
 
 from .gallery_index import build_faiss_index
 
-Backend = Literal["torch", "faiss"]
+Backend = Literal["auto", "torch", "faiss"]
+
+
+def resolve_backend(backend: Backend, queries: torch.Tensor) -> Literal["torch", "faiss"]:
+    """``auto``: a faiss flat index for single vectors on the CPU (measured at least as fast as
+    torch's chunked search there: ``benchmarks/search_backends.py``), torch on a GPU (no copy to the
+    host) and for MaxSim multi-vectors (which faiss cannot score)."""
+    if backend != "auto":
+        return backend
+    return "faiss" if queries.ndim == 2 and queries.device.type == "cpu" else "torch"
 
 
 def maxsim(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
@@ -74,7 +83,7 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int =
          backend: Backend = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, indices) of the ``k`` best gallery items per query, best first."""
     k = min(k, gallery.shape[0])
-    if backend == "faiss":
+    if resolve_backend(backend, queries) == "faiss":
         if queries.ndim != 2:
             raise ValueError("the faiss backend searches single vectors; MaxSim multi-vectors need backend='torch'")
         index = build_faiss_index(gallery.detach().float().cpu().numpy(), "flat")

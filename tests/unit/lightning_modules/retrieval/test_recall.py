@@ -39,7 +39,7 @@ def embeddings():
     return q, q_tgt, q_ds, g, g_ids, g_ds
 
 
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", ["torch", "faiss", "auto"])
 def test_recall_matches_brute_force(embeddings, backend) -> None:
     q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
     metric = RecallAtK(["a", "b", "c"], top_k=(1, 5, 10), chunk_size=17, backend=backend)
@@ -110,7 +110,7 @@ def test_recall_under_two_gloo_processes_equals_one_process(embeddings) -> None:
 
 
 @pytest.mark.parametrize("protocol,remove_source", [("all", True), ("queries", False), ("queries", True)])
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("backend", ["torch", "faiss", "auto"])
 def test_gallery_protocols_match_brute_force(embeddings, protocol, remove_source, backend) -> None:
     q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
     gen = torch.Generator().manual_seed(7)
@@ -132,3 +132,12 @@ def test_gallery_protocols_match_brute_force(embeddings, protocol, remove_source
     if protocol == "queries":
         used = set(q_tgt.tolist()) | set(q_src.tolist())
         assert sum(out[f"{n}/gallery_size"].item() for n in "abc") == sum(int(i) in used for i in g_ids)
+
+
+def test_auto_backend_is_faiss_for_single_vectors_on_the_cpu_and_torch_elsewhere() -> None:
+    from lightning_modules.retrieval import resolve_backend
+
+    assert resolve_backend("auto", torch.zeros(2, 8)) == "faiss"
+    assert resolve_backend("auto", torch.zeros(2, 5, 8)) == "torch"  # MaxSim multi-vectors
+    assert resolve_backend("auto", torch.zeros(2, 8, device="meta")) == "torch"  # not on the host
+    assert resolve_backend("torch", torch.zeros(2, 8)) == "torch"
