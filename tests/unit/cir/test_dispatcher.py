@@ -57,3 +57,47 @@ def test_passthrough_splits_at_the_first_double_dash() -> None:
 def test_a_command_without_config_overrides_refuses_them() -> None:
     with pytest.raises(SystemExit):
         main(["compare", "--experiment", "x", "--", "--model.init_args.lr=1"])
+
+
+def test_search_and_query_ask_which_gallery_by_its_option_name() -> None:
+    from cir.search import choose_dataset
+
+    assert choose_dataset(["a", "a"], None, "cir search query") == "a"
+    with pytest.raises(SystemExit, match=r"cir search query: the gallery holds datasets \['a', 'b'\]: choose one "
+                                         r"with --dataset"):
+        choose_dataset(["a", "b"], None, "cir search query")
+    with pytest.raises(SystemExit, match="--dataset c: not in the gallery"):
+        choose_dataset(["a", "b"], "c", "cir search query")
+
+
+def test_query_prompts_only_at_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from cir.query import PROMPT, _texts
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Terminal("make it red\nadd a pocket\n"))
+    assert list(_texts(None)) == ["make it red", "add a pocket"]
+    assert capsys.readouterr().out.count(PROMPT) == 3  # before each line, and before the end of input
+    monkeypatch.setattr(sys, "stdin", io.StringIO("make it red\n"))  # a pipe: no prompt in the output
+    assert list(_texts(None)) == ["make it red"] and PROMPT not in capsys.readouterr().out
+    assert list(_texts(["given"])) == ["given"]
+
+
+def test_compare_writes_under_outputs_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its CSV and Markdown no longer land in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("e")
+    run = client.create_run(exp, run_name="r", tags={"family": "CLIP4CIR", "stage": "fit"})
+    client.log_metric(run.info.run_id, "val/d/recall_at_10", 0.5)
+    client.set_terminated(run.info.run_id)
+    main(["compare", "--experiment", "e", "--k", "10"])
+    assert sorted(p.name for p in (tmp_path / "outputs" / "compare").iterdir()) == ["compare.csv", "compare.md"]
+    assert not (tmp_path / "compare.csv").exists()
