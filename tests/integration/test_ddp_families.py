@@ -70,16 +70,25 @@ def terms(family: str, rank: int, world: int) -> tuple[dict[str, float], dict[st
     return out[0], out[1]
 
 
-def terms_of_rank(rank: int, world: int, family: str) -> tuple[dict[str, float], dict[str, float]]:
-    return terms(family, rank, world)
+FAMILIES = ("CLIP4CIR", "LLaVACaptionCIR", "ProCIR")
+
+
+def terms_of_rank(rank: int, world: int) -> dict[str, tuple[dict[str, float], dict[str, float]]]:
+    return {family: terms(family, rank, world) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict[str, tuple[dict[str, float], dict[str, float]]]]:
+    """Every family on 2 gloo processes, spawned once for the module."""
+    return run_gloo(terms_of_rank, 2)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["CLIP4CIR", "LLaVACaptionCIR", "ProCIR"])
-def test_in_batch_negatives_are_global(family: str) -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_in_batch_negatives_are_global(family: str, two_ranks: list) -> None:
     whole = terms(family, 0, 1)[1]
     assert set(whole) == set(GATHERED[family])
-    local, connected = zip(*run_gloo(terms_of_rank, 2, family), strict=True)
+    local, connected = zip(*(rank[family] for rank in two_ranks), strict=True)
     for name, value in whole.items():
         assert sum(r[name] for r in connected) / 2 == pytest.approx(value, abs=1e-4), name
     # Control: ranks left unconnected score only their own half, and the terms come out different.
