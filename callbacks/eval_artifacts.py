@@ -42,8 +42,11 @@ def trained_position(trainer: Trainer) -> tuple[int, int]:
     own counters start at 0 whatever the checkpoint."""
     path = trainer.ckpt_path
     if trainer.state.fn != "fit" and path and Path(path).is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
+        except Exception:  # noqa: BLE001 - the results matter more than where they came from
+            pass
     return trainer.current_epoch, trainer.global_step
 
 
@@ -137,7 +140,9 @@ class EvalArtifacts(Callback):
             return
         folder = self._folder(trainer, stage)
         files = [folder / "eval_results.json"]
-        files[0].write_text(json.dumps(results, indent=2))
+        tmp = files[0].with_suffix(".tmp")  # a killed job leaves the previous results whole
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(files[0])
         if picture and self.examples > 0:
             img = self.picture(trainer, pl_module, results["split"])
             if img is not None:

@@ -8,8 +8,8 @@
     cir sweep ...     Optuna sweeps over any config key
     cir compare ...   MLflow runs as an ablation table
 
-``cir <command> --help`` explains each. The older ``cir data``, ``cir caption``, ``cir search``,
-``cir query``, ``cir sweep`` and ``cir compare`` scripts remain as aliases for this release.
+``cir <command> --help`` explains each. The older hyphenated scripts (cir-data, cir-caption,
+cir-search, cir-query, cir-sweep, cir-compare) remain as aliases for this release.
 """
 
 from __future__ import annotations

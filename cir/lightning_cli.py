@@ -57,8 +57,14 @@ def _defaults_of(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
 
 
 def expand_defaults(argv: list[str]) -> list[str]:
-    """Insert ``--config FRAGMENT`` before every ``--config FILE`` whose file lists ``defaults``."""
+    """Insert ``--config FRAGMENT`` before every ``--config FILE`` whose file lists ``defaults``.
+
+    A file is loaded once: a fragment already given earlier is not inserted again. That also makes
+    the expansion idempotent, which matters because DDP's launcher starts the other ranks with the
+    already expanded command line (a second expansion would load fragments twice, and a
+    ``callbacks+:`` in one of them would give those ranks a callback list rank 0 does not have)."""
     out: list[str] = []
+    loaded: set[Path] = set()
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -69,7 +75,10 @@ def expand_defaults(argv: list[str]) -> list[str]:
             value, consumed = arg.split("=", 1)[1], 1
         if value is not None and value.endswith((".yaml", ".yml")):
             for fragment in _defaults_of(Path(value).resolve()):
-                out += ["--config", str(fragment)]
+                if fragment not in loaded:
+                    out += ["--config", str(fragment)]
+                    loaded.add(fragment)
+            loaded.add(Path(value).resolve())
             out += argv[i : i + consumed]
             i += consumed
             continue

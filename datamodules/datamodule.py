@@ -285,12 +285,14 @@ class SyntheticDataModule(ShardDataModule):
                           for k, f, w in zip(keys, found, wanted, strict=False) if f != w]
                 if found[3] != GENERATOR_VERSION:
                     differ.append(f"generator version: folder {found[3]}, this code {GENERATOR_VERSION}")
+                same_settings = found[:3] == wanted[:3]  # only the generator changed: flags cannot help
+                flags = ("" if same_settings else
+                         f"or pass --data.init_args.products={found[0]} --data.init_args.generator_seed={found[1]} "
+                         f"--data.init_args.val_fraction={found[2]}; ")
                 raise ValueError(
                     f"{self.data_dir} holds generated data made with other settings ({'; '.join(differ)}). To train "
                     "on that folder as it is, use class_path datamodules.ShardDataModule with "
-                    f"data_dir={self.data_dir}; "
-                    f"or pass --data.init_args.products={found[0]} --data.init_args.generator_seed={found[1]} "
-                    f"--data.init_args.val_fraction={found[2]}; or delete {self.data_dir} to regenerate."
+                    f"data_dir={self.data_dir}; {flags}or delete {self.data_dir} to regenerate."
                 )
             return
         log.info("generating %d synthetic products into %s", self.hparams.products, self.data_dir)

@@ -80,6 +80,8 @@ def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence
         caption_file = data_dir / f"{split}_captions.jsonl"
         caption_rows = read_jsonl(caption_file) if caption_file.is_file() else []
         captions = {(r.get("dataset", ""), str(r["product_id"])): r for r in caption_rows if "product_id" in r}
+        # Rows without a dataset field still match their product by id.
+        captions_by_id = {str(r["product_id"]): r for r in caption_rows if "product_id" in r and "dataset" not in r}
         writer = ShardSetWriter(out, split, maxcount=maxcount)
         counts: dict[str, dict[str, int]] = defaultdict(lambda: {
             "triplets_written": 0, "triplets_skipped": 0, "products_written": 0, "products_missing": 0})
@@ -108,7 +110,7 @@ def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence
                 if not views:
                     counts[dataset]["products_missing"] += 1
                     continue
-                row = captions.get((dataset, pid), {})
+                row = captions.get((dataset, pid)) or captions_by_id.get(pid, {})
                 captions_all = _per_image_captions(row, listed)
                 view_captions = [c for (_, b), c in zip(loaded, captions_all, strict=True) if b is not None]
                 meta = {"product_id": key, "dataset": dataset, "category": str(row.get("category", "")),

@@ -31,8 +31,10 @@ class RetrievalEval:
         score_k: K values whose dataset-averaged recalls are averaged into ``val/score``.
         gallery_protocol: ``all`` products of the query's dataset, or only those some query uses.
         remove_source: exclude each query's source product from its ranking.
-        backend: ``auto`` (a faiss flat index for single vectors on the CPU, torch's chunked exact
-            search on a GPU and for MaxSim), or ``torch`` / ``faiss`` always.
+        backend: ``torch``: exact rank counting (a tie goes to the target, the same on CPU and GPU);
+            ``faiss``: a flat index's top-k; ``auto``: faiss for single vectors on the CPU, torch
+            elsewhere. Measured at parity on the CPU (``benchmarks/search_backends.py``), so the
+            default is the one whose numbers do not depend on the device.
         examples: queries drawn in the retrieval picture logged after evaluation (0: none).
     """
 
@@ -40,7 +42,7 @@ class RetrievalEval:
     score_k: tuple[int, ...] | None = None
     gallery_protocol: GalleryProtocol = "all"
     remove_source: bool = False
-    backend: Backend = "auto"
+    backend: Backend = "torch"
     examples: int = 4
 
     def __post_init__(self) -> None:

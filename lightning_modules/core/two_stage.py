@@ -57,5 +57,6 @@ class TwoStageTraining:
     def stage2_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Stage-2 training: the query against the bank (the target encoder is frozen)."""
         query = self.encode_query(batch)
-        target = self.encode_target(Products.targets_of(batch))
+        with torch.no_grad():  # the target encoder is frozen: nothing of the target side trains
+            target = self.encode_target(Products.targets_of(batch))
         return query, self.stage2_loss(query, target, self.bank, batch["target_id"])

@@ -47,7 +47,7 @@ class RecallAtK(Metric):
 
     def __init__(self, dataset_names: Sequence[str] = ("default",), top_k: Sequence[int] = (1, 5, 10),
                  score_k: Sequence[int] | None = None, gallery_protocol: GalleryProtocol = "all",
-                 remove_source: bool = False, chunk_size: int = 4096, backend: Backend = "auto",
+                 remove_source: bool = False, chunk_size: int = 4096, backend: Backend = "torch",
                  **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.dataset_names = list(dataset_names)
@@ -133,6 +133,8 @@ class RecallAtK(Metric):
         if self.remove_source:
             source_index = index_of(query_sources)
             target_index[query_targets == query_sources] = -1  # a removed source cannot be the answer
+        if gallery.shape[0] == 0:  # nothing of this dataset was evaluated (limit_val_batches, say)
+            return {k: torch.zeros(len(queries), dtype=torch.bool, device=queries.device) for k in self.top_k}
         if resolve_backend(self.backend, queries) == "faiss":
             extra = 1 if source_index is not None else 0
             _, idx = topk(queries, gallery, max(self.top_k) + extra, backend="faiss")

@@ -59,6 +59,9 @@ class CLIP4CIR(RetrievalModule):
         self.backbone = backbone
         self.fusion = fusion or SumFusion()
         check_fusion_width(self.fusion, backbone.dim, backbone.name_or_path)
+        if view_strategy == "maxsim" and self.evaluation.backend == "faiss":
+            raise ValueError("model.init_args: view_strategy=maxsim scores view pairs, which faiss cannot: set "
+                             "evaluation.backend=torch (or auto)")
         if freeze_backbone:
             self.backbone.requires_grad_(False)
         self.view_strategy = view_strategy

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ...backbones.qwen import IM_END, QwenBackbone
 from ...backbones.qwen_chat import Dialogue, DialogueBuilder
-from ...backbones.registry import load_error
+from ...backbones.registry import hub_kwargs, load_error, require_hub_source
 
 
 class Captioner(Protocol):
@@ -89,10 +89,13 @@ class LlavaCaptioner(_HFChatCaptioner):
                  max_new_tokens: int = 96, device: str | None = None, trust_remote_code: bool = False) -> None:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+        require_hub_source(name_or_path, "the LLaVA captioner")
+        hub = hub_kwargs(name_or_path)
         try:
-            processor = AutoProcessor.from_pretrained(name_or_path, backend="pil", trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(name_or_path, backend="pil", trust_remote_code=trust_remote_code,
+                                                      **hub)
             model = LlavaForConditionalGeneration.from_pretrained(
-                name_or_path, dtype="auto", trust_remote_code=trust_remote_code, **_quantization(load_in_4bit))
+                name_or_path, dtype="auto", trust_remote_code=trust_remote_code, **_quantization(load_in_4bit), **hub)
         except OSError as exc:
             raise load_error("the LLaVA captioner", name_or_path, exc) from exc
         if device and not load_in_4bit:

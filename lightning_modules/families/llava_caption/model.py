@@ -74,6 +74,9 @@ class LLaVACaptionCIR(RetrievalModule):
         self.augmented_negatives = augmented_negatives
         self.rng = random.Random(seed)
 
+    def init_command(self) -> str:
+        return "lightning fit --config experiments/llava_caption/fashioniq.yaml (its last.ckpt, at the switch)"
+
     def image_transform(self) -> HFImageTransform:
         return self.backbone.image_transform
 

@@ -46,3 +46,15 @@ def test_wrong_key_is_reported_by_name() -> None:
         build_cli(["--config", str(DEMO), "--model.init_args.no_such_key=1"], run=False)
 
 
+
+
+def test_expansion_loads_each_file_once_and_is_idempotent() -> None:
+    """DDP's launcher restarts the other ranks with the expanded command line: expanding it again
+    must give the same list, or those ranks would load fragments twice."""
+    for path in sorted((ROOT / "experiments").rglob("*.yaml")):
+        if "sweeps" in path.parts:
+            continue
+        once = expand_defaults(["fit", "--config", str(path), "--trainer.max_epochs=1"])
+        assert expand_defaults(once) == once, path
+        configs = [once[i + 1] for i, a in enumerate(once) if a == "--config"]
+        assert len(configs) == len(set(configs)), path
