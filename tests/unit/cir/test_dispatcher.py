@@ -90,14 +90,15 @@ def test_query_prompts_only_at_a_terminal(monkeypatch: pytest.MonkeyPatch, capsy
 def test_compare_writes_under_outputs_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its CSV and Markdown no longer land in the working directory."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(uri)  # explicit: an earlier test may have set mlflow's process-wide URI
     exp = client.create_experiment("e")
     run = client.create_run(exp, run_name="r", tags={"family": "CLIP4CIR", "stage": "fit"})
     client.log_metric(run.info.run_id, "val/d/recall_at_10", 0.5)
     client.set_terminated(run.info.run_id)
-    main(["compare", "--experiment", "e", "--k", "10"])
+    main(["compare", "--experiment", "e", "--k", "10", "--tracking-uri", uri])
     assert sorted(p.name for p in (tmp_path / "outputs" / "compare").iterdir()) == ["compare.csv", "compare.md"]
     assert not (tmp_path / "compare.csv").exists()
