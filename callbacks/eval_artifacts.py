@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from datamodules.batching import TripletExample, collate, views_of
 from datamodules.interfaces import RetrievalData
 from datamodules.schema import stable_id
+from lightning_modules.core.checkpoints import checkpoint_metadata
 from lightning_modules.core.interfaces import Retriever
 from lightning_modules.retrieval import similarities
 
@@ -43,7 +44,7 @@ def trained_position(trainer: Trainer) -> tuple[int, int]:
     path = trainer.ckpt_path
     if trainer.state.fn != "fit" and path and Path(path).is_file():
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            checkpoint = checkpoint_metadata(path)
             return int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
         except Exception:  # noqa: BLE001 - the results matter more than where they came from
             pass

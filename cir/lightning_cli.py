@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 import yaml
 from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.mlflow_logging import LogConfigToMLflow
 from datamodules.datamodule import ShardDataModule
+from lightning_modules.core.checkpoints import checkpoint_metadata
 
 from .errors import concise, debug_requested, report
 
@@ -145,7 +145,7 @@ class CIRCLI(LightningCLI):
         path = resolve_ckpt_path(config.get("ckpt_path"), config.trainer.get("default_root_dir") or ".")
         if path is None:
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = checkpoint_metadata(path)
         if checkpoint.get("mlflow_run_id"):
             logger.init_args.run_id = checkpoint["mlflow_run_id"]
 

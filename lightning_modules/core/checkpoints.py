@@ -21,6 +21,12 @@ def load_weights(path: str | Path) -> dict[str, Any]:
         ) from exc
 
 
+def checkpoint_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint read weights-only and memory-mapped: its epoch, step and run id cost no copy of
+    the weights, which matters for a multi-GB model."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def state_dict_of(path: str | Path) -> dict[str, torch.Tensor]:
     """The model weights of a Lightning checkpoint or of a bare state dict."""
     state = load_weights(path)
