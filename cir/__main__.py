@@ -3,6 +3,7 @@
     cir fit|validate|test|predict --config EXP   the LightningCLI (the same as ``lightning``)
     cir data ...      shard folders from the generator or the real datasets
     cir caption ...   MLLM captions of a shard folder (LLaVA-caption CIR)
+    cir build ...     CIR training data from a catalogue of photos (the FashionMV pipeline)
     cir search ...    saved faiss gallery indexes: build, query
     cir query ...     interactive queries (KV-cached for ProCIR's two-stage dialogue)
     cir sweep ...     Optuna sweeps over any config key
@@ -24,6 +25,7 @@ LIGHTNING_CLI = "cir.lightning_cli"
 COMMANDS = {
     "data": "cir.data",
     "caption": "cir.caption",
+    "build": "cir.build",
     "search": "cir.search",
     "query": "cir.query",
     "sweep": "cir.sweep",

@@ -2,6 +2,7 @@
 
     cir data synthetic --out data/synthetic [--products 1500 --seed 0]
     cir data synthetic --out data/fiq-layout --layout fashioniq     # generated data, FashionIQ's layout
+    cir data synthetic --out data/catalogue --layout catalogue --products 300   # the input of `cir build`
     cir data fashioniq --root FASHIONIQ --out data/fashioniq [--categories dress shirt toptee]
     cir data fashionmv --root FASHIONMV --out data/fashionmv     # the release: ROOT/data/*.jsonl, ROOT/images/
     cir data fashionmv --data-dir FASHIONMV/data --image-root /images/elsewhere --out data/fashionmv
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from datamodules.converters import convert_fashioniq, convert_fashionmv, extract_fashiongen_h5
 from datamodules.synthetic import generate, write_synthetic
+from datamodules.synthetic.catalogue import write_catalogue_layout
 from datamodules.synthetic.layouts import write_fashioniq_layout, write_fashionmv_layout
 
 from .args import command_parser, parse
@@ -29,6 +31,9 @@ def _synthetic(args: argparse.Namespace) -> None:
         print(json.dumps({s: {k: v for k, v in d.items() if k != "shards"} for s, d in splits.items()}, indent=2))
         return
     data = generate(args.products, seed=args.seed, val_fraction=args.val_fraction)
+    if args.layout == "catalogue":
+        print(json.dumps(write_catalogue_layout(args.out, data, seed=args.seed), indent=2))
+        return
     writer = write_fashioniq_layout if args.layout == "fashioniq" else write_fashionmv_layout
     print(json.dumps(writer(args.out, data), indent=2))
 
@@ -62,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--val-fraction", type=float, default=0.2)
     syn.add_argument("--maxcount", type=int, default=256, help="samples per shard")
-    syn.add_argument("--layout", choices=["shards", "fashioniq", "fashionmv"], default="shards",
-                     help="shards (ready to train) or a real dataset's own layout (input of its converter)")
+    syn.add_argument("--layout", choices=["shards", "fashioniq", "fashionmv", "catalogue"], default="shards",
+                     help="shards (ready to train), a real dataset's own layout (input of its converter), or a "
+                     "retailer's catalogue of photos (input of `cir build`; ground_truth.jsonl feeds its oracle)")
     syn.set_defaults(func=_synthetic)
 
     fiq = sub.add_parser("fashioniq", help="convert FashionIQ (captions/, image_splits/, images/) to shards")

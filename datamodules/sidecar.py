@@ -33,7 +33,7 @@ def read_sidecar(path: str | Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _cut_torn_tail(path: Path) -> None:
+def cut_torn_tail(path: Path) -> None:
     """Drop an unterminated last line, so the next record starts on a line of its own."""
     with path.open("rb+") as f:
         size = f.seek(0, os.SEEK_END)
@@ -59,7 +59,7 @@ def append_records(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Append ``records`` and sync them to disk before returning."""
     path = Path(path)
     if path.is_file():
-        _cut_torn_tail(path)
+        cut_torn_tail(path)
     with path.open("a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in records))
         f.flush()

@@ -86,7 +86,9 @@ def _sample_views(rng: random.Random, style: DatasetStyle) -> list[str]:
     return [v for v in VIEW_NAMES if v in chosen]
 
 
-def _triplet(a: ProductSpec, b: ProductSpec, rng: random.Random) -> Triplet | None:
+def triplet_between(a: ProductSpec, b: ProductSpec, rng: random.Random) -> Triplet | None:
+    """The triplet a → b, or None when they differ in more than 3 attributes (or none), or a change
+    cannot be seen in a view both products have."""
     changes = differences(a.attributes, b.attributes)
     if not 1 <= len(changes) <= 3:
         return None
@@ -138,7 +140,7 @@ def generate(products: int, seed: int = 0, val_fraction: float = 0.2, max_triple
 
     triplets: dict[str, list[Triplet]] = {"train": [], "val": []}
     for family in families:
-        candidates = [t for a in family for b in family if a is not b and (t := _triplet(a, b, rng))]
+        candidates = [t for a in family for b in family if a is not b and (t := triplet_between(a, b, rng))]
         rng.shuffle(candidates)
         if candidates:
             triplets[split_of[family[0].product_id]].extend(candidates[:max_triplets_per_family])

@@ -89,6 +89,24 @@ class DialogueBuilder:
         self._add(seq, self._text_ids("\n"), False)
         return seq
 
+    def user_parts(self, seq: Dialogue, parts: list[PatchedImage | str]) -> Dialogue:
+        """A user turn of interleaved text and images in their order (labelled multi-image requests,
+        e.g. ``[Image 1]`` before each view)."""
+        self._special(seq, IM_START, False)
+        self._add(seq, self._text_ids("user\n"), False)
+        for part in parts:
+            if isinstance(part, str):
+                if part:
+                    self._add(seq, self.backbone.text_ids(part), False)
+                continue
+            self._special(seq, VISION_START, False)
+            self._add(seq, [self.ids[IMAGE_PAD]] * self.backbone.image_tokens(part), False, image=True)
+            self._special(seq, VISION_END, False)
+            seq.images.append(part)
+        self._special(seq, IM_END, False)
+        self._add(seq, self._text_ids("\n"), False)
+        return seq
+
     def assistant(self, seq: Dialogue, thought: list[int] | str = (), answer: str = "", emb: bool = True,
                   close: bool = True, trained: bool = False) -> Dialogue:
         """``<think>`` block (empty, or ``thought`` as text or token ids), then ``answer`` and/or

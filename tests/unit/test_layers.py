@@ -2,8 +2,9 @@
 
 Every ``import`` statement counts, those inside functions included, so a cycle cannot hide behind
 a late import. Layers, lowest first: ``datamodules`` ← ``lightning_modules`` ← ``callbacks`` ←
-``cir``; inside ``lightning_modules``: ``retrieval`` ← ``components`` ← ``backbones`` ← ``core`` ←
-``families`` ← the package's re-exporting ``__init__``; a family never imports another family.
+``cir``; inside ``lightning_modules``: ``retrieval`` ← ``components`` ← ``backbones`` ← ``generation``
+(calling chat models) ← ``construction`` (the dataset pipeline) ← ``core`` ← ``families`` ← the
+package's re-exporting ``__init__``; a family never imports another family.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("datamodules", "lightning_modules", "callbacks", "cir")
-INSIDE_MODEL_CODE = ("retrieval", "components", "backbones", "core", "families")
+INSIDE_MODEL_CODE = ("retrieval", "components", "backbones", "generation", "construction", "core", "families")
 
 
 def module_name(path: Path) -> str:

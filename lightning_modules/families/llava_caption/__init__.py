@@ -2,7 +2,8 @@
 caption encoder for targets, hybrid negatives, two stages; with its captioners, prompts, lexicon
 and the offline caption job."""
 
-from .captioners import Captioner, LlavaCaptioner, OracleCaptioner, QwenCaptioner
+from .captioners import Captioner, ChatCaptioner, LlavaCaptioner, OracleCaptioner, QwenCaptioner, ServedCaptioner
 from .model import LLaVACaptionCIR
 
-__all__ = ["Captioner", "LLaVACaptionCIR", "LlavaCaptioner", "OracleCaptioner", "QwenCaptioner"]
+__all__ = ["Captioner", "ChatCaptioner", "LLaVACaptionCIR", "LlavaCaptioner", "OracleCaptioner", "QwenCaptioner",
+           "ServedCaptioner"]

@@ -27,7 +27,7 @@ from datamodules.batching import caption_of
 from datamodules.shards import SkipCounter, iterate_shards, read_manifest, shard_urls
 from datamodules.sidecar import append_records, read_sidecar
 
-from .captioners import LlavaCaptioner, OracleCaptioner, QwenCaptioner
+from .captioners import LlavaCaptioner, OracleCaptioner, QwenCaptioner, ServedCaptioner
 from .prompts import DESCRIBE_PROMPT, REWRITE_PROMPT, rewrite_input
 
 
@@ -86,9 +86,12 @@ def run_caption_job(data_dir: str | Path, out: str | Path, captioner: Any, split
     return counts
 
 
-def build_captioner(kind: str, name_or_path: str | None, load_in_4bit: bool, device: str | None) -> Any:
+def build_captioner(kind: str, name_or_path: str | None, load_in_4bit: bool, device: str | None,
+                    base_url: str | None = None, concurrency: int = 8) -> Any:
     if kind == "oracle":
         return OracleCaptioner()
+    if base_url:
+        return ServedCaptioner(base_url, name_or_path or "llava-hf/llava-1.5-13b-hf", concurrency=concurrency)
     if kind == "llava":
         return LlavaCaptioner(name_or_path or "llava-hf/llava-1.5-13b-hf", load_in_4bit=load_in_4bit,
                                          device=device)

@@ -38,8 +38,10 @@ class ProCIRSFT(L.LightningModule):
         backbone: the model to fine-tune.
         sample_fraction: probability that each dialogue of each type is used (paper: 0.2); 1.0 in
             validation.
-        caption_system_prompt: the system turn of caption dialogues (default: the paper's Stage-1
-            caption prompt; null for none, which saves ~500 tokens per dialogue on a CPU).
+        caption_system_prompt: the system turn of caption dialogues (default: the dataset
+            pipeline's stage-1 caption prompt, ``construction/prompts/captions.txt``, which carries
+            appendix A.1's instructions; pass the appendix text itself for a verbatim
+            reproduction; null for none, which saves ~500 tokens per dialogue on a CPU).
         tasks: ``caption`` and/or ``triplet``.
         max_tokens: dialogues longer than this are skipped and counted (``train/sft_too_long``);
             the paper's context length is 4096.

@@ -87,13 +87,15 @@ def test_sft_dialogues_train_only_assistant_tokens(backbone: QwenBackbone) -> No
 
 
 def test_sft_caption_dialogue_json_and_system_prompt(backbone: QwenBackbone) -> None:
+    from lightning_modules.construction.prompts import default_prompt
     from lightning_modules.families.procir.prompts import CAPTION_SYSTEM_PROMPT
 
     product = {"long_caption": "a red dress", "short_caption": "red", "view_captions": ["front view"]}
     with_prompt = ProCIRSFT(backbone).caption_dialogue(views(backbone, 1, 70), product)
     toks = tokens(backbone, with_prompt)
-    assert toks[:2] == ["<|im_start|>", "system"] and "analyst" in toks
-    assert "Fashion Product Caption Generation" in CAPTION_SYSTEM_PROMPT
+    assert toks[:2] == ["<|im_start|>", "system"] and "catalogue" in toks
+    # One caption prompt for the SFT stage and the dataset pipeline's stage 1.
+    assert CAPTION_SYSTEM_PROMPT == default_prompt("captions") and "image_captions" in CAPTION_SYSTEM_PROMPT
     assert json.loads(json.dumps({"long_caption": "a red dress"}))  # the answer is json.dumps output
     assert backbone.tokenizer.unk_token_id not in with_prompt.ids  # the tiny vocabulary covers the prompt
 

@@ -1,0 +1,117 @@
+"""``cir build``: make product-level CIR training data from a catalogue of multi-view photos, with
+the FashionMV paper's three-stage pipeline (captions, left/right filter, triplets).
+
+    cir data synthetic --layout catalogue --out data/catalogue --products 300
+    cir build --catalogue data/catalogue --out data/built --backend oracle --image-encoder clip:tiny
+    cir data fashionmv --root data/built --out data/built-shards
+
+With a model server (vLLM, SGLang, `transformers serve`, a hosted API) for a real catalogue:
+
+    cir build --catalogue shop/ --out data/shop-cir --backend openai --base-url http://localhost:8000/v1 \\
+        --model Qwen/Qwen3-VL-8B-Instruct --concurrency 32 [--triplets-model ... --triplets-base-url ...]
+
+Or a model in this process: --backend transformers --model Qwen/Qwen3.5-0.8B (or a folder) [--device cuda].
+Rerun the same command after a crash or a kill: finished requests are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lightning_modules.construction.answers import WordRanges
+from lightning_modules.construction.oracle import OracleChat
+from lightning_modules.construction.pipeline import PAPER_MAX_TOKENS, BuildConfig, BuildIncomplete, build
+from lightning_modules.construction.prompts import STAGES, Stage
+from lightning_modules.generation import ChatBackend, OpenAIChat, TransformersChat
+
+from .args import command_parser, parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = command_parser("build", __doc__)
+    p.add_argument("--catalogue", required=True, help="folder of images/<product_id>/*.jpg [+ products.jsonl]")
+    p.add_argument("--out", required=True, help="output folder (FashionMV layout; journals in OUT/build/)")
+    p.add_argument("--backend", choices=["oracle", "transformers", "openai"], required=True)
+    p.add_argument("--model", default=None, help="hub id, folder or served model name, for every stage")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    for stage in STAGES:
+        p.add_argument(f"--{stage}-model", default=None, help=f"the {stage} stage's model (default: --model)")
+        p.add_argument(f"--{stage}-base-url", default=None, help=f"the {stage} stage's endpoint (default: --base-url)")
+        p.add_argument(f"--{stage}-temperature", type=float, default=None, help="default: --temperature")
+        p.add_argument(f"--{stage}-max-tokens", type=int, default=None,
+                       help=f"default: --max-tokens, else the paper's {PAPER_MAX_TOKENS[stage]}")
+    p.add_argument("--temperature", type=float, default=1.0, help="every stage (the paper: 1.0)")
+    p.add_argument("--max-tokens", type=int, default=None, help="every stage (default: the paper's per stage)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per HTTP request")
+    p.add_argument("--max-retries", type=int, default=6, help="HTTP retries on 429/5xx/timeouts, with backoff")
+    p.add_argument("--extra-body", default=None,
+                   help='JSON merged into every request, e.g. \'{"chat_template_kwargs": {"enable_thinking": true}}\'')
+    p.add_argument("--batch-size", type=int, default=4, help="requests per generate call (transformers backend)")
+    p.add_argument("--device", default=None, help="device of in-process models and encoders, e.g. cuda")
+    p.add_argument("--oracle-truth", default=None,
+                   help="ground truth of the oracle (default: CATALOGUE/ground_truth.jsonl)")
+    p.add_argument("--prompts", default=None, help="folder of captions.txt/verify.txt/triplets.txt replacing ours")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="products held out for val, per dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--neighbours", type=int, default=20, help="top-k per retrieval path (the paper: 20)")
+    p.add_argument("--candidates", type=int, default=10, help="candidates shown per source (the paper: 10)")
+    p.add_argument("--verify-batch", type=int, default=5, help="products per verification request (the paper: 5)")
+    p.add_argument("--attempts", type=int, default=3, help="tries per request when the answer breaks the schema")
+    p.add_argument("--word-slack", type=float, default=0.5, help="word counts refused beyond this fraction outside "
+                   "the paper's ranges")
+    p.add_argument("--composite-height", type=int, default=512, help="pixel height of stitched composites")
+    p.add_argument("--max-side", type=int, default=1024, help="views larger than this are scaled down for stage 1")
+    p.add_argument("--image-encoder", default="clip:clip-vit-b32", help="clip:<preset, hub id or folder>")
+    p.add_argument("--text-encoder", default="tfidf", help="tfidf or clip:<preset, hub id or folder>")
+    p.add_argument("--dataset", default="catalogue", help="dataset name of products without one in products.jsonl")
+    p.add_argument("--retry-failed", action="store_true", help="ask again where answers were recorded as failures")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def backend_factory(args: argparse.Namespace) -> Callable[[Stage], ChatBackend]:
+    def make(stage: Stage) -> ChatBackend:
+        if args.backend == "oracle":
+            return OracleChat(args.oracle_truth or Path(args.catalogue) / "ground_truth.jsonl")
+        model = getattr(args, f"{stage}_model") or args.model
+        if not model:
+            raise SystemExit(f"cir build: --backend {args.backend} needs --model (or --{stage}-model)")
+        if args.backend == "transformers":
+            return TransformersChat(model, batch_size=args.batch_size, device=args.device)
+        base_url = getattr(args, f"{stage}_base_url") or args.base_url
+        if not base_url:
+            raise SystemExit(f"cir build: --backend openai needs --base-url (or --{stage}-base-url)")
+        extra = json.loads(args.extra_body) if args.extra_body else None
+        return OpenAIChat(base_url, model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+                          timeout_s=args.timeout, max_retries=args.max_retries, extra_body=extra)
+    return make
+
+
+def config_from(args: argparse.Namespace) -> BuildConfig:
+    temperature = {s: v if (v := getattr(args, f"{s}_temperature")) is not None else args.temperature for s in STAGES}
+    max_tokens = {s: getattr(args, f"{s}_max_tokens") or args.max_tokens or PAPER_MAX_TOKENS[s] for s in STAGES}
+    return BuildConfig(
+        catalogue=Path(args.catalogue), out=Path(args.out), prompts=args.prompts, val_fraction=args.val_fraction,
+        seed=args.seed, neighbours=args.neighbours, candidates=args.candidates, verify_batch=args.verify_batch,
+        attempts=args.attempts, composite_height=args.composite_height, max_side=args.max_side,
+        image_encoder=args.image_encoder, text_encoder=args.text_encoder, device=args.device,
+        default_dataset=args.dataset, temperature=temperature, max_tokens=max_tokens,
+        ranges=WordRanges(slack=args.word_slack), retry_failed=args.retry_failed, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, _ = parse(build_parser(), argv)
+    try:
+        summary = build(config_from(args), backend_factory(args))
+    except BuildIncomplete as exc:
+        print(f"cir build: {exc}", file=sys.stderr)
+        raise SystemExit(3) from exc
+    keys = ("catalogue", "captions", "verify", "triplets", "released_products")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(f"summary: {Path(args.out) / 'build_summary.json'}")

@@ -1,0 +1,224 @@
+"""``cir build``: catalogue → captions (stage 1) → left/right filter (stage 2) → triplets (stage 3),
+as the FashionMV paper's section 3 and appendix A, resumable at every request.
+
+Each stage journals one line per request under ``OUT/build/`` as answers return; a rerun skips
+what is journalled. A stage starts only when the one before it has an answer for every product
+(a request that never reached the server stops the build with a message to rerun), so a resumed
+build sees the same inputs at every stage as an uninterrupted one. The release files and the
+summary are rewritten from the journals at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..generation.chat import ChatBackend, ChatRequest
+from .answers import WordRanges, check_captions, check_selections, check_verification
+from .candidates import candidate_pools, sample_candidates
+from .catalogue import Catalogue, assign_splits, read_catalogue
+from .embedders import build_encoders
+from .journal import Journal, read_journal
+from .prompts import STAGES, Prompt, Stage, load_prompts
+from .release import write_atomic, write_release
+from .requests import Composites, caption_turn, triplet_turn, verify_turn
+from .runner import WorkItem, finished_keys, run_stage
+
+# Appendix A: every stage sampled at temperature 1.0; these are its max-token budgets.
+PAPER_MAX_TOKENS: dict[Stage, int] = {"captions": 8192, "verify": 16384, "triplets": 4096}
+
+
+class BuildIncomplete(RuntimeError):
+    pass
+
+
+@dataclass
+class BuildConfig:
+    catalogue: Path
+    out: Path
+    prompts: str | None = None
+    val_fraction: float = 0.15
+    seed: int = 0
+    neighbours: int = 20
+    candidates: int = 10
+    selections: int = 2
+    verify_batch: int = 5
+    attempts: int = 3
+    composite_height: int = 512
+    max_side: int = 1024
+    image_encoder: str = "clip:clip-vit-b32"
+    text_encoder: str = "tfidf"
+    device: str | None = None
+    default_dataset: str = "catalogue"
+    temperature: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 1.0))
+    max_tokens: dict[str, int] = field(default_factory=lambda: dict(PAPER_MAX_TOKENS))
+    ranges: WordRanges = field(default_factory=WordRanges)
+    retry_failed: bool = False
+    progress: bool = True
+
+
+def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
+    """The last record per key: a transport failure later answered counts as answered."""
+    return {r["key"]: r for r in journal.records}
+
+
+class Build:
+    def __init__(self, config: BuildConfig, backend_for: Callable[[Stage], ChatBackend]) -> None:
+        self.cfg = config
+        self.backend_for = backend_for
+        self.prompts: dict[Stage, Prompt] = load_prompts(config.prompts)
+        self.work = config.out / "build"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.catalogue: Catalogue = read_catalogue(config.catalogue, config.default_dataset)
+        self.products = self.catalogue.by_id()
+        self.split_of = assign_splits(self.catalogue.products, config.val_fraction, config.seed)
+        self.composites = Composites(config.composite_height)
+
+    def _request(self, stage: Stage, user: list[Any], tag: dict[str, Any]) -> ChatRequest:
+        return ChatRequest(user=user, system=self.prompts[stage].text, max_tokens=self.cfg.max_tokens[stage],
+                           temperature=self.cfg.temperature[stage], tag={"stage": stage, **tag})
+
+    def _run(self, stage: Stage, journal: Journal, items: list[WorkItem], validate: Any) -> None:
+        if not items:
+            return
+        backend = self.backend_for(stage)
+        try:
+            stats = run_stage(stage, backend, items, journal, validate, self.cfg.attempts, self.cfg.progress)
+        finally:
+            backend.close()
+        with Journal(self.work / "runs.jsonl") as runs:
+            runs.append({"stage": stage, "model": backend.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         **stats})
+        missing = [r["key"] for r in _latest(journal).values() if not r["ok"] and r.get("transport")]
+        if missing:
+            raise BuildIncomplete(f"stage {stage}: {len(missing)} requests never got an answer (e.g. "
+                                  f"{_latest(journal)[missing[0]]['error']}); rerun the same command to retry them")
+
+    def captions(self) -> dict[str, dict[str, Any]]:
+        with Journal(self.work / "captions.jsonl") as journal:
+            done = finished_keys(journal, self.cfg.retry_failed)
+            items = [WorkItem(p.product_id, lambda p=p: self._request(
+                "captions", caption_turn(p.views, self.cfg.max_side), {"products": [p.product_id]}),
+                {"n_views": len(p.views)}) for p in self.catalogue.products if p.product_id not in done]
+            self._run("captions", journal, items,
+                      lambda item, text: check_captions(text, item.context["n_views"], self.cfg.ranges))
+            return _latest(journal)
+
+    def verify(self, clothing: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        with Journal(self.work / "verify.jsonl") as journal:
+            finished = finished_keys(journal, self.cfg.retry_failed)
+            done = {pid for r in journal.records if r["key"] in finished for pid in r["products"]}
+            todo = sorted(pid for pid in clothing if pid not in done)
+            size = self.cfg.verify_batch
+            batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+
+            def build(ids: list[str]) -> ChatRequest:
+                shown = [(pid, self.products[pid].views, clothing[pid]) for pid in ids]
+                return self._request("verify", verify_turn(shown, self.composites), {"products": ids})
+
+            items = [WorkItem(",".join(ids), lambda ids=ids: build(ids), {"products": ids}) for ids in batches]
+            self._run("verify", journal, items, lambda item, text: check_verification(text, item.context["products"]))
+            return _latest(journal)
+
+    def _pools(self, retained: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        ids = sorted(retained)
+        image_enc, text_enc = build_encoders(self.cfg.image_encoder, self.cfg.text_encoder, self.cfg.device)
+        paths: dict[str, np.ndarray] = {"image": image_enc.encode([self.products[p].views for p in ids])}
+        for field_name in ("long_caption", "short_caption"):
+            matrix = None
+            for split in sorted({self.split_of[p] for p in ids}):
+                rows = [i for i, p in enumerate(ids) if self.split_of[p] == split]
+                enc = text_enc.encode([retained[ids[i]][field_name] for i in rows])
+                matrix = np.zeros((len(ids), enc.shape[1]), np.float32) if matrix is None else matrix
+                matrix[rows] = enc
+            paths[field_name] = matrix if matrix is not None else np.zeros((0, 1), np.float32)
+        groups = [(self.split_of[p], self.products[p].dataset, self.products[p].category, self.products[p].gender)
+                  for p in ids]
+        return candidate_pools(ids, groups, paths, self.cfg.neighbours)
+
+    def triplets(self, retained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        with Journal(self.work / "triplets.jsonl") as journal:
+            done = finished_keys(journal, self.cfg.retry_failed)
+            sources = [p for p in sorted(retained) if p not in done]
+            if sources:
+                pools = self._pools(retained)
+
+                def build(src: str, cands: list[str]) -> ChatRequest:
+                    shown = [(c, self.products[c].views, retained[c]) for c in cands]
+                    turn = triplet_turn((src, self.products[src].views, retained[src]), shown, self.composites)
+                    return self._request("triplets", turn, {"source": src, "candidates": cands})
+
+                def validate(item: WorkItem, text: str) -> list[dict[str, Any]]:
+                    cands = item.context["candidates"]
+                    sels = check_selections(text, len(cands), self.cfg.ranges, self.cfg.selections)
+                    return [{"target_id": cands[s.pop("target") - 1], **s} for s in sels]
+
+                items = []
+                for src in sources:
+                    cands = sample_candidates(src, pools.get(src, []), self.cfg.candidates, self.cfg.seed)
+                    if cands:
+                        items.append(WorkItem(src, lambda s=src, c=cands: build(s, c), {"candidates": cands}))
+                    else:
+                        journal.append({"key": src, "ok": True, "value": [], "candidates": [], "no_candidates": True})
+                self._run("triplets", journal, items, validate)
+            return _latest(journal)
+
+    def run(self) -> dict[str, Any]:
+        stage1 = self.captions()
+        answered = {k: r["value"] for k, r in stage1.items() if r["ok"]}
+        clothing = {k: v for k, v in answered.items() if v["is_clothing"]}
+        stage2 = self.verify(clothing)
+        verdict = {pid: err for r in stage2.values() if r["ok"] for pid, err in r["value"].items()}
+        retained = {pid: clothing[pid] for pid in sorted(clothing) if verdict.get(pid) is False}
+        stage3 = self.triplets(retained)
+        triplets = {k: r["value"] for k, r in stage3.items() if r["ok"] and k in retained}
+        tables = write_release(self.cfg.out, self.products, self.split_of, retained, triplets)
+        runs = read_journal(self.work / "runs.jsonl")
+        summary = self._summary(stage1, clothing, stage2, verdict, retained, stage3, tables, runs)
+        write_atomic(self.cfg.out / "build_summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        return summary
+
+    def _summary(self, stage1: dict[str, Any], clothing: dict[str, Any], stage2: dict[str, Any],
+                 verdict: dict[str, bool], retained: dict[str, Any], stage3: dict[str, Any], tables: dict[str, Any],
+                 runs: list[dict[str, Any]]) -> dict[str, Any]:
+        failed2 = sum(len(r["products"]) for r in stage2.values() if not r["ok"])
+        usage: dict[str, dict[str, float]] = {}
+        models: dict[str, str] = {}
+        for run in runs:  # every run of every stage, resumed ones included
+            models[run["stage"]] = run["model"]
+            for k, v in run.items():
+                if isinstance(v, int | float):
+                    usage.setdefault(run["stage"], {}).setdefault(k, 0)
+                    usage[run["stage"]][k] = round(usage[run["stage"]][k] + v, 3)
+        return {
+            "catalogue": dict(self.catalogue.counts),
+            "split": {"val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed,
+                      "products": {s: sum(1 for p in self.products if self.split_of[p] == s)
+                                   for s in ("train", "val")}},
+            "captions": {"requested": len(stage1), "non_clothing": sum(1 for r in stage1.values()
+                                                                       if r["ok"] and not r["value"]["is_clothing"]),
+                         "failed": sum(1 for r in stage1.values() if not r["ok"]), "clothing": len(clothing)},
+            "verify": {"checked": len(verdict), "left_right_errors": sum(verdict.values()), "failed": failed2,
+                       "retained": len(retained)},
+            "triplets": {"sources": len(stage3), "failed": sum(1 for r in stage3.values() if not r["ok"]),
+                         "no_candidates": sum(1 for r in stage3.values() if r.get("no_candidates")),
+                         "without_selection": sum(1 for r in stage3.values() if r["ok"] and not r["value"]),
+                         "per_split": tables["triplets"]},
+            "released_products": tables["products"],
+            "view_combinations": tables["view_combinations"],
+            "caption_words": tables["caption_words"],
+            "models": models,
+            "prompts": {s: {"file": p.source, "sha256": p.sha256} for s, p in self.prompts.items()},
+            "settings": {k: v for k, v in asdict(self.cfg).items() if k not in ("catalogue", "out", "progress")},
+            "usage": usage,
+        }
+
+
+def build(config: BuildConfig, backend_for: Callable[[Stage], ChatBackend]) -> dict[str, Any]:
+    return Build(config, backend_for).run()

@@ -1,0 +1,92 @@
+"""Runs one stage's requests through a backend: validate, retry invalid answers, journal the rest.
+
+An answer that breaks the stage's schema is asked again (a new attempt, with a new sampling seed
+for in-process models) up to ``attempts`` times, then journalled as a failure with its raw text.
+A transport failure (the server still down after the backend's own retries) is journalled too,
+but a rerun tries it again: an outage is not the product's fault. Invalid-answer failures stay
+done unless ``retry_failed``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from ..generation.chat import ChatBackend, ChatRequest, Completion
+from .answers import InvalidAnswer
+from .journal import Journal
+
+
+@dataclass
+class WorkItem:
+    """One request to make; ``build`` reads its images only when its chunk is sent."""
+
+    key: str
+    build: Callable[[], ChatRequest]
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+Validate = Callable[[WorkItem, str], Any]
+
+
+def finished_keys(journal: Journal, retry_failed: bool = False) -> set[str]:
+    return {r["key"] for r in journal.records
+            if r["ok"] or not (r.get("transport") or retry_failed)}
+
+
+def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: Journal, validate: Validate,
+              attempts: int = 3, progress: bool = True, chunk: int = 512) -> dict[str, Any]:
+    """Answers every item not already in the journal; returns this run's request statistics."""
+    stats = {"requests": 0, "http_requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "retried_invalid": 0,
+             "seconds": 0.0}
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), desc=stage, unit="req", disable=not progress, dynamic_ncols=True)
+    # Chunks bound what is queued in memory; a chunk's invalid answers are retried before the next.
+    for lo in range(0, len(items), chunk):
+        pending = items[lo:lo + chunk]
+        built = {id(item): item.build() for item in pending}
+        for attempt in range(1, attempts + 1):
+            if not pending:
+                break
+            retry: list[WorkItem] = []
+            requests = []
+            for item in pending:
+                built[id(item)].tag["attempt"] = attempt
+                requests.append(built[id(item)])
+
+            def on_result(i: int, c: Completion, pending: list[WorkItem] = pending, retry: list[WorkItem] = retry,
+                          attempt: int = attempt) -> None:
+                item = pending[i]
+                stats["requests"] += 1
+                stats["http_requests"] += c.requests
+                stats["prompt_tokens"] += c.prompt_tokens
+                stats["completion_tokens"] += c.completion_tokens
+                usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                         "attempts": attempt}
+                record = {"key": item.key, **item.context}
+                if c.error is not None:
+                    journal.append({**record, "ok": False, "transport": True, "error": c.error, **usage})
+                    bar.update()
+                    return
+                try:
+                    value = validate(item, c.text)
+                except InvalidAnswer as exc:
+                    if attempt < attempts:
+                        stats["retried_invalid"] += 1
+                        retry.append(item)
+                        return
+                    journal.append({**record, "ok": False, "error": str(exc), "raw": c.text, **usage})
+                    bar.update()
+                    return
+                journal.append({**record, "ok": True, "value": value, **usage})
+                bar.update()
+
+            backend.complete(requests, on_result)
+            pending = retry
+    bar.close()
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    return stats
