@@ -1,6 +1,7 @@
 """The generated products as a retailer's catalogue, the input of ``cir build``.
 
-``root/images/<category>/<id>/NN_<view>.jpg`` and ``root/products.jsonl`` are what a retailer has;
+``root/images/<category>/<id>/NN_<view>.jpg`` and ``root/products.jsonl`` are what a retailer has
+(accessories carry no split, so ``cir build`` splits those itself);
 ``root/ground_truth.jsonl`` is kept apart for the oracle backend only: each product's attributes,
 whether it is clothing, and whether the oracle's captions for it carry a deliberate left/right
 mistake (which the oracle's verifier then catches). A few accessories (bags, drawn plainly) join
@@ -49,8 +50,11 @@ def write_catalogue_layout(root: str | Path, data: SyntheticData, seed: int = 0,
         folder.mkdir(parents=True, exist_ok=True)
         for i, (img, view) in enumerate(zip(product.views, product.view_names, strict=True)):
             img.save(folder / f"{i:02d}_{view}.jpg", quality=92)
+        # The generator's split goes in as a native split (as FashionGen's): product families stay
+        # inside one split, so both splits get triplets.
         rows.append({"product_id": raw_id, "dataset": spec.dataset, "category": spec.attributes["category"],
-                     "title": f"{spec.attributes['colour']} {spec.attributes['category']}"})
+                     "title": f"{spec.attributes['colour']} {spec.attributes['category']}",
+                     "split": data.split_of[pid]})
         lr_error = _has_sided_detail(spec.attributes, product.view_names) and rng.random() < lr_error_rate
         truth.append({"product_id": raw_id, "dataset": spec.dataset, "clothing": True, "attributes": spec.attributes,
                       "view_names": product.view_names, "lr_error": lr_error})

@@ -36,7 +36,8 @@ def qwen_words() -> set[str]:
     roles and answer fields."""
     text = f"{prompt_text('procir')} {construction_prompt_text()} {CHAT_WORDS}"
     # Whole words, and their parts around "_": the tokenizer splits JSON field names at punctuation.
-    return set(generated_vocabulary()) | {w.lower() for w in re.findall(r"\w+", text) + re.findall(r"[A-Za-z0-9]+", text)}
+    words = re.findall(r"\w+", text) + re.findall(r"[A-Za-z0-9]+", text)
+    return set(generated_vocabulary()) | {w.lower() for w in words}
 
 
 def llava_words() -> set[str]:

@@ -42,7 +42,9 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 class ClipEncoder:
     def __init__(self, name_or_path: str, device: str | None = None, batch_size: int = 64) -> None:
         self.name = f"clip:{name_or_path}"
-        self.clip = CLIPBackbone(name_or_path).eval()
+        with torch.random.fork_rng():  # a random-weight preset (tests, demos) is the same model every run
+            torch.manual_seed(0)
+            self.clip = CLIPBackbone(name_or_path).eval()
         if device:
             self.clip.to(device)
         self.device = device or "cpu"

@@ -10,6 +10,7 @@ summary are rewritten from the journals at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from .journal import Journal, read_journal
 from .prompts import STAGES, Prompt, Stage, load_prompts
 from .release import write_atomic, write_release
 from .requests import Composites, caption_turn, triplet_turn, verify_turn
-from .runner import WorkItem, finished_keys, run_stage
+from .runner import WorkItem, final_records, finished_keys, run_stage
 
 # Appendix A: every stage sampled at temperature 1.0; these are its max-token budgets.
 PAPER_MAX_TOKENS: dict[Stage, int] = {"captions": 8192, "verify": 16384, "triplets": 4096}
@@ -64,8 +65,18 @@ class BuildConfig:
 
 
 def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
-    """The last record per key: a transport failure later answered counts as answered."""
-    return {r["key"]: r for r in journal.records}
+    """The last settling record per key: a transport failure later answered counts as answered."""
+    return {r["key"]: r for r in final_records(journal)}
+
+
+def _usage(path: Path) -> dict[str, int]:
+    """What a stage paid for over every run, from its journal (only requests lost in flight escape)."""
+    records = [r for r in read_journal(path) if not r.get("no_candidates")]
+    return {"answers": len(records), "http_requests": sum(r.get("http_requests", 0) for r in records),
+            "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in records),
+            "completion_tokens": sum(r.get("completion_tokens", 0) for r in records),
+            "invalid_answers": sum(1 for r in records if not r["ok"] and not r.get("transport")),
+            "transport_failures": sum(1 for r in records if r.get("transport"))}
 
 
 class Build:
@@ -127,7 +138,21 @@ class Build:
             return _latest(journal)
 
     def _pools(self, retained: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        """Computed once and kept: a resumed build must not depend on an encoder giving the same
+        floats twice (GPU kernels need not)."""
         ids = sorted(retained)
+        key = {"products": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "neighbours": self.cfg.neighbours,
+               "image_encoder": self.cfg.image_encoder, "text_encoder": self.cfg.text_encoder}
+        cache = self.work / "candidate_pools.json"
+        if cache.is_file():
+            saved = json.loads(cache.read_text())
+            if saved["key"] == key:
+                return saved["pools"]
+        pools = self._search(ids, retained)
+        write_atomic(cache, json.dumps({"key": key, "pools": pools}))
+        return pools
+
+    def _search(self, ids: list[str], retained: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
         image_enc, text_enc = build_encoders(self.cfg.image_encoder, self.cfg.text_encoder, self.cfg.device)
         paths: dict[str, np.ndarray] = {"image": image_enc.encode([self.products[p].views for p in ids])}
         for field_name in ("long_caption", "short_caption"):
@@ -188,14 +213,11 @@ class Build:
                  verdict: dict[str, bool], retained: dict[str, Any], stage3: dict[str, Any], tables: dict[str, Any],
                  runs: list[dict[str, Any]]) -> dict[str, Any]:
         failed2 = sum(len(r["products"]) for r in stage2.values() if not r["ok"])
-        usage: dict[str, dict[str, float]] = {}
+        usage: dict[str, dict[str, float]] = {s: _usage(self.work / f"{s}.jsonl") for s in STAGES}
         models: dict[str, str] = {}
-        for run in runs:  # every run of every stage, resumed ones included
+        for run in runs:  # every finished run of a stage; a killed run's answers are in the journals
             models[run["stage"]] = run["model"]
-            for k, v in run.items():
-                if isinstance(v, int | float):
-                    usage.setdefault(run["stage"], {}).setdefault(k, 0)
-                    usage[run["stage"]][k] = round(usage[run["stage"]][k] + v, 3)
+            usage[run["stage"]]["seconds"] = round(usage[run["stage"]].get("seconds", 0) + run["seconds"], 3)
         return {
             "catalogue": dict(self.catalogue.counts),
             "split": {"val_fraction": self.cfg.val_fraction, "seed": self.cfg.seed,

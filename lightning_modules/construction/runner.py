@@ -2,7 +2,8 @@
 
 An answer that breaks the stage's schema is asked again (a new attempt, with a new sampling seed
 for in-process models) up to ``attempts`` times, then journalled as a failure with its raw text.
-A transport failure (the server still down after the backend's own retries) is journalled too,
+Every answer is journalled, the retried ones too (marked ``retry``: they count in the usage, not
+as the key's outcome). A transport failure (the server still down after the backend's own retries) is journalled too,
 but a rerun tries it again: an outage is not the product's fault. Invalid-answer failures stay
 done unless ``retry_failed``.
 """
@@ -33,9 +34,13 @@ class WorkItem:
 Validate = Callable[[WorkItem, str], Any]
 
 
+def final_records(journal: Journal) -> list[dict[str, Any]]:
+    """Records that settle their key; ``retry`` records only log an answer that was asked again."""
+    return [r for r in journal.records if not r.get("retry")]
+
+
 def finished_keys(journal: Journal, retry_failed: bool = False) -> set[str]:
-    return {r["key"] for r in journal.records
-            if r["ok"] or not (r.get("transport") or retry_failed)}
+    return {r["key"] for r in final_records(journal) if r["ok"] or not (r.get("transport") or retry_failed)}
 
 
 def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: Journal, validate: Validate,
@@ -66,7 +71,7 @@ def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: 
                 stats["prompt_tokens"] += c.prompt_tokens
                 stats["completion_tokens"] += c.completion_tokens
                 usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                         "attempts": attempt}
+                         "http_requests": c.requests, "attempts": attempt}
                 record = {"key": item.key, **item.context}
                 if c.error is not None:
                     journal.append({**record, "ok": False, "transport": True, "error": c.error, **usage})
@@ -78,6 +83,9 @@ def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: 
                     if attempt < attempts:
                         stats["retried_invalid"] += 1
                         retry.append(item)
+                        # Logged, so the usage in the summary counts every answer paid for.
+                        journal.append({**record, "ok": False, "retry": True, "error": str(exc), "raw": c.text,
+                                        **usage})
                         return
                     journal.append({**record, "ok": False, "error": str(exc), "raw": c.text, **usage})
                     bar.update()

@@ -11,10 +11,13 @@ from PIL import Image
 
 def stitch(views: list[Image.Image], height: int = 512) -> tuple[Image.Image, list[list[int]]]:
     """(composite, boxes): ``boxes[i] = [x_min, y_min, x_max, y_max]`` of view ``i`` in 0-1000
-    coordinates of the composite's width and height."""
+    coordinates of the composite's width and height. ``height`` is a ceiling: small views are not
+    blown up beyond the tallest one."""
     if not views:
         raise ValueError("stitch needs at least one view")
-    scaled = [v.convert("RGB").resize((max(1, round(v.width * height / v.height)), height), Image.BICUBIC)
+    height = min(height, max(v.height for v in views))
+    scaled = [v.convert("RGB") if v.height == height else
+              v.convert("RGB").resize((max(1, round(v.width * height / v.height)), height), Image.BICUBIC)
               for v in views]
     width = sum(v.width for v in scaled)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
