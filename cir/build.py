@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     except BuildIncomplete as exc:
         print(f"cir build: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
+    except (ValueError, FileNotFoundError) as exc:  # bad input: one line naming the file or key
+        raise SystemExit(f"cir build: {exc}") from exc
     keys = ("catalogue", "captions", "verify", "triplets", "released_products")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"summary: {Path(args.out) / 'build_summary.json'}")

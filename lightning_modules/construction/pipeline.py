@@ -90,6 +90,27 @@ class Build:
         self.products = self.catalogue.by_id()
         self.split_of = assign_splits(self.catalogue.products, config.val_fraction, config.seed)
         self.composites = Composites(config.composite_height)
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """A rerun must be the same build: settings that change what is asked or of whom it is asked
+        about are fixed by the first run (models may change, e.g. a resumed build on another server)."""
+        cfg = self.cfg
+        fixed = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "neighbours": cfg.neighbours,
+                 "candidates": cfg.candidates, "selections": cfg.selections, "verify_batch": cfg.verify_batch,
+                 "image_encoder": cfg.image_encoder, "text_encoder": cfg.text_encoder,
+                 "composite_height": cfg.composite_height, "max_side": cfg.max_side,
+                 "default_dataset": cfg.default_dataset, "ranges": asdict(cfg.ranges),
+                 "prompts": {s: p.sha256 for s, p in self.prompts.items()}}
+        path = self.work / "settings.json"
+        if path.is_file():
+            before = json.loads(path.read_text())
+            changed = sorted(k for k in fixed if json.loads(json.dumps(fixed[k])) != before.get(k))
+            if changed:
+                raise ValueError(f"{self.cfg.out}: this build was started with other settings ({', '.join(changed)}; "
+                                 f"see {path}); rerun with those, or build into a new --out")
+        else:
+            write_atomic(path, json.dumps(fixed, indent=2, sort_keys=True) + "\n")
 
     def _request(self, stage: Stage, user: list[Any], tag: dict[str, Any]) -> ChatRequest:
         return ChatRequest(user=user, system=self.prompts[stage].text, max_tokens=self.cfg.max_tokens[stage],
@@ -141,7 +162,8 @@ class Build:
         """Computed once and kept: a resumed build must not depend on an encoder giving the same
         floats twice (GPU kernels need not)."""
         ids = sorted(retained)
-        key = {"products": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "neighbours": self.cfg.neighbours,
+        listing = "\n".join(f"{p}\t{self.split_of[p]}" for p in ids)
+        key = {"products": hashlib.sha256(listing.encode()).hexdigest(), "neighbours": self.cfg.neighbours,
                "image_encoder": self.cfg.image_encoder, "text_encoder": self.cfg.text_encoder}
         cache = self.work / "candidate_pools.json"
         if cache.is_file():

@@ -34,7 +34,7 @@ class Composites:
     """Each product's stitched views, encoded once and kept for a while: stage 3 shows a product as
     a candidate in many requests."""
 
-    def __init__(self, height: int, keep: int = 2048) -> None:
+    def __init__(self, height: int, keep: int = 1024) -> None:
         self.height, self.keep = height, keep
         self._cache: OrderedDict[str, tuple[ImagePart, list[list[int]]]] = OrderedDict()
 

@@ -203,3 +203,14 @@ def test_the_release_converts_and_trains_above_chance(built: Path, tmp_path: Pat
         size = metrics[f"val/{ds}/gallery_size"]
         print(ds, size, {k: round(metrics[f"val/{ds}/recall_at_{k}"], 3) for k in (1, 5, 10)})
         assert metrics[f"val/{ds}/recall_at_5"] > 1.5 * (5 / size)
+
+
+def test_a_rerun_asks_nothing_and_other_settings_are_refused(catalogue: Path, built: Path) -> None:
+    before = {name: (built / name).read_bytes() for name in RELEASE}
+    usage = json.loads((built / "build_summary.json").read_text())["usage"]
+    cir_build(["--catalogue", str(catalogue), "--out", str(built), *OPTIONS])
+    assert {name: (built / name).read_bytes() for name in RELEASE} == before
+    assert json.loads((built / "build_summary.json").read_text())["usage"] == usage
+    with pytest.raises(SystemExit, match=r"other settings \(neighbours, val_fraction; see"):
+        cir_build(["--catalogue", str(catalogue), "--out", str(built), *OPTIONS, "--val-fraction", "0.3",
+                   "--neighbours", "5"])
