@@ -93,8 +93,9 @@ class Build:
         self._check_settings()
 
     def _check_settings(self) -> None:
-        """A rerun must be the same build: settings that change what is asked or of whom it is asked
-        about are fixed by the first run (models may change, e.g. a resumed build on another server)."""
+        """A rerun must continue the same build: the first run fixes every setting that shapes the
+        requests or decides which products they are about. Models may change (a resumed build on
+        another server)."""
         cfg = self.cfg
         fixed = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "neighbours": cfg.neighbours,
                  "candidates": cfg.candidates, "selections": cfg.selections, "verify_batch": cfg.verify_batch,

@@ -196,7 +196,7 @@ def test_the_release_converts_and_trains_above_chance(built: Path, tmp_path: Pat
     dm = ShardDataModule(str(tmp_path / "shards"), batch_size=32, eval_batch_size=64, num_workers=0)
     model = CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0)
+                        default_root_dir=tmp_path, num_sanity_val_steps=0, check_val_every_n_epoch=8)
     trainer.fit(model, datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for ds in ("synth_studio", "synth_street"):
