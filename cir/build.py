@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from lightning_modules.construction.answers import WordRanges
 from lightning_modules.construction.oracle import OracleChat
 from lightning_modules.construction.pipeline import PAPER_MAX_TOKENS, BuildConfig, BuildIncomplete, build
 from lightning_modules.construction.prompts import STAGES, Stage
+from lightning_modules.construction.runner import ServerRefused
 from lightning_modules.generation import ChatBackend, OpenAIChat, TransformersChat
 
 from .args import command_parser, parse
@@ -44,9 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{stage}-temperature", type=float, default=None, help="default: --temperature")
         p.add_argument(f"--{stage}-max-tokens", type=int, default=None,
                        help=f"default: --max-tokens, else the paper's {PAPER_MAX_TOKENS[stage]}")
+        p.add_argument(f"--{stage}-extra-body", default=None, help="default: --extra-body (e.g. thinking only for "
+                       "the first two stages, as the paper)")
+        p.add_argument(f"--{stage}-api-key-env", default=None, help="default: --api-key-env")
     p.add_argument("--temperature", type=float, default=1.0, help="every stage (the paper: 1.0)")
     p.add_argument("--max-tokens", type=int, default=None, help="every stage (default: the paper's per stage)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--api-key-env", default=None,
+                   help="environment variable holding the API key (default: OPENAI_API_KEY where set)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (openai backend)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per HTTP request")
     p.add_argument("--max-retries", type=int, default=6, help="HTTP retries on 429/5xx/timeouts, with backoff")
@@ -87,8 +93,18 @@ def backend_factory(args: argparse.Namespace) -> Callable[[Stage], ChatBackend]:
         base_url = getattr(args, f"{stage}_base_url") or args.base_url
         if not base_url:
             raise SystemExit(f"cir build: --backend openai needs --base-url (or --{stage}-base-url)")
-        extra = json.loads(args.extra_body) if args.extra_body else None
-        return OpenAIChat(base_url, model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+        flag = f"--{stage}-extra-body" if getattr(args, f"{stage}_extra_body") else "--extra-body"
+        raw = getattr(args, f"{stage}_extra_body") or args.extra_body
+        try:
+            extra = json.loads(raw) if raw else None
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"cir build: {flag} is not JSON ({exc}): {raw!r}") from exc
+        if extra is not None and not isinstance(extra, dict):
+            raise SystemExit(f"cir build: {flag} must be a JSON object, got {raw!r}")
+        key_env = getattr(args, f"{stage}_api_key_env") or args.api_key_env
+        if key_env and not os.environ.get(key_env):
+            raise SystemExit(f"cir build: the API key variable {key_env} is not set; export it or drop --api-key-env")
+        return OpenAIChat(base_url, model, api_key_env=key_env or "OPENAI_API_KEY", concurrency=args.concurrency,
                           timeout_s=args.timeout, max_retries=args.max_retries, extra_body=extra)
     return make
 
@@ -112,8 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     except BuildIncomplete as exc:
         print(f"cir build: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
-    except (ValueError, FileNotFoundError) as exc:  # bad input: one line naming the file or key
-        raise SystemExit(f"cir build: {exc}") from exc
+    except ServerRefused as exc:
+        raise SystemExit(f"cir build: the server refused the requests: {exc}") from exc
+    except (ValueError, OSError) as exc:  # bad input, unreadable files: one line naming the file or key
+        if os.environ.get("CIR_DEBUG"):
+            raise
+        raise SystemExit(f"cir build: {exc} (CIR_DEBUG=1 shows the traceback)") from exc
     keys = ("catalogue", "captions", "verify", "triplets", "released_products")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"summary: {Path(args.out) / 'build_summary.json'}")

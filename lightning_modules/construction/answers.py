@@ -13,28 +13,36 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-THINK = re.compile(r"<think>.*?</think>", re.S)
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+THINK_END = "</think>"
 
 
 class InvalidAnswer(ValueError):
     pass
 
 
-def parse_json(text: str) -> Any:
-    """The first JSON object or array in ``text``, after any think block or code fence."""
-    text = THINK.sub("", text)
+def parse_json(text: str, want: type | tuple[type, ...] = (dict, list)) -> Any:
+    """The first JSON object or array in ``text`` after any reasoning (servers without a reasoning
+    parser send the think block inline, sometimes without its opening tag) and inside a code fence
+    if there is one; prose such as "[Image 1] shows" before it is skipped."""
+    if THINK_END in text:
+        text = text.rsplit(THINK_END, 1)[1]
     fenced = FENCE.search(text)
     if fenced:
         text = fenced.group(1)
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts:
-        raise InvalidAnswer("no JSON in the answer")
-    try:
-        value, _ = json.JSONDecoder().raw_decode(text[min(starts):])
-    except json.JSONDecodeError as exc:
-        raise InvalidAnswer(f"invalid JSON: {exc}") from exc
-    return value
+    decoder = json.JSONDecoder()
+    error: json.JSONDecodeError | None = None
+    for start, char in enumerate(text):
+        if char not in "{[":
+            continue
+        try:
+            value, _ = decoder.raw_decode(text[start:])
+        except json.JSONDecodeError as exc:
+            error = error or exc
+            continue
+        if isinstance(value, want):
+            return value
+    raise InvalidAnswer(f"invalid JSON: {error}" if error else "no JSON in the answer")
 
 
 def words(text: str) -> int:
@@ -70,7 +78,7 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 def check_captions(text: str, n_views: int, ranges: WordRanges) -> dict[str, Any]:
     """Stage 1: ``is_clothing``; for clothing one caption per view, each opening with its label."""
-    answer = _object(parse_json(text), "the answer")
+    answer = _object(parse_json(text, dict), "the answer")
     clothing = answer.get("is_clothing")
     if not isinstance(clothing, bool):
         raise InvalidAnswer("is_clothing is missing or not true/false")
@@ -115,7 +123,7 @@ def check_verification(text: str, product_ids: list[str]) -> dict[str, bool]:
 def check_selections(text: str, n_candidates: int, ranges: WordRanges, most: int = 2) -> list[dict[str, Any]]:
     """Stage 3: at most ``most`` distinct candidates by number (1-based), each with its views and
     both modification texts."""
-    answer = _object(parse_json(text), "the answer")
+    answer = _object(parse_json(text, dict), "the answer")
     selections = answer.get("selections")
     if not isinstance(selections, list) or len(selections) > most:
         raise InvalidAnswer(f"selections must be a list of at most {most}")
@@ -131,8 +139,10 @@ def check_selections(text: str, n_candidates: int, ranges: WordRanges, most: int
             raise InvalidAnswer(f"selection {i}: candidate {target} selected twice")
         seen.add(target)
         views = sel.get("views_involved")
-        if not isinstance(views, list) or not views or not all(isinstance(v, str) and v.strip() for v in views):
-            raise InvalidAnswer(f"selection {i}: views_involved must be a non-empty list of view names")
+        if not isinstance(views, list) or not all(isinstance(v, str) and v.strip() for v in views):
+            raise InvalidAnswer(f"selection {i}: views_involved must be a list of view names")
+        if len({v.strip().lower() for v in views}) < 2:  # the paper's core requirement
+            raise InvalidAnswer(f"selection {i}: views_involved names {len(views)} view(s); at least 2 are needed")
         out.append({"target": target, "views_involved": [v.strip().lower() for v in views],
                     "modification_text_long": ranges.check(f"selection {i} modification_text_long",
                                                            sel.get("modification_text_long"), "modification_long"),

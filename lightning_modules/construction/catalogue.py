@@ -50,9 +50,10 @@ class Catalogue:
 
 
 def _readable(path: Path) -> bool:
+    """Decoded whole: ``verify()`` alone passes a truncated JPEG that fails later, mid-stage."""
     try:
         with Image.open(path) as img:
-            img.verify()
+            img.load()
         return True
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return False
@@ -72,6 +73,8 @@ def _rows(path: Path) -> dict[str, dict[str, Any]]:
         split = row.get("split", "")
         if split and split not in SPLITS:
             raise ValueError(f"{path}:{n}: split {split!r}; use one of {SPLITS} or leave it out")
+        if str(row["product_id"]) in rows:
+            raise ValueError(f"{path}:{n}: product_id {row['product_id']!r} is listed twice; keep one line")
         rows[str(row["product_id"])] = row
     return rows
 
@@ -88,7 +91,8 @@ def read_catalogue(root: str | Path, default_dataset: str = "catalogue", max_vie
     for path in sorted(images.rglob("*")):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             folders[path.parent.relative_to(images).as_posix()].append(path)
-    counts: Counter = Counter({"products_in": 0, "no_readable_images": 0, "unreadable_views": 0})
+    counts: Counter = Counter({"products_in": 0, "no_readable_images": 0, "unreadable_views": 0,
+                               "without_category": 0})
     products = []
     for pid in sorted(set(folders) | set(rows)):
         counts["products_in"] += 1
@@ -101,6 +105,8 @@ def read_catalogue(root: str | Path, default_dataset: str = "catalogue", max_vie
         row = rows.get(pid, {})
         dataset = str(row.get("dataset") or default_dataset)
         check_key(dataset, f"dataset of product {pid!r} in {meta_file}")
+        # Candidates are searched within a category: without one, a product competes with its whole dataset.
+        counts["without_category"] += not row.get("category")
         products.append(CatalogueProduct(pid, dataset, views, str(row.get("category") or ""),
                                          str(row.get("gender") or ""), str(row.get("title") or ""),
                                          str(row.get("split") or "")))

@@ -16,9 +16,9 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..backbones.clip import CLIPBackbone
+from .requests import load_view
 
 TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -59,8 +59,7 @@ class ClipEncoder:
             chunk = flat[lo:lo + self.batch_size]
             pixels = []
             for _, path in chunk:
-                with Image.open(path) as img:
-                    pixels.append(self.transform(img.convert("RGB")))
+                pixels.append(self.transform(load_view(path)))
             out = self.clip.encode_images(torch.stack(pixels).to(self.device)).float().cpu().numpy()
             for (i, _), row in zip(chunk, _normalise(out), strict=True):
                 feats[i] += row

@@ -20,7 +20,10 @@ def read_journal(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # unterminated: torn by a kill, even if it parses; the next append cuts it off
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -28,8 +31,6 @@ def read_journal(path: str | Path) -> list[dict[str, Any]]:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            if n == len(lines):
-                break  # the torn tail of a killed run
             raise ValueError(f"{path}:{n}: not valid JSON ({exc}); fix or delete the line") from exc
     return out
 

@@ -47,8 +47,16 @@ class OracleChat:
         if not path.is_file():
             raise FileNotFoundError(f"oracle ground truth {path} not found: the oracle only knows catalogues written "
                                     "by `cir data synthetic --layout catalogue` (which writes ground_truth.jsonl)")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        self.truth: dict[str, dict[str, Any]] = {r["product_id"]: r for r in rows}
+        self.truth: dict[str, dict[str, Any]] = {}
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self.truth[row["product_id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{n}: not a ground-truth record ({exc}); rewrite the catalogue with "
+                                 "`cir data synthetic --layout catalogue`") from exc
 
     def _spec(self, pid: str) -> ProductSpec:
         t = self.truth[pid]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,14 +70,15 @@ def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in final_records(journal)}
 
 
-def _usage(path: Path) -> dict[str, int]:
+def _usage(path: Path) -> dict[str, Any]:
     """What a stage paid for over every run, from its journal (only requests lost in flight escape)."""
     records = [r for r in read_journal(path) if not r.get("no_candidates")]
     return {"answers": len(records), "http_requests": sum(r.get("http_requests", 0) for r in records),
             "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in records),
             "completion_tokens": sum(r.get("completion_tokens", 0) for r in records),
             "invalid_answers": sum(1 for r in records if not r["ok"] and not r.get("transport")),
-            "transport_failures": sum(1 for r in records if r.get("transport"))}
+            "transport_failures": sum(1 for r in records if r.get("transport")),
+            "answers_by_model": dict(Counter(r["model"] for r in records if "model" in r))}
 
 
 class Build:
@@ -102,16 +104,26 @@ class Build:
                  "image_encoder": cfg.image_encoder, "text_encoder": cfg.text_encoder,
                  "composite_height": cfg.composite_height, "max_side": cfg.max_side,
                  "default_dataset": cfg.default_dataset, "ranges": asdict(cfg.ranges),
-                 "prompts": {s: p.sha256 for s, p in self.prompts.items()}}
+                 "prompts": {s: p.sha256 for s, p in self.prompts.items()},
+                 # Products, views and sizes: a catalogue that changed under a build would shift splits.
+                 "catalogue": self._fingerprint()}
         path = self.work / "settings.json"
         if path.is_file():
-            before = json.loads(path.read_text())
+            try:
+                before = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc}); restore it or build into a new --out") from exc
             changed = sorted(k for k in fixed if json.loads(json.dumps(fixed[k])) != before.get(k))
             if changed:
                 raise ValueError(f"{self.cfg.out}: this build was started with other settings ({', '.join(changed)}; "
                                  f"see {path}); rerun with those, or build into a new --out")
         else:
             write_atomic(path, json.dumps(fixed, indent=2, sort_keys=True) + "\n")
+
+    def _fingerprint(self) -> str:
+        lines = (f"{p.product_id}\t{p.dataset}\t{p.category}\t{p.gender}\t{p.split}\t"
+                 + "\t".join(f"{v.name}:{v.stat().st_size}" for v in p.views) for p in self.catalogue.products)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def _request(self, stage: Stage, user: list[Any], tag: dict[str, Any]) -> ChatRequest:
         return ChatRequest(user=user, system=self.prompts[stage].text, max_tokens=self.cfg.max_tokens[stage],
@@ -128,10 +140,13 @@ class Build:
         with Journal(self.work / "runs.jsonl") as runs:
             runs.append({"stage": stage, "model": backend.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                          **stats})
-        missing = [r["key"] for r in _latest(journal).values() if not r["ok"] and r.get("transport")]
-        if missing:
-            raise BuildIncomplete(f"stage {stage}: {len(missing)} requests never got an answer (e.g. "
-                                  f"{_latest(journal)[missing[0]]['error']}); rerun the same command to retry them")
+
+    @staticmethod
+    def _require_answers(stage: Stage, unanswered: list[dict[str, Any]]) -> None:
+        """The next stage needs every product settled: a request that never reached the model stops here."""
+        if unanswered:
+            raise BuildIncomplete(f"stage {stage}: {len(unanswered)} requests never got an answer (e.g. "
+                                  f"{unanswered[0]['error']}); rerun the same command to retry them")
 
     def captions(self) -> dict[str, dict[str, Any]]:
         with Journal(self.work / "captions.jsonl") as journal:
@@ -141,13 +156,18 @@ class Build:
                 {"n_views": len(p.views)}) for p in self.catalogue.products if p.product_id not in done]
             self._run("captions", journal, items,
                       lambda item, text: check_captions(text, item.context["n_views"], self.cfg.ranges))
-            return _latest(journal)
+            latest = _latest(journal)
+        self._require_answers("captions", [r for r in latest.values() if r.get("transport")])
+        return latest
 
     def verify(self, clothing: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """{product id: the last settling record of a batch it was in}: products, not batches, are
+        the unit, since a rerun (``--retry-failed``) may batch them differently."""
         with Journal(self.work / "verify.jsonl") as journal:
-            finished = finished_keys(journal, self.cfg.retry_failed)
-            done = {pid for r in journal.records if r["key"] in finished for pid in r["products"]}
-            todo = sorted(pid for pid in clothing if pid not in done)
+            by_product = {pid: r for r in final_records(journal) for pid in r["products"]}
+            retry = self.cfg.retry_failed
+            todo = sorted(pid for pid in clothing if pid not in by_product or not by_product[pid]["ok"] and (
+                by_product[pid].get("transport") or retry))
             size = self.cfg.verify_batch
             batches = [todo[i:i + size] for i in range(0, len(todo), size)]
 
@@ -155,9 +175,11 @@ class Build:
                 shown = [(pid, self.products[pid].views, clothing[pid]) for pid in ids]
                 return self._request("verify", verify_turn(shown, self.composites), {"products": ids})
 
-            items = [WorkItem(",".join(ids), lambda ids=ids: build(ids), {"products": ids}) for ids in batches]
+            items = [WorkItem(json.dumps(ids), lambda ids=ids: build(ids), {"products": ids}) for ids in batches]
             self._run("verify", journal, items, lambda item, text: check_verification(text, item.context["products"]))
-            return _latest(journal)
+            by_product = {pid: r for r in final_records(journal) for pid in r["products"] if pid in clothing}
+        self._require_answers("verify", [r for r in by_product.values() if r.get("transport")])
+        return by_product
 
     def _pools(self, retained: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
         """Computed once and kept: a resumed build must not depend on an encoder giving the same
@@ -215,17 +237,24 @@ class Build:
                     else:
                         journal.append({"key": src, "ok": True, "value": [], "candidates": [], "no_candidates": True})
                 self._run("triplets", journal, items, validate)
-            return _latest(journal)
+            latest = _latest(journal)
+        self._require_answers("triplets", [r for r in latest.values() if r.get("transport")])
+        return latest
 
     def run(self) -> dict[str, Any]:
         stage1 = self.captions()
         answered = {k: r["value"] for k, r in stage1.items() if r["ok"]}
         clothing = {k: v for k, v in answered.items() if v["is_clothing"]}
         stage2 = self.verify(clothing)
-        verdict = {pid: err for r in stage2.values() if r["ok"] for pid, err in r["value"].items()}
+        verdict = {pid: r["value"][pid] for pid, r in stage2.items() if r["ok"]}
         retained = {pid: clothing[pid] for pid in sorted(clothing) if verdict.get(pid) is False}
         stage3 = self.triplets(retained)
         triplets = {k: r["value"] for k, r in stage3.items() if r["ok"] and k in retained}
+        for src, sels in triplets.items():  # guaranteed by the settings check; a broken journal must not leak
+            for sel in sels:
+                if sel["target_id"] not in retained or self.split_of[sel["target_id"]] != self.split_of[src]:
+                    raise ValueError(f"{self.work / 'triplets.jsonl'}: {src} -> {sel['target_id']} crosses splits "
+                                     "or names a product that is no longer retained; delete that file to redo stage 3")
         tables = write_release(self.cfg.out, self.products, self.split_of, retained, triplets)
         runs = read_journal(self.work / "runs.jsonl")
         summary = self._summary(stage1, clothing, stage2, verdict, retained, stage3, tables, runs)
@@ -235,11 +264,10 @@ class Build:
     def _summary(self, stage1: dict[str, Any], clothing: dict[str, Any], stage2: dict[str, Any],
                  verdict: dict[str, bool], retained: dict[str, Any], stage3: dict[str, Any], tables: dict[str, Any],
                  runs: list[dict[str, Any]]) -> dict[str, Any]:
-        failed2 = sum(len(r["products"]) for r in stage2.values() if not r["ok"])
-        usage: dict[str, dict[str, float]] = {s: _usage(self.work / f"{s}.jsonl") for s in STAGES}
-        models: dict[str, str] = {}
+        failed2 = sum(1 for r in stage2.values() if not r["ok"])
+        usage: dict[str, dict[str, Any]] = {s: _usage(self.work / f"{s}.jsonl") for s in STAGES}
+        models = {s: sorted(usage[s]["answers_by_model"]) for s in STAGES}
         for run in runs:  # every finished run of a stage; a killed run's answers are in the journals
-            models[run["stage"]] = run["model"]
             usage[run["stage"]]["seconds"] = round(usage[run["stage"]].get("seconds", 0) + run["seconds"], 3)
         return {
             "catalogue": dict(self.catalogue.counts),

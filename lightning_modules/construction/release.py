@@ -36,6 +36,10 @@ def place_images(product: CatalogueProduct, root: Path) -> None:
     """Hard links where the file system allows, copies elsewhere; a file of the right size is kept."""
     folder = root / "images" / product.dataset / product.product_id
     folder.mkdir(parents=True, exist_ok=True)
+    wanted = {v.name for v in product.views}
+    for stale in folder.iterdir():  # the converter lists the folder: only the captioned views may be there
+        if stale.is_file() and stale.name not in wanted:
+            stale.unlink()
     for view in product.views:
         dest = folder / view.name
         if dest.is_file() and dest.stat().st_size == view.stat().st_size:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..generation.chat import ImagePart, Part, encode_image
 from .stitch import stitch
@@ -20,14 +20,21 @@ from .stitch import stitch
 MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
 
 
+def load_view(path: Path) -> Image.Image:
+    """RGB, upright: a camera's EXIF orientation applied, as every stage must see the same pixels."""
+    with Image.open(path) as img:
+        return ImageOps.exif_transpose(img).convert("RGB")
+
+
 def view_part(path: Path, max_side: int) -> ImagePart:
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as img:
-        if max(img.size) <= max_side:
+        rotated = img.getexif().get(0x0112, 1) != 1  # the orientation tag
+        if max(img.size) <= max_side and not rotated:
             return ImagePart(data, MIME[path.suffix.lower()])
-        img = img.convert("RGB")
-        img.thumbnail((max_side, max_side), Image.BICUBIC)
-        return encode_image(img)
+    img = load_view(path)
+    img.thumbnail((max_side, max_side), Image.BICUBIC)
+    return encode_image(img)
 
 
 class Composites:
@@ -42,11 +49,7 @@ class Composites:
         if pid in self._cache:
             self._cache.move_to_end(pid)
             return self._cache[pid]
-        images = []
-        for path in views:
-            with Image.open(path) as img:
-                images.append(img.convert("RGB"))
-        composite, boxes = stitch(images, self.height)
+        composite, boxes = stitch([load_view(p) for p in views], self.height)
         self._cache[pid] = (encode_image(composite), boxes)
         if len(self._cache) > self.keep:
             self._cache.popitem(last=False)

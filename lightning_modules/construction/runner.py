@@ -4,8 +4,9 @@ An answer that breaks the stage's schema is asked again (a new attempt, with a n
 for in-process models) up to ``attempts`` times, then journalled as a failure with its raw text.
 Every answer is journalled, the retried ones too (marked ``retry``: they count in the usage, not
 as the key's outcome). A transport failure (the server still down after the backend's own retries) is journalled too,
-but a rerun tries it again: an outage is not the product's fault. Invalid-answer failures stay
-done unless ``retry_failed``.
+but a rerun tries it again: an outage is not the product's fault. A request the server refuses
+for good (a 4xx) and an answer that stays invalid are failures that stay done unless
+``retry_failed``; a 401/403/404 stops the stage at once, since every request would share it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ class WorkItem:
 
 
 Validate = Callable[[WorkItem, str], Any]
+# The server refuses every request like this one: the configuration is wrong, not the product.
+CONFIG_STATUSES = {401: "check the API key (--api-key-env)", 403: "check the API key's permissions",
+                   404: "check --base-url and --model"}
+
+
+class ServerRefused(RuntimeError):
+    pass
 
 
 def final_records(journal: Journal) -> list[dict[str, Any]]:
@@ -72,9 +80,13 @@ def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: 
                 stats["completion_tokens"] += c.completion_tokens
                 usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                          "http_requests": c.requests, "attempts": attempt}
-                record = {"key": item.key, **item.context}
+                record = {"key": item.key, "model": backend.name, **item.context}
+                if c.error is not None and c.status in CONFIG_STATUSES:
+                    raise ServerRefused(f"stage {stage}: {c.error.splitlines()[0][:200]}; {CONFIG_STATUSES[c.status]}")
                 if c.error is not None:
-                    journal.append({**record, "ok": False, "transport": True, "error": c.error, **usage})
+                    # A transport failure is asked again by the next run; any other refusal (a 400 for
+                    # a prompt over the context length, an image the server rejects) is final.
+                    journal.append({**record, "ok": False, "transport": c.status is None, "error": c.error, **usage})
                     bar.update()
                     return
                 try:

@@ -55,8 +55,11 @@ class Completion:
     text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    error: str | None = None  # transport failure after the backend's own retries; text is then empty
+    error: str | None = None  # no answer: text is then empty
     requests: int = 1  # HTTP attempts it took (retries on 429/5xx/timeouts included)
+    # The HTTP status behind ``error``: None for a transport failure (worth another run), a 4xx
+    # for a request the server will never accept as it is.
+    status: int | None = None
 
 
 OnResult = Callable[[int, Completion], None]

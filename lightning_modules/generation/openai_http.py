@@ -101,9 +101,10 @@ class OpenAIChat:
                     text = (await resp.text())[:300]
                     error = f"HTTP {resp.status}: {text}"
                     if resp.status not in RETRYABLE:
-                        return Completion(error=error, requests=attempt + 1)
+                        return Completion(error=error, requests=attempt + 1, status=resp.status)
                     retry_after = resp.headers.get("Retry-After")
-            except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, KeyError, IndexError) as exc:
+            except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, KeyError, IndexError, AttributeError,
+                    TypeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"[:300]
             if attempt < self.max_retries:
                 await asyncio.sleep(self._delay(attempt, retry_after))

@@ -72,7 +72,8 @@ def test_counts_per_stage_match_the_ground_truth(catalogue: Path, built: Path) -
     summary = json.loads((built / "build_summary.json").read_text())
     clothing = [t for t in truth.values() if t["clothing"]]
     lr_errors = sum(t["lr_error"] for t in clothing)
-    assert summary["catalogue"] == {"products_in": len(truth) + 1, "no_readable_images": 1, "unreadable_views": 1}
+    assert summary["catalogue"] == {"products_in": len(truth) + 1, "no_readable_images": 1, "unreadable_views": 1,
+                                    "without_category": 0}  # the broken product, unlisted, is skipped first
     assert summary["captions"] == {"requested": len(truth), "non_clothing": len(truth) - len(clothing), "failed": 0,
                                    "clothing": len(clothing)}
     assert 0 < lr_errors < len(clothing)
@@ -103,7 +104,11 @@ def test_counts_per_stage_match_the_ground_truth(catalogue: Path, built: Path) -
         for r in rows:
             files = sorted(p.name for p in (built / "images" / r["dataset"] / r["product_id"]).iterdir())
             assert files == r["views"] and len(r["image_captions"]) == len(files)
-    assert summary["models"] == {"captions": "oracle", "verify": "oracle", "triplets": "oracle"}
+    assert summary["models"] == {"captions": ["oracle"], "verify": ["oracle"], "triplets": ["oracle"]}
+    assert summary["usage"]["captions"]["answers_by_model"] == {"oracle": len(truth)}
+    assert set(summary["caption_words"]) == {"synth_studio", "synth_street"}
+    for words in summary["caption_words"].values():  # the oracle pads to the paper's lower bounds
+        assert words["per_image"] >= 50 and words["long_caption"] >= 200 and words["short_caption"] >= 40
     assert summary["usage"]["captions"]["answers"] == len(truth)
 
 
@@ -196,13 +201,19 @@ def test_the_release_converts_and_trains_above_chance(built: Path, tmp_path: Pat
     dm = ShardDataModule(str(tmp_path / "shards"), batch_size=32, eval_batch_size=64, num_workers=0)
     model = CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0, check_val_every_n_epoch=8)
+                        default_root_dir=tmp_path, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    # Small galleries (~25-30 products each) make one dataset's recall noisy: pool the queries of
+    # both, and compare with the chance rate of those same queries.
+    hits = chance = queries = 0.0
     for ds in ("synth_studio", "synth_street"):
-        size = metrics[f"val/{ds}/gallery_size"]
-        print(ds, size, {k: round(metrics[f"val/{ds}/recall_at_{k}"], 3) for k in (1, 5, 10)})
-        assert metrics[f"val/{ds}/recall_at_5"] > 1.5 * (5 / size)
+        n, size = metrics[f"val/{ds}/queries"], metrics[f"val/{ds}/gallery_size"]
+        print(ds, n, size, {k: round(metrics[f"val/{ds}/recall_at_{k}"], 3) for k in (1, 5, 10)})
+        hits += n * metrics[f"val/{ds}/recall_at_5"]
+        chance += n * 5 / size
+        queries += n
+    assert queries > 50 and hits > 2 * chance
 
 
 def test_a_rerun_asks_nothing_and_other_settings_are_refused(catalogue: Path, built: Path) -> None:

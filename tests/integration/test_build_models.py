@@ -61,7 +61,7 @@ def test_in_process_tiny_qwen_fails_every_answer_after_its_retries(small_catalog
                str(tmp_path / "qwen"), "--max-tokens", "6", "--attempts", "2", "--batch-size", "5",
                "--temperature", "0", "--image-encoder", "clip:tiny", "--no-progress"])
     summary = _check_all_failed(out, 10, attempts=2, max_tokens=6)
-    assert summary["models"]["captions"] == str(tmp_path / "qwen")
+    assert summary["models"]["captions"] == [str(tmp_path / "qwen")]
 
 
 def _free_port() -> int:

@@ -30,6 +30,10 @@ def _captions(n_views: int, per_image: int = 60) -> dict:
 def test_json_is_found_after_a_think_block_and_inside_a_fence() -> None:
     assert parse_json('<think>{"no": 1}</think> Sure: ```json\n{"a": [1, 2]}\n``` done') == {"a": [1, 2]}
     assert parse_json('text before [{"x": 1}] text after') == [{"x": 1}]
+    # Prose with brackets before the answer, and a think block served without its opening tag.
+    assert parse_json('Looking at [Image 1] and [Image 2]: {"is_clothing": false}', dict) == {"is_clothing": False}
+    assert parse_json('weighing {left} and {right}...</think>\n{"a": 1}') == {"a": 1}
+    assert parse_json('boxes [0, 0, 500, 1000], so {"a": 2}', dict) == {"a": 2}
     with pytest.raises(InvalidAnswer, match="no JSON"):
         parse_json("I cannot help with that")
     with pytest.raises(InvalidAnswer, match="invalid JSON"):
@@ -82,6 +86,8 @@ def test_selection_answers() -> None:
         check_selections(json.dumps({"selections": [_selection(2), _selection(2)]}), 10, R)
     with pytest.raises(InvalidAnswer, match="at most 2"):
         check_selections(json.dumps({"selections": [_selection(1), _selection(2), _selection(3)]}), 10, R)
+    with pytest.raises(InvalidAnswer, match="at least 2 are needed"):
+        check_selections(json.dumps({"selections": [_selection(1) | {"views_involved": ["front", "Front"]}]}), 10, R)
     long_text = _selection(1) | {"modification_text_short": _words(60)}
     with pytest.raises(InvalidAnswer, match="far outside 16-32"):
         check_selections(json.dumps({"selections": [long_text]}), 10, R)

@@ -26,6 +26,13 @@ def test_pools_equal_brute_force_union_within_groups() -> None:
         assert all(groups[ids.index(c)] == groups[i] for c in pools[ids[i]])
 
 
+def test_gender_splits_a_category_when_known() -> None:
+    groups = [("train", "d", "jacket", "men"), ("train", "d", "jacket", "women"), ("train", "d", "jacket", "men"),
+              ("train", "d", "jacket", "women"), ("val", "d", "jacket", "men")]
+    pools = candidate_pools(["m1", "w1", "m2", "w2", "m3"], groups, {"image": np.ones((5, 4), np.float32)}, k=20)
+    assert pools == {"m1": ["m2"], "w1": ["w2"], "m2": ["m1"], "w2": ["w1"], "m3": []}
+
+
 def test_a_group_of_one_has_no_candidates() -> None:
     groups = [("train", "d", "x", ""), ("train", "d", "y", ""), ("train", "d", "y", "")]
     pools = candidate_pools(["a", "b", "c"], groups, {"image": np.eye(3, dtype=np.float32)}, k=20)

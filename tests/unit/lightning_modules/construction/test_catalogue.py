@@ -20,8 +20,11 @@ def test_nested_ids_sorted_views_at_most_five_and_unreadable_files(tmp_path: Pat
     (tmp_path / "images" / "dresses" / "summer" / "p1" / "notes.txt").write_text("not an image")
     _img(tmp_path / "images" / "p2" / "a.jpg")
     (tmp_path / "images" / "p2" / "b.jpg").write_bytes(b"broken")
+    whole = tmp_path / "whole.jpg"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(whole, quality=95)
     (tmp_path / "images" / "p3").mkdir(parents=True)
-    (tmp_path / "images" / "p3" / "x.jpg").write_bytes(b"\xff\xd8 torn")
+    # Half a real JPEG: PIL identifies it, verify() passes it, decoding fails.
+    (tmp_path / "images" / "p3" / "x.jpg").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     rows = [{"product_id": "dresses/summer/p1", "dataset": "shop", "category": "dress", "gender": "women",
              "title": "Summer dress", "split": "val"}, {"product_id": "p4"}]
     (tmp_path / "products.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -33,13 +36,16 @@ def test_nested_ids_sorted_views_at_most_five_and_unreadable_files(tmp_path: Pat
     assert (p1.dataset, p1.category, p1.gender, p1.title, p1.split) == ("shop", "dress", "women", "Summer dress", "val")
     assert [v.name for v in by_id["p2"].views] == ["a.jpg"] and by_id["p2"].dataset == "catalogue"
     # p3: its only file is unreadable; p4: listed, no folder.
-    assert cat.counts == {"products_in": 4, "no_readable_images": 2, "unreadable_views": 2}
+    assert cat.counts == {"products_in": 4, "no_readable_images": 2, "unreadable_views": 2, "without_category": 1}
 
 
 def test_bad_metadata_lines_are_named(tmp_path: Path) -> None:
     _img(tmp_path / "images" / "p1" / "a.jpg")
     (tmp_path / "products.jsonl").write_text('{"product_id": "p1"}\n{oops\n')
     with pytest.raises(ValueError, match=r"products.jsonl:2: not valid JSON"):
+        read_catalogue(tmp_path)
+    (tmp_path / "products.jsonl").write_text('{"product_id": "p1"}\n{"product_id": "p1", "title": "again"}\n')
+    with pytest.raises(ValueError, match=r"products.jsonl:2: product_id 'p1' is listed twice"):
         read_catalogue(tmp_path)
     (tmp_path / "products.jsonl").write_text('{"product_id": "p1", "split": "test"}\n')
     with pytest.raises(ValueError, match=r"products.jsonl:1: split 'test'"):

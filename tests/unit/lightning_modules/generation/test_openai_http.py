@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -75,3 +76,21 @@ def test_a_client_error_is_final_and_a_dead_port_gives_up() -> None:
     dead = OpenAIChat(f"http://127.0.0.1:{port}/v1", "m", max_retries=2, backoff_s=0.01, timeout_s=5)
     got = _collect(dead, [ChatRequest(user=["x"])])[0]
     assert got.error is not None and "gave up after 3 attempts" in got.error and got.requests == 3
+
+
+class SlowOnce(Echo):
+    """Answers its first request after longer than the client waits."""
+
+    def complete(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
+        if not self.seen:
+            time.sleep(1.0)
+        super().complete(requests, on_result)
+
+
+def test_a_timed_out_request_is_sent_again() -> None:
+    slow = SlowOnce()
+    with serve_backend(slow) as (url, _):
+        client = OpenAIChat(url, "m", timeout_s=0.4, backoff_s=0.01, max_retries=3)
+        got = _collect(client, [ChatRequest(user=["late"])])[0]
+    # The server loop is blocked while it sleeps, so a retry may time out too before one is answered.
+    assert got.error is None and got.text == "None|late|0" and got.requests >= 2 and len(slow.seen) == got.requests
