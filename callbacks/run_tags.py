@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.entities import Dataset, DatasetInput, InputTag
 
 from datamodules.interfaces import RetrievalData
-from lightning_modules.core.interfaces import Variants
+from lightning_modules.core.interfaces import Described, Variants
 
 from .eval_artifacts import config_hash
 from .mlflow_logging import EXPERIMENT_KIND_TAG, MODEL_TRAINING
@@ -44,7 +44,8 @@ def dataset_input(data: RetrievalData, context: str) -> DatasetInput:
 
 class RunTags(Callback):
     """Sets ``family``, ``variant`` (and one ``variant.<switch>`` tag per switch), ``dataset``,
-    ``stage`` (fit, validate, test), ``git_commit`` and ``config_hash`` on the MLflow run, once, at the
+    ``stage`` (fit, validate, test), ``git_commit``, ``config_hash`` and, for a ``Described`` model,
+    ``model``, ``parameters`` and ``strategy`` on the MLflow run, once, at the
     start of fit/validate/test; logs the shard folder as the run's dataset input and marks the
     experiment as model training (so MLflow's UI opens it on the runs table)."""
 
@@ -67,6 +68,7 @@ class RunTags(Callback):
             "git_commit": git_commit(),
             "config_hash": config_hash(pl_module, trainer),
             **{f"variant.{k}": str(v) for k, v in switches.items()},
+            **(pl_module.describe() if isinstance(pl_module, Described) else {}),
         }
         context = "train" if trainer.state.fn == "fit" else "eval"
         for logger in loggers:

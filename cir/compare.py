@@ -1,11 +1,16 @@
-"""``cir compare``: MLflow runs of an experiment as an ablation table, in the layout of the papers'.
+"""``cir compare``: MLflow runs of an experiment as a table, in the layout of the papers'.
 
     cir compare --experiment fashion-cir [--k 5 10] [--filter "tags.family = 'CLIP4CIR'"] [--out DIR]
+    cir compare --experiment fashionmv-baselines --layout table2      # the FashionMV paper's Table 2
+    cir compare --experiment fashioniq --layout fashioniq             # the LLaVA paper's Table 1
 
-One row per run: its name, the variant switches (MLflow tags ``variant.*``, ✓ when on), Recall@K per
-dataset, their average, and wall time; the best value of each metric column is marked ``*``.
-Printed, and written as ``compare.csv`` and ``compare.md``. Works on any tracking URI
-(``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db``).
+``--layout runs`` (the default, an ablation table): one row per run with its name, the variant
+switches (MLflow tags ``variant.*``, ✓ when on), Recall@K per dataset, their average, and wall time.
+``--layout table2``: model, parameters, multi-view strategy (the runs' ``model``, ``parameters``
+and ``strategy`` tags), R@5 and R@10 per dataset, their averages over datasets and the overall
+average. ``--layout fashioniq``: the same with R@10 and R@50 per category. The best value of each
+metric column is marked ``*``. Printed, and written as ``compare.csv`` and ``compare.md``. Works on
+any tracking URI (``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,61 @@ def _switch(value: str) -> str:
     return {"true": "✓", "false": ""}.get(value.lower(), value)
 
 
+PAPER_LAYOUTS = {"table2": (5, 10), "fashioniq": (10, 50)}
+
+
+def _params(value: str) -> str:
+    try:
+        n = float(value)
+    except ValueError:
+        return value
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _mark_best(rows: list[list[Any]], first: int, count: int, percent_until: int) -> list[list[str]]:
+    """Floats as text (recalls in %), the best of each metric column marked ``*``."""
+    best = {}
+    for c in range(first, first + count):
+        column = [row[c] for row in rows if row[c] is not None]
+        best[c] = max(column) if column else None
+    out = []
+    for row in rows:
+        cells = []
+        for c, v in enumerate(row):
+            if isinstance(v, float):
+                text = f"{100 * v:.1f}" if c < percent_until else f"{v:.1f}"
+                cells.append(text + ("*" if best.get(c) is not None and v == best[c] else ""))
+            else:
+                cells.append("" if v is None else str(v))
+        out.append(cells)
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def paper_table(runs: list[Any], ks: tuple[int, ...]) -> tuple[list[str], list[list[str]]]:
+    """The papers' comparison layout: model, parameters, strategy, R@K per dataset, per-K averages
+    over the datasets and their overall average."""
+    datasets = sorted({m["ds"] for r in runs for key in r.data.metrics if (m := _RECALL.match(key))})
+    header = ["model", "params", "strategy", *(f"{ds} R@{k}" for ds in datasets for k in ks),
+              *(f"avg R@{k}" for k in ks), "overall"]
+    rows: list[list[Any]] = []
+    for r in runs:
+        values = [r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets for k in ks]
+        averages = [_mean([r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets]) for k in ks]
+        tags = r.data.tags
+        rows.append([tags.get("model") or r.info.run_name or r.info.run_id[:8], _params(tags.get("parameters", "")),
+                     tags.get("strategy", ""), *values, *averages, _mean(averages)])
+    n_metrics = len(header) - 3
+    return header, _mark_best(rows, 3, n_metrics, 3 + n_metrics)
+
+
 def build_table(runs: list[Any], ks: list[int]) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, metric columns) for ``runs`` (MLflow ``Run`` objects)."""
     switches = sorted({k.removeprefix("variant.") for r in runs for k in r.data.tags if k.startswith("variant.")})
@@ -42,21 +102,7 @@ def build_table(runs: list[Any], ks: list[int]) -> tuple[list[str], list[list[st
                      *(_switch(r.data.tags.get(f"variant.{s}", "")) for s in switches), *values, avg, minutes])
     first_metric = 3 + len(switches)
     n_metrics = len(metric_cols) + 1
-    best = {}
-    for c in range(first_metric, first_metric + n_metrics):
-        column = [row[c] for row in rows if row[c] is not None]
-        best[c] = max(column) if column else None
-    out = []
-    for row in rows:
-        cells = []
-        for c, v in enumerate(row):
-            if isinstance(v, float):
-                text = f"{100 * v:.1f}" if c < first_metric + n_metrics else f"{v:.1f}"
-                cells.append(text + ("*" if best.get(c) is not None and v == best[c] else ""))
-            else:
-                cells.append("" if v is None else str(v))
-        out.append(cells)
-    return header, out, [*metric_cols, "avg"]
+    return header, _mark_best(rows, first_metric, n_metrics, first_metric + n_metrics), [*metric_cols, "avg"]
 
 
 def to_markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -79,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = command_parser("compare", __doc__)
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
-    parser.add_argument("--k", type=int, nargs="+", default=[5, 10], help="the K of the Recall@K columns")
+    parser.add_argument("--k", type=int, nargs="+", default=[5, 10],
+                        help="the K of the Recall@K columns (runs layout)")
+    parser.add_argument("--layout", choices=["runs", *PAPER_LAYOUTS], default="runs",
+                        help="runs: an ablation table; table2: FashionMV's Table 2 (R@5/R@10); fashioniq: the "
+                        "LLaVA paper's Table 1 (R@10/R@50)")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.family = 'ProCIR'\"")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--out", default="outputs/compare", help="folder for compare.csv and compare.md")
@@ -95,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
             if any(_RECALL.match(k) for k in r.data.metrics)]
     if not runs:
         raise SystemExit(f"cir compare: no run of {args.experiment!r} logged per-dataset recalls")
-    header, rows, _ = build_table(runs, args.k)
+    if args.layout == "runs":
+        header, rows, _ = build_table(runs, args.k)
+    else:
+        header, rows = paper_table(runs, PAPER_LAYOUTS[args.layout])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "compare.csv").open("w", newline="") as f:

@@ -43,6 +43,15 @@ class Variants(Protocol):
 
 
 @runtime_checkable
+class Described(Protocol):
+    """A model that says what it is for comparison tables: its name (family and backbone), its
+    parameter count and how it embeds multi-view products (MLflow tags ``model``, ``parameters``,
+    ``strategy``; the rows of ``cir compare --layout table2``)."""
+
+    def describe(self) -> dict[str, str]: ...
+
+
+@runtime_checkable
 class Retriever(Variants, Protocol):
     """A trained CIR model as callbacks, ``cir search``, ``cir query`` and services use it."""
 

@@ -95,6 +95,16 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         """The run that writes this family's ``init_checkpoint``, named when the file is missing."""
         return STAGE1_COMMAND
 
+    # Families with a backbone or several view strategies set these in ``__init__``.
+    backbone_name: str = ""
+    view_strategy: str = "single"
+
+    def describe(self) -> dict[str, str]:
+        """What a comparison table shows of this model (``core.interfaces.Described``)."""
+        name = type(self).__name__ + (f" ({self.backbone_name})" if self.backbone_name else "")
+        return {"model": name, "parameters": str(sum(p.numel() for p in self.parameters())),
+                "strategy": self.view_strategy}
+
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if self.init_checkpoint:

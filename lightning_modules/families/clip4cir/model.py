@@ -57,6 +57,7 @@ class CLIP4CIR(RetrievalModule):
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
         self.backbone = backbone
+        self.backbone_name = backbone.name_or_path
         self.fusion = fusion or SumFusion()
         check_fusion_width(self.fusion, backbone.dim, backbone.name_or_path)
         if view_strategy == "maxsim" and self.evaluation.backend == "faiss":

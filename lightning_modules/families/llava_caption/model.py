@@ -65,6 +65,7 @@ class LLaVACaptionCIR(RetrievalModule):
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
         self.backbone = backbone
+        self.backbone_name = backbone.name_or_path
         self.fusion = fusion or TransformerFusion(backbone.dim)
         check_fusion_width(self.fusion, backbone.dim, backbone.name_or_path)
         self.target_text = FrozenTextEncoder(backbone)

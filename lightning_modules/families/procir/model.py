@@ -78,6 +78,7 @@ class ProCIR(RetrievalModule):
         if problems:
             raise ValueError("model.init_args: " + "; ".join(problems))
         self.backbone = backbone
+        self.backbone_name = backbone.name_or_path
         self.dialogue = DialogueBuilder(backbone)
         self.dialogues = ProCIRDialogues(self.dialogue, two_stage_dialogue)
         self.two_stage_dialogue = two_stage_dialogue
