@@ -33,6 +33,8 @@ def test_caption_prompt_facts() -> None:
     for excluded in ("jewelry", "bags", "shoes", "hats", "belts", "sunglasses", "gloves", "socks"):
         assert excluded in t
     assert "JSON only" in t
+    assert "never say which picture shows what" in t  # the product captions describe the item, not the pictures
+    assert re.search(r"exact count, where they\s+sit and their colour", t) and "wearer's point of view" in t
 
 
 def test_verify_prompt_facts() -> None:
@@ -44,6 +46,7 @@ def test_verify_prompt_facts() -> None:
     assert re.search(r"FRONT VIEW.*picture's left is the wearer's RIGHT", t, re.S)
     assert re.search(r"BACK VIEW.*picture's left is the wearer's LEFT", t, re.S)
     assert "Do not invent mistakes" in t
+    assert re.search(r"Missing features,\s+wrong counts, wrong colours", t) and "ignore them" in t
 
 
 def test_triplet_prompt_facts() -> None:
@@ -55,6 +58,8 @@ def test_triplet_prompt_facts() -> None:
     assert "[Product 1]" in t and "side by side horizontally" in t
     for detail in ("stitching", "seams", "pockets", "collars", "hems", "closures", "panels"):
         assert detail in t
+    assert "exactly the source's sub-category" in t and "each of those views adds information" in t
+    assert "reject candidates" in t and "nearly identical" in t
 
 
 def test_a_prompt_folder_replaces_files_and_refuses_unknown_names(tmp_path: Path) -> None:
