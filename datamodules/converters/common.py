@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ..jsonl import numbered_json_lines
 from ..shards import encode_image
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,4 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: check --root (expected the dataset's own layout)")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc})") from exc
-    return rows
+    return [row for _, row in numbered_json_lines(path, path.read_text().splitlines())]

@@ -11,7 +11,6 @@ is skipped and counted, never a crash.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from datamodules.converters.common import IMAGE_SUFFIXES
+from datamodules.jsonl import numbered_json_lines
 from datamodules.schema import MAX_VIEWS, check_key
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SPLITS = ("train", "val")
 
 
@@ -61,13 +61,7 @@ def _readable(path: Path) -> bool:
 
 def _rows(path: Path) -> dict[str, dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc}); fix or delete the line") from exc
+    for n, row in numbered_json_lines(path, path.read_text().splitlines(), "; fix or delete the line"):
         if not isinstance(row, dict) or "product_id" not in row:
             raise ValueError(f"{path}:{n}: each line needs a product_id")
         split = row.get("split", "")

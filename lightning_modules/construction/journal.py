@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from datamodules.jsonl import numbered_json_lines
 from datamodules.sidecar import cut_torn_tail
 
 
@@ -24,15 +25,7 @@ def read_journal(path: str | Path) -> list[dict[str, Any]]:
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()  # unterminated: torn by a kill, even if it parses; the next append cuts it off
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc}); fix or delete the line") from exc
-    return out
+    return [record for _, record in numbered_json_lines(path, lines, "; fix or delete the line")]
 
 
 class Journal:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from datamodules.jsonl import numbered_json_lines
 from datamodules.schema import safe_key
 from datamodules.synthetic.generate import ProductSpec, triplet_between
 from datamodules.synthetic.text import LONG_FILLER, long_caption, short_caption, view_caption
@@ -47,16 +48,12 @@ class OracleChat:
         if not path.is_file():
             raise FileNotFoundError(f"oracle ground truth {path} not found: the oracle only knows catalogues written "
                                     "by `cir data synthetic --layout catalogue` (which writes ground_truth.jsonl)")
+        rewrite = "; rewrite the catalogue with `cir data synthetic --layout catalogue`"
         self.truth: dict[str, dict[str, Any]] = {}
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                self.truth[row["product_id"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{n}: not a ground-truth record ({exc}); rewrite the catalogue with "
-                                 "`cir data synthetic --layout catalogue`") from exc
+        for n, row in numbered_json_lines(path, path.read_text().splitlines(), rewrite):
+            if not isinstance(row, dict) or "product_id" not in row:
+                raise ValueError(f"{path}:{n}: not a ground-truth record (no product_id){rewrite}")
+            self.truth[row["product_id"]] = row
 
     def _spec(self, pid: str) -> ProductSpec:
         t = self.truth[pid]

@@ -70,9 +70,9 @@ def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
     return {r["key"]: r for r in final_records(journal)}
 
 
-def _usage(path: Path) -> dict[str, Any]:
+def _usage(journal: list[dict[str, Any]]) -> dict[str, Any]:
     """What a stage paid for over every run, from its journal (only requests lost in flight escape)."""
-    records = [r for r in read_journal(path) if not r.get("no_candidates")]
+    records = [r for r in journal if not r.get("no_candidates")]
     return {"answers": len(records), "http_requests": sum(r.get("http_requests", 0) for r in records),
             "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in records),
             "completion_tokens": sum(r.get("completion_tokens", 0) for r in records),
@@ -92,6 +92,7 @@ class Build:
         self.products = self.catalogue.by_id()
         self.split_of = assign_splits(self.catalogue.products, config.val_fraction, config.seed)
         self.composites = Composites(config.composite_height)
+        self.records: dict[Stage, list[dict[str, Any]]] = {}
         self._check_settings()
 
     def _check_settings(self) -> None:
@@ -148,8 +149,14 @@ class Build:
             raise BuildIncomplete(f"stage {stage}: {len(unanswered)} requests never got an answer (e.g. "
                                   f"{unanswered[0]['error']}); rerun the same command to retry them")
 
+    def _journal(self, stage: Stage) -> Journal:
+        """The stage's journal, its records kept (appended in place) for the summary's usage."""
+        journal = Journal(self.work / f"{stage}.jsonl")
+        self.records[stage] = journal.records
+        return journal
+
     def captions(self) -> dict[str, dict[str, Any]]:
-        with Journal(self.work / "captions.jsonl") as journal:
+        with self._journal("captions") as journal:
             done = finished_keys(journal, self.cfg.retry_failed)
             items = [WorkItem(p.product_id, lambda p=p: self._request(
                 "captions", caption_turn(p.views, self.cfg.max_side), {"products": [p.product_id]}),
@@ -163,7 +170,7 @@ class Build:
     def verify(self, clothing: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """{product id: the last settling record of a batch it was in}: products, not batches, are
         the unit, since a rerun (``--retry-failed``) may batch them differently."""
-        with Journal(self.work / "verify.jsonl") as journal:
+        with self._journal("verify") as journal:
             by_product = {pid: r for r in final_records(journal) for pid in r["products"]}
             retry = self.cfg.retry_failed
             todo = sorted(pid for pid in clothing if pid not in by_product or not by_product[pid]["ok"] and (
@@ -213,7 +220,7 @@ class Build:
         return candidate_pools(ids, groups, paths, self.cfg.neighbours)
 
     def triplets(self, retained: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        with Journal(self.work / "triplets.jsonl") as journal:
+        with self._journal("triplets") as journal:
             done = finished_keys(journal, self.cfg.retry_failed)
             sources = [p for p in sorted(retained) if p not in done]
             if sources:
@@ -265,7 +272,7 @@ class Build:
                  verdict: dict[str, bool], retained: dict[str, Any], stage3: dict[str, Any], tables: dict[str, Any],
                  runs: list[dict[str, Any]]) -> dict[str, Any]:
         failed2 = sum(1 for r in stage2.values() if not r["ok"])
-        usage: dict[str, dict[str, Any]] = {s: _usage(self.work / f"{s}.jsonl") for s in STAGES}
+        usage: dict[str, dict[str, Any]] = {s: _usage(self.records.get(s, [])) for s in STAGES}
         models = {s: sorted(usage[s]["answers_by_model"]) for s in STAGES}
         for run in runs:  # every finished run of a stage; a killed run's answers are in the journals
             usage[run["stage"]]["seconds"] = round(usage[run["stage"]].get("seconds", 0) + run["seconds"], 3)
