@@ -12,25 +12,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .jsonl import numbered_json_lines
+
 
 def read_sidecar(path: str | Path) -> dict[str, dict[str, Any]]:
     """{key: record}; a torn last line (a run killed mid-write) is ignored, any other bad line is an error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"captions file {path} not found: create it with `cir caption --out {path} ...`")
-    records: dict[str, dict[str, Any]] = {}
     lines = path.read_text().splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    rows = [rec for _, rec in numbered_json_lines(path, lines[:-1], "; fix or delete the line")]
+    if lines and lines[-1].strip():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if n == len(lines):
-                break
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc}); fix or delete the line") from exc
-        records[rec["key"]] = rec
-    return records
+            rows.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            pass  # the torn last line of a killed writer
+    return {rec["key"]: rec for rec in rows}
 
 
 def cut_torn_tail(path: Path) -> None:
