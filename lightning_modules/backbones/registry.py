@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from huggingface_hub import try_to_load_from_cache
 
-Family = Literal["clip", "qwen3.5"]
+Family = Literal["clip", "qwen3.5", "qwen3-vl-embedding", "gme", "blip2"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class BackbonePreset:
     config: dict[str, Any] = field(default_factory=dict)
     image_size: int = 224
     description: str = ""
+    # How a zero-shot embedder is prompted and pooled, by model card (``backbones.vl_embedder.CARDS``);
+    # empty for the other families.
+    card: str = ""
 
     @property
     def random_init(self) -> bool:
@@ -99,6 +102,74 @@ PRESETS: dict[Family, dict[str, BackbonePreset]] = {
                            "temporal_patch_size": 2, "out_hidden_size": 1024},
             },
             description="Qwen3.5-0.8B's architecture with random weights (benchmarks only)",
+        ),
+    },
+    "qwen3-vl-embedding": {
+        "tiny": BackbonePreset(
+            name="tiny", family="qwen3-vl-embedding", card="qwen3-vl-embedding",
+            config={
+                "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                         "max_position_embeddings": 4096,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                             "mrope_section": [2, 3, 3], "mrope_interleaved": True}},
+                "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                           "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [1],
+                           "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+            },
+            description="2-layer, width-64 Qwen3-VL (with a DeepStack layer) and random weights, prompted and "
+                        "pooled as Qwen3-VL-Embedding",
+        ),
+        "qwen3-vl-embedding-2b": BackbonePreset(
+            name="qwen3-vl-embedding-2b", family="qwen3-vl-embedding", card="qwen3-vl-embedding",
+            hub_id="Qwen/Qwen3-VL-Embedding-2B", description="Qwen3-VL-Embedding-2B (2048-d); bf16 on GPU",
+        ),
+        "qwen3-vl-embedding-8b": BackbonePreset(
+            name="qwen3-vl-embedding-8b", family="qwen3-vl-embedding", card="qwen3-vl-embedding",
+            hub_id="Qwen/Qwen3-VL-Embedding-8B", description="Qwen3-VL-Embedding-8B (4096-d); bf16 on GPU",
+        ),
+        "qwen3-vl-embedding-8b-random": BackbonePreset(
+            name="qwen3-vl-embedding-8b-random", family="qwen3-vl-embedding", card="qwen3-vl-embedding",
+            config={
+                # Qwen3-VL-8B's published architecture with random weights: memory and speed
+                # measurements of the 8B embedder where the weights cannot be downloaded.
+                "text": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288,
+                         "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                         "head_dim": 128, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                             "mrope_section": [24, 20, 20], "mrope_interleaved": True}},
+                "vision": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                           "out_hidden_size": 4096, "num_position_embeddings": 2304,
+                           "deepstack_visual_indexes": [8, 16, 24], "patch_size": 16, "spatial_merge_size": 2,
+                           "temporal_patch_size": 2},
+            },
+            description="Qwen3-VL-Embedding-8B's architecture with random weights (benchmarks only)",
+        ),
+    },
+    "gme": {
+        "tiny": BackbonePreset(
+            name="tiny", family="gme", card="gme",
+            config={
+                "text": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                             "mrope_section": [2, 3, 3]}},
+                "vision": {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 64, "mlp_ratio": 2,
+                           "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+            },
+            description="2-layer, width-64 Qwen2-VL with random weights, prompted and pooled as GME",
+        ),
+        "gme-qwen2-vl-2b": BackbonePreset(
+            name="gme-qwen2-vl-2b", family="gme", card="gme", hub_id="Alibaba-NLP/gme-Qwen2-VL-2B-Instruct",
+            description="GME on Qwen2-VL-2B (1536-d); bf16 on GPU",
+        ),
+        "gme-qwen2-vl-7b": BackbonePreset(
+            name="gme-qwen2-vl-7b", family="gme", card="gme", hub_id="Alibaba-NLP/gme-Qwen2-VL-7B-Instruct",
+            description="GME on Qwen2-VL-7B (3584-d); bf16 on GPU",
+        ),
+        "rzenembed-8b": BackbonePreset(
+            name="rzenembed-8b", family="gme", card="rzenembed", hub_id="qihoo360/RzenEmbed",
+            description="RzenEmbed (Qwen2-VL architecture, 8B): GME's recipe with the instruction in the user turn",
         ),
     },
 }
