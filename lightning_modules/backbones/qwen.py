@@ -160,6 +160,10 @@ class QwenBackbone(nn.Module):
     def image_transform(self) -> QwenImageTransform:
         return QwenImageTransform(self.processor)
 
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return self.model.model.visual.dtype
+
     def image_tokens(self, image: PatchedImage) -> int:
         """Placeholder tokens one view takes in the sequence (its patches after spatial merging)."""
         return int(math.prod(image.grid_thw.tolist())) // self.merge**2

@@ -12,9 +12,10 @@ is what Qwen's template writes, with no system prompt:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from .qwen import (
     EMB_TOKEN,
@@ -26,8 +27,24 @@ from .qwen import (
     VISION_END,
     VISION_START,
     PatchedImage,
-    QwenBackbone,
 )
+
+
+class ChatBackbone(Protocol):
+    """What the builder needs of a Qwen-family model (Qwen3.5, and the Qwen2-VL/Qwen3-VL embedders):
+    its special-token ids, text tokenisation, placeholder count per image and the vision tower's dtype."""
+
+    tokenizer: PreTrainedTokenizerBase
+    token_ids: dict[str, int]
+
+    def text_ids(self, text: str) -> list[int]: ...
+
+    def image_tokens(self, image: PatchedImage) -> int: ...
+
+    @property
+    def vision_dtype(self) -> torch.dtype: ...
+
+    def __call__(self, **inputs: Any) -> Any: ...
 
 
 @dataclass
@@ -42,9 +59,9 @@ class Dialogue:
 
 
 class DialogueBuilder:
-    """Appends chat turns to ``Dialogue``s and batches them for ``QwenBackbone``."""
+    """Appends chat turns to ``Dialogue``s and batches them for a ``ChatBackbone``."""
 
-    def __init__(self, backbone: QwenBackbone) -> None:
+    def __init__(self, backbone: ChatBackbone) -> None:
         self.backbone = backbone
         self.ids = backbone.token_ids
         self._cache: dict[str, list[int]] = {}
@@ -131,6 +148,15 @@ class DialogueBuilder:
             self._add(seq, self._text_ids("\n"), False)
         return seq
 
+    def assistant_opening(self, seq: Dialogue, then: str | None = None) -> Dialogue:
+        """``<|im_start|>assistant\n`` with no think block (Qwen2-VL/Qwen3-VL templates), then optionally
+        one special token: embedders read the last token's hidden state (GME's ``<|endoftext|>``)."""
+        self._special(seq, IM_START, False)
+        self._add(seq, self._text_ids("assistant\n"), False)
+        if then:
+            self._add(seq, [self.ids[then]], False)
+        return seq
+
     def generation_prompt(self, seq: Dialogue) -> Dialogue:
         """The assistant turn's opening with an empty think block: generation answers directly."""
         return self.assistant(seq, emb=False, close=False)
@@ -168,7 +194,7 @@ class DialogueBuilder:
         if images:
             # In the vision tower's dtype: a checkpoint loaded in bf16 takes bf16 pixels.
             out["pixel_values"] = torch.cat([img.pixel_values for img in images]).to(
-                device, self.backbone.model.model.visual.dtype)
+                device, self.backbone.vision_dtype)
             out["image_grid_thw"] = torch.stack([img.grid_thw for img in images]).to(device)
         return out
 

@@ -116,6 +116,8 @@ PRESETS: dict[Family, dict[str, BackbonePreset]] = {
                 "vision": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
                            "out_hidden_size": 64, "num_position_embeddings": 16, "deepstack_visual_indexes": [1],
                            "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2},
+                # Small views keep the tiny model fast: 4 to 16 image tokens per view.
+                "image": {"min_pixels": 32 * 32, "max_pixels": 128 * 128},
             },
             description="2-layer, width-64 Qwen3-VL (with a DeepStack layer) and random weights, prompted and "
                         "pooled as Qwen3-VL-Embedding",
@@ -156,6 +158,7 @@ PRESETS: dict[Family, dict[str, BackbonePreset]] = {
                                              "mrope_section": [2, 3, 3]}},
                 "vision": {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 64, "mlp_ratio": 2,
                            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+                "image": {"min_pixels": 28 * 28, "max_pixels": 112 * 112},
             },
             description="2-layer, width-64 Qwen2-VL with random weights, prompted and pooled as GME",
         ),
@@ -170,6 +173,30 @@ PRESETS: dict[Family, dict[str, BackbonePreset]] = {
         "rzenembed-8b": BackbonePreset(
             name="rzenembed-8b", family="gme", card="rzenembed", hub_id="qihoo360/RzenEmbed",
             description="RzenEmbed (Qwen2-VL architecture, 8B): GME's recipe with the instruction in the user turn",
+        ),
+    },
+    "blip2": {
+        "tiny": BackbonePreset(
+            name="tiny", family="blip2", image_size=64,
+            config={
+                # transformers' default vision initializer_range (1e-10, for loading weights over) would
+                # leave a random ViT constant.
+                "vision": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                           "num_attention_heads": 2, "image_size": 64, "patch_size": 8, "initializer_range": 0.02},
+                # Cross-attention in every layer (the real one: every other), so two layers still see
+                # the image twice; 64 positions hold the 32 text tokens plus SPRC's prompt tokens.
+                "qformer": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                            "num_attention_heads": 2, "cross_attention_frequency": 1,
+                            "max_position_embeddings": 64, "use_qformer_text_input": True},
+                "num_query_tokens": 8,
+                "image_text_hidden_size": 48,
+            },
+            description="2-layer, width-48 BLIP-2 (ViT and Q-Former, 8 query tokens) with random weights and the "
+                        "generated-vocabulary tokenizer",
+        ),
+        "blip2-itm-vit-g": BackbonePreset(
+            name="blip2-itm-vit-g", family="blip2", hub_id="Salesforce/blip2-itm-vit-g", image_size=224,
+            description="BLIP-2 ViT-g with its image-text retrieval Q-Former (32 query tokens, 256-d features)",
         ),
     },
 }
