@@ -149,12 +149,14 @@ class VLEmbedderBackbone(nn.Module):
         min_pixels, max_pixels: override the card's image size limits.
         trust_remote_code: passed to ``from_pretrained``; off unless you trust the source.
         seed: seed of a random-init preset's weights.
+        init_device: where a random-weight preset is built (``cuda`` builds the 8B architecture in
+            seconds, where the CPU takes minutes); its dtype is ``dtype`` (``auto``: float32).
     """
 
     def __init__(self, name_or_path: str = "tiny", family: Literal["qwen3-vl-embedding", "gme"] = "qwen3-vl-embedding",
                  card: str | None = None, dtype: Dtype = "auto", max_batch_tokens: int = 16384,
                  min_pixels: int | None = None, max_pixels: int | None = None, trust_remote_code: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, init_device: str = "cpu") -> None:
         super().__init__()
         if max_batch_tokens < 1:
             raise ValueError(f"model.init_args.backbone.init_args.max_batch_tokens={max_batch_tokens}: must be >= 1")
@@ -163,6 +165,7 @@ class VLEmbedderBackbone(nn.Module):
         self.card = card_of(family, name_or_path, card)
         self.max_batch_tokens = max_batch_tokens
         model_class = _ARCHITECTURES[self.card.architecture][1]
+        weights_dtype = getattr(torch, dtype) if dtype != "auto" else None
         preset = get_preset(family, name_or_path)
         if preset is not None and preset.random_init:
             self.tokenizer = tiny_tokenizer()
@@ -173,16 +176,17 @@ class VLEmbedderBackbone(nn.Module):
                 temporal_patch_size=vision.get("temporal_patch_size", 2), image_mean=list(self.card.image_mean),
                 image_std=list(self.card.image_std))
             limits = (image.get("min_pixels", self.card.min_pixels), image.get("max_pixels", self.card.max_pixels))
-            with torch.random.fork_rng():
+            config = build_config(self.card.architecture, preset.config, self.tokenizer)
+            with torch.random.fork_rng(devices=[]), torch.device(init_device):
                 torch.manual_seed(seed)
-                model = model_class(build_config(self.card.architecture, preset.config, self.tokenizer))
+                model = model_class._from_config(config, dtype=weights_dtype or torch.float32)
         else:
             source = checkpoint_source(family, name_or_path)
             try:
                 hub = hub_kwargs(source)
                 # The generation class knows both checkpoint layouts (GME's predates the
                 # language_model/visual split); its LM head is dropped below.
-                model = model_class.from_pretrained(source, dtype="auto" if dtype == "auto" else getattr(torch, dtype),
+                model = model_class.from_pretrained(source, dtype=weights_dtype or "auto",
                                                     trust_remote_code=trust_remote_code, **hub)
                 self.tokenizer = load_tokenizer(source, trust_remote_code, **hub)
                 self.processor = Qwen2VLImageProcessorPil.from_pretrained(source, **hub)
