@@ -120,12 +120,14 @@ class RecallAtK(Metric):
 
     def _hits(self, queries: torch.Tensor, query_targets: torch.Tensor, query_sources: torch.Tensor,
               gallery: torch.Tensor, gallery_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+        if gallery.shape[0] == 0:  # nothing of this dataset was evaluated (limit_val_batches, say)
+            return {k: torch.zeros(len(queries), dtype=torch.bool, device=queries.device) for k in self.top_k}
         order = torch.argsort(gallery_ids)  # sorted once, searched for targets and sources
         sorted_ids = gallery_ids[order]
 
         def index_of(wanted: torch.Tensor) -> torch.Tensor:
-            pos = torch.searchsorted(sorted_ids, wanted).clamp(max=max(len(sorted_ids) - 1, 0))
-            found = sorted_ids[pos] == wanted if len(sorted_ids) else torch.zeros_like(wanted, dtype=torch.bool)
+            pos = torch.searchsorted(sorted_ids, wanted).clamp(max=len(sorted_ids) - 1)
+            found = sorted_ids[pos] == wanted
             return torch.where(found, order[pos], torch.full_like(pos, -1))
 
         target_index = index_of(query_targets)
@@ -133,8 +135,6 @@ class RecallAtK(Metric):
         if self.remove_source:
             source_index = index_of(query_sources)
             target_index[query_targets == query_sources] = -1  # a removed source cannot be the answer
-        if gallery.shape[0] == 0:  # nothing of this dataset was evaluated (limit_val_batches, say)
-            return {k: torch.zeros(len(queries), dtype=torch.bool, device=queries.device) for k in self.top_k}
         if resolve_backend(self.backend, queries) == "faiss":
             extra = 1 if source_index is not None else 0
             _, idx = topk(queries, gallery, max(self.top_k) + extra, backend="faiss")

@@ -141,3 +141,20 @@ def test_auto_backend_is_faiss_for_single_vectors_on_the_cpu_and_torch_elsewhere
     assert resolve_backend("auto", torch.zeros(2, 5, 8)) == "torch"  # MaxSim multi-vectors
     assert resolve_backend("auto", torch.zeros(2, 8, device="meta")) == "torch"  # not on the host
     assert resolve_backend("torch", torch.zeros(2, 8)) == "torch"
+
+
+@pytest.mark.parametrize("remove_source", [False, True])
+def test_a_dataset_with_no_gallery_product_scores_zero(embeddings, remove_source: bool) -> None:
+    """An evaluation cut short (fast_dev_run, limit_val_batches) can leave a dataset's queries
+    without any of its gallery: they are misses, and the other datasets score as usual."""
+    q, q_tgt, q_ds, g, g_ids, g_ds = embeddings
+    keep = g_ds != 2
+    metric = RecallAtK(dataset_names=["a", "b", "c"], top_k=(1, 10), remove_source=remove_source,
+                       gallery_protocol="queries")
+    metric.update(g[keep], g_ids[keep], g_ds[keep], gallery=True)
+    metric.update(q, q_tgt, q_ds, gallery=False, source_ids=q_tgt)
+    out = metric.compute()
+    assert out["c/gallery_size"] == 0 and out["c/recall_at_10"] == 0 and out["c/queries"] == (q_ds == 2).sum()
+    expected = _brute_force(q[q_ds == 0], q_tgt[q_ds == 0], q_ds[q_ds == 0], g, g_ids, g_ds, 10,
+                            q_src=q_tgt[q_ds == 0], protocol="queries", remove_source=remove_source)
+    assert float(out["a/recall_at_10"]) == pytest.approx(float(expected.mean()))
