@@ -23,6 +23,7 @@ from typing import Any
 from callbacks.mlflow_logging import resolve_tracking_uri
 
 from .args import command_parser, parse
+from .reported import TABLE2, table2_recalls
 
 _RECALL = re.compile(r"^val/(?P<ds>[\w\-]+)/recall_at_(?P<k>\d+)$")
 
@@ -69,19 +70,23 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def paper_table(runs: list[Any], ks: tuple[int, ...]) -> tuple[list[str], list[list[str]]]:
+def paper_table(runs: list[Any], ks: tuple[int, ...],
+                reported: list[tuple[str, str, str, dict[str, float]]] = ()) -> tuple[list[str], list[list[str]]]:
     """The papers' comparison layout: model, parameters, strategy, R@K per dataset, per-K averages
-    over the datasets and their overall average."""
+    over the datasets and their overall average. ``reported``: published rows (model, parameters,
+    strategy, ``{"{dataset}/recall_at_{k}": fraction}``) printed after the runs, marked "(paper)"."""
     datasets = sorted({m["ds"] for r in runs for key in r.data.metrics if (m := _RECALL.match(key))})
     header = ["model", "params", "strategy", *(f"{ds} R@{k}" for ds in datasets for k in ks),
               *(f"avg R@{k}" for k in ks), "overall"]
+    sources = [(tags.get("model") or r.info.run_name or r.info.run_id[:8], _params(tags.get("parameters", "")),
+                tags.get("strategy", ""), {k.removeprefix("val/"): v for k, v in r.data.metrics.items()})
+               for r in runs for tags in (r.data.tags,)]
+    sources += [(f"{model} (paper)", params, strategy, recalls) for model, params, strategy, recalls in reported]
     rows: list[list[Any]] = []
-    for r in runs:
-        values = [r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets for k in ks]
-        averages = [_mean([r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets]) for k in ks]
-        tags = r.data.tags
-        rows.append([tags.get("model") or r.info.run_name or r.info.run_id[:8], _params(tags.get("parameters", "")),
-                     tags.get("strategy", ""), *values, *averages, _mean(averages)])
+    for model, params, strategy, metrics in sources:
+        values = [metrics.get(f"{ds}/recall_at_{k}") for ds in datasets for k in ks]
+        averages = [_mean([metrics.get(f"{ds}/recall_at_{k}") for ds in datasets]) for k in ks]
+        rows.append([model, params, strategy, *values, *averages, _mean(averages)])
     n_metrics = len(header) - 3
     return header, _mark_best(rows, 3, n_metrics, 3 + n_metrics)
 
@@ -131,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="runs: an ablation table; table2: FashionMV's Table 2 (R@5/R@10); fashioniq: the "
                         "LLaVA paper's Table 1 (R@10/R@50)")
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.family = 'ProCIR'\"")
+    parser.add_argument("--reported", action="store_true",
+                        help="table2: add the FashionMV paper's own Table 2 rows, marked (paper), for datasets "
+                        "named as in the converted release (deepfashion, f200k, fashiongen_val)")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--out", default="outputs/compare", help="folder for compare.csv and compare.md")
     args, _ = parse(parser, argv)
@@ -148,7 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.layout == "runs":
         header, rows, _ = build_table(runs, args.k)
     else:
-        header, rows = paper_table(runs, PAPER_LAYOUTS[args.layout])
+        reported = []
+        if args.reported and args.layout == "table2":
+            reported = [(m, p, strategy, table2_recalls(v)) for m, p, strategy, v in TABLE2]
+        elif args.reported:
+            raise SystemExit("cir compare: --reported holds the FashionMV paper's Table 2 only (--layout table2)")
+        header, rows = paper_table(runs, PAPER_LAYOUTS[args.layout], reported)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "compare.csv").open("w", newline="") as f:

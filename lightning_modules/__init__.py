@@ -5,9 +5,11 @@ from .components import Combiner, HybridNegativesLoss, StaticBankLoss, SumFusion
 from .core import CosineSchedule, Products, RetrievalEval, RetrievalModule
 from .families.clip4cir import CLIP4CIR
 from .families.llava_caption import LLaVACaptionCIR
+from .families.mllm_embed import MLLMEmbedder
 from .families.procir import ProCIR, ProCIRSFT
+from .families.sprc import SPRC
 from .retrieval import RecallAtK
 
-__all__ = ["CLIP4CIR", "Combiner", "CosineSchedule", "HybridNegativesLoss", "LLaVACaptionCIR", "ProCIR", "ProCIRSFT",
-           "Products", "RecallAtK", "RetrievalEval", "RetrievalModule", "StaticBankLoss", "SumFusion",
-           "SymmetricInfoNCE", "TransformerFusion"]
+__all__ = ["CLIP4CIR", "Combiner", "CosineSchedule", "HybridNegativesLoss", "LLaVACaptionCIR", "MLLMEmbedder",
+           "ProCIR", "ProCIRSFT", "Products", "RecallAtK", "RetrievalEval", "RetrievalModule", "SPRC",
+           "StaticBankLoss", "SumFusion", "SymmetricInfoNCE", "TransformerFusion"]

@@ -71,6 +71,17 @@ def qwen_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def embedder_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Qwen3-VL and Qwen2-VL embedders saved to folders: what the baselines' hub ids become."""
+    from lightning_modules.backbones import VLEmbedderBackbone
+
+    base = tmp_path_factory.mktemp("embedders")
+    for family in ("qwen3-vl-embedding", "gme"):
+        VLEmbedderBackbone("tiny", family=family).save_pretrained(base / family)
+    return {family: base / family for family in ("qwen3-vl-embedding", "gme")}
+
+
+@pytest.fixture(scope="module")
 def sft_checkpoint(datasets, qwen_folder, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ProCIR's SFT stage, as experiments/procir/sft_stage.yaml runs it, on the saved tiny Qwen."""
     root = tmp_path_factory.mktemp("sft")
@@ -96,13 +107,23 @@ def stage1_checkpoint(datasets, tiny_folder, tmp_path_factory: pytest.TempPathFa
 
 
 def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | None = None,
-              checkpoint: Path | None = None, qwen_folder: Path | None = None, sft: Path | None = None) -> list[str]:
+              checkpoint: Path | None = None, qwen_folder: Path | None = None, sft: Path | None = None,
+              embedders: dict[str, Path] | None = None) -> list[str]:
     """Point an experiment at test data, its real backbone at a saved tiny one (no downloads), its
     stage-1 or SFT checkpoint at a tiny one, and its caption sidecar at one the oracle captioner
     writes; GPU settings (bf16-mixed) become CPU float32."""
     config = merged_config(experiment)
     data, model = config["data"], config["model"]["init_args"]
     args = [*SMALL_LOADER, "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
+    if config["model"]["class_path"] == "lightning_modules.MLLMEmbedder":
+        backbone = model["backbone"]["init_args"]
+        if backbone["name_or_path"] != "tiny":
+            assert embedders is not None, f"{experiment.name} needs the saved tiny embedders"
+            # The card's real image limits would make thousands of tokens per view of the tiny model.
+            args += [f"--model.init_args.backbone.init_args.name_or_path={embedders[backbone['family']]}",
+                     "--model.init_args.backbone.init_args.min_pixels=784",
+                     "--model.init_args.backbone.init_args.max_pixels=4096"]
+        model = {}
     if config["model"]["class_path"].startswith("lightning_modules.ProCIR"):
         if model["backbone"]["init_args"]["name_or_path"] != "tiny":
             assert qwen_folder is not None, f"{experiment.name} needs the saved tiny Qwen3.5"
@@ -139,7 +160,15 @@ def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | N
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
 def test_experiment_fast_dev_run(experiment: Path, request: pytest.FixtureRequest, datasets, tmp_path: Path) -> None:
     # Fixtures by need: the ProCIR ones are not built for a CLIP experiment and vice versa.
-    procir = merged_config(experiment)["model"]["class_path"].startswith("lightning_modules.ProCIR")
+    class_path = merged_config(experiment)["model"]["class_path"]
+    procir = class_path.startswith("lightning_modules.ProCIR")
+    if class_path == "lightning_modules.MLLMEmbedder":  # zero-shot baselines: validate, as their files say
+        args = data_args(experiment, datasets, embedders=request.getfixturevalue("embedder_folders"))
+        cli = build_cli(["validate", "--config", str(experiment), "--trainer.fast_dev_run=1",
+                         f"--trainer.default_root_dir={tmp_path}", *args])
+        assert "val/recall_at_10" in cli.trainer.callback_metrics
+        assert cli.model.view_strategy in experiment.stem and cli.model.describe()["strategy"] in experiment.stem
+        return
     fixtures = {"qwen_folder": "qwen_folder", "sft": "sft_checkpoint"} if procir else {
         "tiny_folder": "tiny_folder", "checkpoint": "stage1_checkpoint"}
     kwargs = {k: request.getfixturevalue(v) for k, v in fixtures.items()}

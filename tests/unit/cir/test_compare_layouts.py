@@ -80,3 +80,24 @@ def test_models_describe_themselves_for_the_tables() -> None:
     assert isinstance(model, Described)
     count = str(sum(p.numel() for p in model.parameters()))
     assert model.describe() == {"model": "CLIP4CIR (tiny)", "parameters": count, "strategy": "maxsim"}
+
+
+def test_reported_rows_sit_beside_ours(uri: str, tmp_path: Path) -> None:
+    ours = {"model": "MLLMEmbedder (qwen3-vl-embedding-2b)", "parameters": "2130000000", "strategy": "joint"}
+    recalls = {f"val/{ds}/recall_at_{k}": 0.5 for ds in ("deepfashion", "f200k", "fashiongen_val") for k in (5, 10)}
+    experiment = _store(uri, tmp_path, [(ours, recalls)])
+    out = tmp_path / "r"
+    compare(["--experiment", experiment, "--tracking-uri", uri, "--layout", "table2", "--reported", "--out", str(out)])
+    header, *rows = _rows(out)
+    by_model = {(r[0], r[2]): r for r in rows}
+    assert len(rows) == 1 + 17  # ours and the paper's 17 rows (6 models x strategies, ProCIR joint)
+    # The paper's Qwen3-VL-Embedding-8B Joint row: its averages, recomputed from the per-dataset
+    # recalls, are the ones Table 2 prints (78.6, 86.3, 82.5).
+    row = by_model[("Qwen3-VL-Embedding-8B (paper)", "joint")]
+    assert row[3:9] == ["87.4", "93.2", "73.8", "82.1", "74.7", "83.5"]
+    assert row[9:] == ["78.6", "86.3", "82.5"]
+    assert by_model[("ProCIR (paper)", "joint")][3] == "89.2*" and by_model[("ProCIR (paper)", "joint")][-1] == "84.8*"
+    assert by_model[(ours["model"], "joint")][3:9] == ["50.0"] * 6
+    with pytest.raises(SystemExit, match="Table 2 only"):
+        compare(["--experiment", experiment, "--tracking-uri", uri, "--layout", "fashioniq", "--reported",
+                 "--out", str(out)])
