@@ -106,10 +106,13 @@ class QwenBackbone(nn.Module):
         trust_remote_code: passed to ``from_pretrained``; off unless you trust the source.
         gradient_checkpointing: recompute activations in backward (real sizes on small GPUs).
         seed: seed of a random-init preset's weights.
+        min_pixels, max_pixels: the range a view is resized into (default: the paper's 128² to 512²);
+            fewer pixels, fewer image tokens (a view takes pixels / 32² of them).
     """
 
     def __init__(self, name_or_path: str = "tiny", dtype: Dtype = "auto", trust_remote_code: bool = False,
-                 gradient_checkpointing: bool = False, seed: int = 0) -> None:
+                 gradient_checkpointing: bool = False, seed: int = 0, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> None:
         super().__init__()
         self.name_or_path = name_or_path
         preset = get_preset("qwen3.5", name_or_path)
@@ -131,9 +134,11 @@ class QwenBackbone(nn.Module):
                 self.processor = Qwen2VLImageProcessorPil.from_pretrained(source, **hub)
             except OSError as exc:
                 raise load_error("the Qwen3.5 backbone", source, exc) from exc
-            # The paper's pixel range, whatever the checkpoint's processor says.
-            self.processor.size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
             self.model.train()
+        if min_pixels > max_pixels:
+            raise ValueError(f"model.init_args.backbone.init_args: min_pixels={min_pixels} > max_pixels={max_pixels}")
+        # The configured pixel range (the paper's by default), whatever the checkpoint's processor says.
+        self.processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         self._add_chat_tokens()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

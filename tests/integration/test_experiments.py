@@ -106,9 +106,30 @@ def stage1_checkpoint(datasets, tiny_folder, tmp_path_factory: pytest.TempPathFa
     return Path(cli.trainer.checkpoint_callback.last_model_path)
 
 
+@pytest.fixture(scope="module")
+def blip2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BLIP-2 saved to a folder: what SPRC's and LLaVA-caption's real BLIP-2 is replaced by."""
+    from lightning_modules.backbones import Blip2Backbone
+
+    folder = tmp_path_factory.mktemp("backbones") / "tiny-blip2"
+    Blip2Backbone("tiny").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sprc_checkpoint(datasets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SPRC stage-1 checkpoint of the tiny BLIP-2 (the saved folder's architecture), for sprc/stage2.yaml."""
+    root = tmp_path_factory.mktemp("sprc-stage1")
+    demo = ROOT / "experiments/demos/sprc_demo.yaml"
+    cli = build_cli(["fit", "--config", str(demo), *data_args(demo, datasets), "--trainer.max_epochs=1",
+                     "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                     f"--trainer.default_root_dir={root}"])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
 def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | None = None,
               checkpoint: Path | None = None, qwen_folder: Path | None = None, sft: Path | None = None,
-              embedders: dict[str, Path] | None = None) -> list[str]:
+              embedders: dict[str, Path] | None = None, blip2_folder: Path | None = None) -> list[str]:
     """Point an experiment at test data, its real backbone at a saved tiny one (no downloads), its
     stage-1 or SFT checkpoint at a tiny one, and its caption sidecar at one the oracle captioner
     writes; GPU settings (bf16-mixed) become CPU float32."""
@@ -125,6 +146,9 @@ def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | N
                      "--model.init_args.backbone.init_args.max_pixels=4096"]
         model = {}
     if config["model"]["class_path"].startswith("lightning_modules.ProCIR"):
+        # 1 to 4 image tokens per view instead of the paper's 16 to 256: the runs check wiring, not vision.
+        args += ["--model.init_args.backbone.init_args.min_pixels=1024",
+                 "--model.init_args.backbone.init_args.max_pixels=4096"]
         if model["backbone"]["init_args"]["name_or_path"] != "tiny":
             assert qwen_folder is not None, f"{experiment.name} needs the saved tiny Qwen3.5"
             args.append(f"--model.init_args.backbone.init_args.name_or_path={qwen_folder}")
@@ -132,6 +156,16 @@ def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | N
             assert sft is not None, f"{experiment.name} needs an SFT checkpoint"
             args.append(f"--model.init_args.sft_checkpoint={sft}")
         model = {}  # no fusion head, no stage-1 checkpoint
+    if config["model"]["class_path"] == "lightning_modules.SPRC":
+        if model["backbone"]["init_args"]["name_or_path"] != "tiny":
+            assert blip2_folder is not None, f"{experiment.name} needs the saved tiny BLIP-2"
+            args.append(f"--model.init_args.backbone.init_args.name_or_path={blip2_folder}")
+        model = {"init_checkpoint": model.get("init_checkpoint")}  # no CLIP, no fusion head
+    blip2 = model.get("query_text_encoder", {}).get("init_args", {}).get("backbone", {}).get("init_args", {})
+    if blip2.get("name_or_path", "tiny") != "tiny":  # LLaVA-caption's BLIP-2 query text
+        assert blip2_folder is not None, f"{experiment.name} needs the saved tiny BLIP-2"
+        args += [f"--model.init_args.query_text_encoder.init_args.backbone.init_args.name_or_path={blip2_folder}",
+                 "--model.init_args.query_text_encoder.init_args.dim=48"]
     if data["class_path"].endswith("SyntheticDataModule"):
         args += [f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200"]
     else:
@@ -171,8 +205,12 @@ def test_experiment_fast_dev_run(experiment: Path, request: pytest.FixtureReques
         return
     fixtures = {"qwen_folder": "qwen_folder", "sft": "sft_checkpoint"} if procir else {
         "tiny_folder": "tiny_folder", "checkpoint": "stage1_checkpoint"}
+    if class_path == "lightning_modules.SPRC":  # BLIP-2 only, and its own stage-1 checkpoint
+        fixtures = {"blip2_folder": "blip2_folder", "checkpoint": "sprc_checkpoint"}
+    elif "query_text_encoder" in merged_config(experiment)["model"]["init_args"]:
+        fixtures["blip2_folder"] = "blip2_folder"
     kwargs = {k: request.getfixturevalue(v) for k, v in fixtures.items()}
-    cli = build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=2",
+    cli = build_cli(["fit", "--config", str(experiment), "--trainer.fast_dev_run=1",
                      f"--trainer.default_root_dir={tmp_path}", *data_args(experiment, datasets, **kwargs)])
     if procir and type(cli.model).__name__ == "ProCIR" and cli.model.image_text is not None:  # image-text too
         assert {"val/i2t_recall_at_1", "val/t2i_recall_at_5", "val/recall_at_10"} <= set(cli.trainer.callback_metrics)
