@@ -179,17 +179,24 @@ PRESETS: dict[Family, dict[str, BackbonePreset]] = {
         "tiny": BackbonePreset(
             name="tiny", family="blip2", image_size=64,
             config={
-                # transformers' default vision initializer_range (1e-10, for loading weights over) would
-                # leave a random ViT constant.
+                # Weights drawn with std 0.2 everywhere: BERT's 0.02 suits width 768 (0.02·√768 ≈ 0.55
+                # per linear map); at width 48 every map would shrink its input ~7× and the image would
+                # drown in the query tokens' residual stream, a model that cannot start learning.
+                # (transformers' vision default, 1e-10, is a placeholder for loaded weights.)
                 "vision": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-                           "num_attention_heads": 2, "image_size": 64, "patch_size": 8, "initializer_range": 0.02},
+                           "num_attention_heads": 2, "image_size": 64, "patch_size": 8, "initializer_range": 0.2},
                 # Cross-attention in every layer (the real one: every other), so two layers still see
-                # the image twice; 64 positions hold the 32 text tokens plus SPRC's prompt tokens.
+                # the image twice; 128 positions hold CLIP-length texts (77) plus SPRC's prompt tokens.
+                # No dropout: at this width BERT's 0.1 drowns what a random model starts from (measured:
+                # with it, tiny SPRC's in-batch loss never leaves ln(batch size)).
                 "qformer": {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
                             "num_attention_heads": 2, "cross_attention_frequency": 1,
-                            "max_position_embeddings": 64, "use_qformer_text_input": True},
+                            "max_position_embeddings": 128, "use_qformer_text_input": True,
+                            "initializer_range": 0.2, "hidden_dropout_prob": 0.0,
+                            "attention_probs_dropout_prob": 0.0},
                 "num_query_tokens": 8,
                 "image_text_hidden_size": 48,
+                "initializer_range": 0.2,
             },
             description="2-layer, width-48 BLIP-2 (ViT and Q-Former, 8 query tokens) with random weights and the "
                         "generated-vocabulary tokenizer",

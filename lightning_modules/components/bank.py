@@ -5,6 +5,9 @@ every training product (and refreshed every N epochs if asked) and the query sid
 against all of them, far more negatives than a batch holds. Hard negatives are bank entries that
 look like the target (high cosine similarity) but differ in attributes: the same category with a
 different colour, pattern, ... They are precomputed per bank entry, in chunks.
+
+An entry is one vector ``[D]`` or several ``[K, D]`` (SPRC's target tokens, scored by the best
+token; rows of NaN are padding): the bank stores whatever ``encode_target`` returns.
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ class TargetBank:
         return torch.tensor([self._row.get(stable_id(i), -1) for i in ids], dtype=torch.long,
                             device=self.embeddings.device)
 
+    def summary(self) -> torch.Tensor:
+        """One unit vector per entry ``[N, D]``: the entry itself, or the normalised mean of its tokens.
+        Hard negatives only need to look alike; mining them by the best token pair would cost K² times
+        as much (1,024 times for SPRC's 32 tokens)."""
+        if self.embeddings.ndim == 2:
+            return self.embeddings
+        real = ~self.embeddings[..., :1].isnan()
+        return F.normalize(self.embeddings.nan_to_num(0.0).sum(1) / real.sum(1).clamp(min=1), dim=-1)
+
     def _mine_hard(self, k: int, chunk_size: int) -> torch.Tensor:
         """Per entry, the ``k`` most similar entries of the same category whose attributes differ."""
         n = len(self.ids)
@@ -74,8 +86,9 @@ class TargetBank:
         keys = [str(sorted(a.items())) if a else f"#{i}" for i, a in enumerate(self.attributes)]
         attr_index = {a: i for i, a in enumerate(sorted(set(keys)))}
         attr = torch.tensor([attr_index[a] for a in keys], device=cat.device)
+        summary = self.summary()
         for s in range(0, n, chunk_size):
-            sim = self.embeddings[s : s + chunk_size] @ self.embeddings.T
+            sim = summary[s : s + chunk_size] @ summary.T
             rows = torch.arange(s, min(s + chunk_size, n), device=sim.device)
             allowed = (cat[rows, None] == cat[None]) & (attr[rows, None] != attr[None])
             allowed[torch.arange(len(rows)), rows] = False  # never the entry itself

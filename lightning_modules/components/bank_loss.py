@@ -9,6 +9,26 @@ from torch import nn
 from .bank import TargetBank
 
 
+def best_token(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Scores ``[..., K]`` of the tokens of multi-vector items ``[..., K, D]`` → the best one; NaN
+    tokens (padding) never count."""
+    return scores.masked_fill(items[..., 0].isnan(), -torch.inf).amax(-1)
+
+
+def score_all(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Every query ``[B, D]`` against every item ``[M, D]`` (or ``[M, K, D]``, by its best token) → ``[B, M]``."""
+    if items.ndim == 2:
+        return query @ items.T
+    return best_token(torch.einsum("bd,mkd->bmk", query, items.nan_to_num(0.0)), items[None])
+
+
+def score_rows(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Each query ``[B, D]`` against its own items ``[B, M, D]`` (or ``[B, M, K, D]``) → ``[B, M]``."""
+    if items.ndim == 3:
+        return torch.einsum("bd,bmd->bm", query, items)
+    return best_token(torch.einsum("bd,bmkd->bmk", query, items.nan_to_num(0.0)), items)
+
+
 class StaticBankLoss(nn.Module):
     """Stage-2 loss: each query against its target and the whole static bank, plus hard negatives.
 
@@ -16,6 +36,9 @@ class StaticBankLoss(nn.Module):
     temperature τ (default 0.02). ``hard``: InfoNCE over [target, the target's precomputed hard
     negatives]: same category, different attributes, most similar first. Returned as a dict with
     the weighted sum under ``loss``.
+
+    Targets and bank entries may be multi-vector (``[B, K, D]``, ``[N, K, D]``, NaN rows padding): a
+    query ``[B, D]`` then scores an entry by its best token, as SPRC does.
     """
 
     def __init__(self, temperature: float = 0.02, bank_weight: float = 1.0, hard_weight: float = 1.0,
@@ -36,13 +59,14 @@ class StaticBankLoss(nn.Module):
         cols = torch.arange(len(bank), device=q.device)
         if self.sample is not None and self.sample < len(bank):
             cols = torch.randperm(len(bank), device=q.device)[: self.sample]
-        positive = (q * t).sum(-1, keepdim=True) / self.temperature
-        negatives = (q @ emb[cols].T / self.temperature).masked_fill(cols[None] == rows[:, None], -torch.inf)
+        positive = score_rows(q, t[:, None]) / self.temperature
+        negatives = score_all(q, emb[cols]) / self.temperature
+        negatives = negatives.masked_fill(cols[None] == rows[:, None], -torch.inf)
         zeros = torch.zeros(len(q), dtype=torch.long, device=q.device)
         out = {"bank": F.cross_entropy(torch.cat([positive, negatives], 1), zeros)}
         hard_idx = bank.hard[rows.clamp(min=0)]
         valid = (hard_idx >= 0) & (rows[:, None] >= 0)
-        hard = (q[:, None] * emb[hard_idx.clamp(min=0)]).sum(-1) / self.temperature
+        hard = score_rows(q, emb[hard_idx.clamp(min=0)]) / self.temperature
         hard = hard.masked_fill(~valid, -torch.inf)
         out["hard"] = F.cross_entropy(torch.cat([positive, hard], 1), zeros)
         out["loss"] = self.bank_weight * out["bank"] + self.hard_weight * out["hard"]

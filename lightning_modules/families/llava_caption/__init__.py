@@ -4,6 +4,7 @@ and the offline caption job."""
 
 from .captioners import Captioner, ChatCaptioner, LlavaCaptioner, OracleCaptioner, QwenCaptioner, ServedCaptioner
 from .model import LLaVACaptionCIR
+from .prompted_text import SentencePromptEncoder
 
 __all__ = ["Captioner", "ChatCaptioner", "LLaVACaptionCIR", "LlavaCaptioner", "OracleCaptioner", "QwenCaptioner",
-           "ServedCaptioner"]
+           "SentencePromptEncoder", "ServedCaptioner"]

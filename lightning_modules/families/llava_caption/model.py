@@ -4,8 +4,10 @@ its caption through a frozen CLIP text encoder; hybrid negatives; two-stage fine
 
 Query: CLIP image features of the reference views (mean-pooled) and CLIP text features of the
 modification text ⊕ the reference caption C_r (or the MLLM's synthesised modified text), fused by a
-2-layer transformer. Target: CLIP image features of the target views plus the target caption C_t
-through a frozen copy of the CLIP text encoder. Captions come from ``cir caption`` (LLaVA, Qwen3.5,
+2-layer transformer; with ``query_text_encoder``, BLIP-2 sentence-level prompting over the reference
+views and that text gives the text feature instead (the paper's use of SPRC's prompts). Target: CLIP
+image features of the target views plus the target caption C_t through a frozen copy of the CLIP text
+encoder. Captions come from ``cir caption`` (LLaVA, Qwen3.5,
 or the generator's own captions) through the DataModule's ``captions_file``.
 """
 
@@ -32,6 +34,7 @@ from ...core import (
     save_config_hyperparameters,
 )
 from .lexicon import perturb_caption
+from .prompted_text import SentencePromptEncoder
 from .target_text import FrozenTextEncoder
 
 QueryText = Literal["modification+caption", "modified_text", "modification"]
@@ -47,6 +50,10 @@ class LLaVACaptionCIR(RetrievalModule):
         query_text: ``modification+caption`` (modification text, then C_r: CLIP truncates at the end,
             so the modification comes first), ``modified_text`` (the MLLM's synthesised text) or
             ``modification`` alone (ablation).
+        query_text_encoder: how the query text is encoded: None, the CLIP text encoder (the default);
+            a ``SentencePromptEncoder``, BLIP-2 sentence-level prompting (reference views + query text →
+            prompt → [prompt; text] feature), trained with the query side; its ``dim`` must be the CLIP
+            width the fusion head takes.
         target_caption_weight: weight of the frozen C_t feature in the target (0: image only).
         synthetic_negatives: perturbed target captions per query.
         augmented_negatives: cross-combined targets per query.
@@ -55,7 +62,8 @@ class LLaVACaptionCIR(RetrievalModule):
 
     def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
                  optimizer: OptimizerCallable = default_optimizer, scheduler: LRSchedulerCallable | None = None,
-                 query_text: QueryText = "modification+caption", target_caption_weight: float = 1.0,
+                 query_text: QueryText = "modification+caption",
+                 query_text_encoder: SentencePromptEncoder | None = None, target_caption_weight: float = 1.0,
                  synthetic_negatives: int = 4, augmented_negatives: int = 2, seed: int = 0,
                  evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
                  training_stage: TrainingStage = 1, init_checkpoint: str | None = None,
@@ -63,11 +71,17 @@ class LLaVACaptionCIR(RetrievalModule):
         super().__init__(loss=loss or HybridNegativesLoss(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
-        save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
+        save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss",
+                                           "query_text_encoder"])
         self.backbone = backbone
         self.backbone_name = backbone.name_or_path
         self.fusion = fusion or TransformerFusion(backbone.dim)
         check_fusion_width(self.fusion, backbone.dim, backbone.name_or_path)
+        if query_text_encoder is not None and query_text_encoder.dim != backbone.dim:
+            raise ValueError(f"model.init_args.query_text_encoder.init_args.dim={query_text_encoder.dim} but the "
+                             f"fusion head takes the CLIP backbone's {backbone.dim} dimensions: set it to "
+                             f"{backbone.dim}.")
+        self.query_text_encoder = query_text_encoder
         self.target_text = FrozenTextEncoder(backbone)
         self.query_text = query_text
         self.target_caption_weight = target_caption_weight
@@ -89,7 +103,8 @@ class LLaVACaptionCIR(RetrievalModule):
         return {**super().variant_switches(), "captions": self.query_text != "modification",
                 "synthetic": bool(self.synthetic_negatives and weights.get("synthetic")),
                 "augmented": bool(self.augmented_negatives and weights.get("augmented")),
-                "target_caption": bool(self.target_caption_weight)}
+                "target_caption": bool(self.target_caption_weight),
+                "query_encoder": "clip" if self.query_text_encoder is None else "blip2_prompt"}
 
     # -- encoders --------------------------------------------------------------------------------
     def query_texts(self, batch: dict[str, Any]) -> list[str]:
@@ -102,9 +117,11 @@ class LLaVACaptionCIR(RetrievalModule):
         return [f"{m} . {c}" if c else m for m, c in zip(mods, captions, strict=True)]
 
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
-        image = self.backbone.encode_products(batch["source_images"], batch["source_mask"])
-        text = self.backbone.encode_texts(self.query_texts(batch))
-        return self.fusion(image, text)
+        images, mask, texts = batch["source_images"], batch["source_mask"], self.query_texts(batch)
+        image = self.backbone.encode_products(images, mask)
+        if self.query_text_encoder is None:
+            return self.fusion(image, self.backbone.encode_texts(texts))
+        return self.fusion(image, self.query_text_encoder(images, mask, texts))
 
     def compose_target(self, image: torch.Tensor, caption_features: torch.Tensor | None) -> torch.Tensor:
         out = F.normalize(image, dim=-1)

@@ -38,12 +38,64 @@ def check_qwen_preset(name: str) -> None:
     assert len(layers) == 24 and layers[:4] == ["linear_attention"] * 3 + ["full_attention"]
 
 
+def check_embedder_preset(family: str, name: str) -> None:
+    from lightning_modules.backbones.vl_embedder import CARDS, VLEmbedderBackbone, build_config, tiny_tokenizer
+
+    preset = get_preset(family, name)
+    card = CARDS[preset.card]
+    assert card.architecture == {"qwen3-vl-embedding": "qwen3-vl", "gme": "qwen2-vl"}[family]
+    if not preset.random_init:
+        assert re.fullmatch(r"[\w\-.]+/[\w\-.]+", preset.hub_id)
+        with pytest.raises(OSError, match="save_pretrained"):
+            VLEmbedderBackbone(name, family=family)
+        return
+    if name == "tiny":
+        backbone = VLEmbedderBackbone(name, family=family).eval()
+        assert backbone.dim == 64 and sum(p.numel() for p in backbone.parameters()) < 1_000_000
+        view = backbone.image_transform(Image.new("RGB", (90, 70), (10, 200, 30)))
+        with torch.no_grad():
+            e = backbone.embed([backbone.request([view], "make it red", "query")])
+        assert e.shape == (1, 64)
+        return
+    from transformers import Qwen3VLModel
+
+    with torch.device("meta"):  # the 8B architecture's size without allocating it
+        model = Qwen3VLModel(build_config(card.architecture, preset.config, tiny_tokenizer()))
+    n = sum(p.numel() for p in model.parameters())
+    assert 7.5e9 < n < 9.0e9, n
+
+
+def check_blip2_preset(name: str) -> None:
+    from lightning_modules.backbones import Blip2Backbone
+
+    preset = get_preset("blip2", name)
+    if not preset.random_init:
+        assert re.fullmatch(r"[\w\-.]+/[\w\-.]+", preset.hub_id)
+        with pytest.raises(OSError, match="save_pretrained"):
+            Blip2Backbone(name)
+        return
+    backbone = Blip2Backbone(name).eval()
+    x = backbone.image_transform(Image.new("RGB", (90, 70), (10, 200, 30)))
+    assert x.shape == (3, preset.image_size, preset.image_size)
+    with torch.no_grad():
+        query = backbone.prompted_query(x[None, None], torch.ones(1, 1, dtype=torch.bool), ["make it red"])
+        tokens = backbone.target_tokens(*backbone.view_memory(x[None, None], torch.ones(1, 1, dtype=torch.bool)))
+    assert query.shape == (1, backbone.dim) and tokens.shape == (1, backbone.num_query_tokens, backbone.dim)
+    assert sum(p.numel() for p in backbone.parameters()) < 1_000_000
+
+
 @pytest.mark.parametrize("family,name", [(f, n) for f, presets in PRESETS.items() for n in presets])
 def test_every_preset(family: str, name: str) -> None:
     preset = get_preset(family, name)
     assert preset is not None and preset.name == name and preset.family == family
     if family == "qwen3.5":
         check_qwen_preset(name)
+        return
+    if family in ("qwen3-vl-embedding", "gme"):
+        check_embedder_preset(family, name)
+        return
+    if family == "blip2":
+        check_blip2_preset(name)
         return
     if preset.random_init:
         backbone = CLIPBackbone(name)
