@@ -35,6 +35,19 @@ def maxsim(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return s.amax(dim=(2, 3))
 
 
+MAXSIM_BLOCK = 2**25  # scores held at once by a MaxSim block (128 MiB of float32)
+
+
+def block_size(queries: torch.Tensor, gallery: torch.Tensor, chunk_size: int) -> int:
+    """Rows per chunk. MaxSim scores every view pair, a (chunk × chunk × V × W) block: the chunk
+    shrinks so the block stays under ``MAXSIM_BLOCK`` (SPRC's 5 × 32-token targets would otherwise
+    ask for tens of GB at the single-vector chunk of 4096)."""
+    if queries.ndim == 2:
+        return chunk_size
+    pairs = queries.shape[1] * gallery.shape[1]
+    return max(1, min(chunk_size, int((MAXSIM_BLOCK / pairs) ** 0.5)))
+
+
 def similarities(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     """``[n, m]`` scores: dot products of single vectors, or MaxSim of ``[*, V, D]`` multi-vectors."""
     return queries @ gallery.T if queries.ndim == 2 else maxsim(queries, gallery)
@@ -55,6 +68,7 @@ def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: tor
     ``exclude_index[i]`` (>= 0) is a gallery item not to count for query i (its own source).
     """
     n = queries.shape[0]
+    chunk_size = block_size(queries, gallery, chunk_size)
     ranks = torch.full((n,), gallery.shape[0], dtype=torch.long, device=queries.device)
     present = target_index >= 0
     if n == 0 or gallery.shape[0] == 0 or not present.any():
@@ -90,6 +104,7 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int =
         scores, idx = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
         return torch.from_numpy(scores), torch.from_numpy(idx).long()
     out_s, out_i = [], []
+    chunk_size = block_size(queries, gallery, chunk_size)
     for qs in range(0, queries.shape[0], chunk_size):
         q = queries[qs : qs + chunk_size]
         best_s = torch.full((q.shape[0], k), -torch.inf, dtype=q.dtype, device=q.device)

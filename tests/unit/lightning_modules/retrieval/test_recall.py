@@ -158,3 +158,23 @@ def test_a_dataset_with_no_gallery_product_scores_zero(embeddings, remove_source
     expected = _brute_force(q[q_ds == 0], q_tgt[q_ds == 0], q_ds[q_ds == 0], g, g_ids, g_ds, 10,
                             q_src=q_tgt[q_ds == 0], protocol="queries", remove_source=remove_source)
     assert float(out["a/recall_at_10"]) == pytest.approx(float(expected.mean()))
+
+
+def test_maxsim_search_in_bounded_blocks_matches_the_full_score_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Multi-vector search shrinks its chunks to keep each (query × gallery × V × W) block small; the
+    ranks and top-k are those of the full MaxSim matrix computed pair by pair."""
+    from lightning_modules.retrieval import search
+
+    gen = torch.Generator().manual_seed(2)
+    g = F.normalize(torch.randn(61, 12, 8, generator=gen), dim=-1)
+    g[::3, 9:] = torch.nan  # products with fewer vectors
+    q = F.normalize(torch.randn(17, 3, 8, generator=gen), dim=-1)
+    t = torch.randint(0, 61, (17,), generator=gen)
+    full = torch.tensor([[max(float(a @ b) for a in qi for b in gj if not b.isnan().any()) for gj in g] for qi in q])
+    monkeypatch.setattr(search, "MAXSIM_BLOCK", 3 * 12 * 5 * 5)  # 5 x 5 products per block
+    assert search.block_size(q, g, 4096) == 5 and search.block_size(q[:, 0], g[:, 0], 4096) == 4096
+    ref_rank = (full > full.gather(1, t[:, None])).sum(1)
+    assert torch.equal(target_ranks(q, g, t), ref_rank)
+    s, i = topk(q, g, 4)
+    ref_s, ref_i = full.topk(4, dim=1)
+    assert torch.equal(i, ref_i) and torch.allclose(s, ref_s, atol=1e-6)
