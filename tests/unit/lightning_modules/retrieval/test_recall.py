@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,7 +79,11 @@ def test_stable_id_is_process_independent() -> None:
     import subprocess
     import sys
 
-    code = "from datamodules.schema import stable_id; print(stable_id('p000001'))"
+    # The module file alone, not the datamodules package (whose imports take seconds per process).
+    schema = Path(__file__).resolve().parents[4] / "datamodules" / "schema.py"
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('schema', {str(schema)!r}); "
+            "m = u.module_from_spec(s); import sys; sys.modules['schema'] = m; "
+            "s.loader.exec_module(m); print(m.stable_id('p000001'))")
     values = {subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONHASHSEED": s},
                              capture_output=True, text=True, check=True).stdout.strip() for s in ("1", "2")}
     assert values == {str(stable_id("p000001"))}
