@@ -28,3 +28,12 @@ def per_view_embeddings(per_view: torch.Tensor, mask: torch.Tensor, strategy: Pe
     out = e.new_full((e.shape[0], max(MAX_VIEWS, e.shape[1]), e.shape[-1]), torch.nan)
     out[:, : e.shape[1]][mask] = e[mask]
     return out
+
+
+def pool_view_rows(rows: torch.Tensor, counts: list[int], strategy: PerViewStrategy) -> torch.Tensor:
+    """Per-view embeddings computed as one row per view (product by product, view by view; product i
+    has ``counts[i]`` views) → ``per_view_embeddings`` of them."""
+    mask = torch.tensor([[j < n for j in range(max(counts))] for n in counts], device=rows.device)
+    per_view = rows.new_zeros(*mask.shape, rows.shape[-1])
+    per_view[mask] = rows
+    return per_view_embeddings(per_view, mask, strategy)

@@ -23,7 +23,7 @@ from ...backbones.qwen import PatchedImage, QwenImageTransform
 from ...backbones.qwen_chat import Dialogue
 from ...backbones.vl_embedder import Role, VLEmbedderBackbone
 from ...components.infonce import SymmetricInfoNCE
-from ...components.multiview import per_view_embeddings
+from ...components.multiview import pool_view_rows
 from ...core import Products, RetrievalEval, RetrievalModule, save_config_hyperparameters
 
 ViewStrategy = Literal["joint", "meanpool", "maxsim"]
@@ -84,11 +84,7 @@ class MLLMEmbedder(RetrievalModule):
             return self.backbone.embed([self._request(v, t, role) for v, t in zip(products, texts, strict=True)])
         emb = self.backbone.embed([self._request([view], t, role)
                                    for views, t in zip(products, texts, strict=True) for view in views])
-        mask = torch.tensor([[j < len(v) for j in range(max(map(len, products)))] for v in products],
-                            device=emb.device)
-        per_view = emb.new_zeros(*mask.shape, emb.shape[-1])
-        per_view[mask] = emb  # product by product, view by view, as the requests were made
-        return per_view_embeddings(per_view, mask, strategy)
+        return pool_view_rows(emb, [len(v) for v in products], strategy)
 
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
         return self._embed(batch["source_images"], batch["text"], "query")

@@ -21,7 +21,7 @@ from torch import nn
 from ...backbones.qwen import PatchedImage, QwenBackbone
 from ...backbones.qwen_chat import Dialogue, DialogueBuilder
 from ...components.infonce import SymmetricInfoNCE
-from ...components.multiview import per_view_embeddings
+from ...components.multiview import pool_view_rows
 from ...core import Products, RetrievalEval, RetrievalModule, TrainingPair, save_config_hyperparameters
 from ...core.checkpoints import submodule_weights
 from .dialogue import ProCIRDialogues, caption_text, keep_tokens
@@ -154,10 +154,7 @@ class ProCIR(RetrievalModule):
             return self.dialogue.embed([make(v, *e) for v, *e in zip(items, *extra, strict=True)], self.device)
         seqs = [make([view], *e) for views, *e in zip(items, *extra, strict=True) for view in views]
         emb = self.dialogue.embed(seqs, self.device)[-1]
-        mask = torch.tensor([[j < len(v) for j in range(max(map(len, items)))] for v in items], device=emb.device)
-        per_view = emb.new_zeros(*mask.shape, emb.shape[-1])
-        per_view[mask] = emb  # row-major: product by product, view by view, as seqs were made
-        return [per_view_embeddings(per_view, mask, strategy)]
+        return [pool_view_rows(emb, [len(v) for v in items], strategy)]
 
     @staticmethod
     def _normalize(x: torch.Tensor) -> torch.Tensor:
