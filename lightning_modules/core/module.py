@@ -8,6 +8,7 @@ training (``core.two_stage``), checkpoints and optimisation live beside this fil
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
@@ -21,6 +22,7 @@ from ..components.bank import TargetBank
 from .checkpoints import load_init_checkpoint, mlflow_run_id
 from .contract import Products, TrainingPair
 from .evaluation import GalleryEvaluation, RetrievalEval, Split
+from .grad_cache import Terms, batch_size, grad_cache_step
 from .interfaces import DistributedLoss, Tempered
 from .optimisation import default_optimizer, optimizer_config, parameter_groups
 from .two_stage import TrainingStage, TwoStageTraining
@@ -44,13 +46,21 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         init_checkpoint: a checkpoint whose weights initialise the model (loaded weights-only).
         skip_bad_steps: skip (and count, ``train/skipped_steps``) a training step whose loss is NaN or
             infinite, instead of stopping with an error that names the step and the loss terms.
+        grad_cache_chunk: GradCache (``core.grad_cache``): embed each training batch in chunks of this
+            many samples, so the contrastive batch (its negatives) can be far larger than what fits
+            in memory at once; the same loss and gradients as the plain batch. None: off.
     """
 
     def __init__(self, loss: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
                  stage2_loss: nn.Module | None = None, training_stage: TrainingStage = 1,
-                 init_checkpoint: str | None = None, skip_bad_steps: bool = False) -> None:
+                 init_checkpoint: str | None = None, skip_bad_steps: bool = False,
+                 grad_cache_chunk: int | None = None) -> None:
         super().__init__()
+        if grad_cache_chunk is not None and grad_cache_chunk < 1:
+            raise ValueError(f"model.init_args.grad_cache_chunk={grad_cache_chunk}: give a chunk size >= 1, or null "
+                             "to train on whole batches")
+        self.grad_cache_chunk = grad_cache_chunk
         self.loss = loss
         self.skip_bad_steps = skip_bad_steps
         self.skipped_steps = 0
@@ -62,6 +72,12 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self._init_evaluation(evaluation)
+
+    # Families with per-step random choices set this from their ``seed`` (see ``sample_rng``).
+    random_seed: int = 0
+    draw_key: tuple[int, int] = (0, 0)
+    # GradCache: the gradients of every chunk but the last, until Lightning's backward of the step.
+    chunk_grads: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     # -- the contract ------------------------------------------------------------------------------
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -80,8 +96,18 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         return TrainingPair(query, self.encode_target(Products.targets_of(batch)))
 
     def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Stage-1 loss terms (``loss`` is the total)."""
+        """Stage-1 loss terms (``loss`` is the total). Everything an encoder computes belongs in
+        ``embed_pair`` (per sample, in ``pair.extras``): GradCache runs the encoders chunk by chunk
+        and this method once, on the whole batch's embeddings."""
         return {"loss": self.loss(pair.query, pair.target, gather=True)}
+
+    def sample_rng(self, *key: object) -> random.Random:
+        """The generator of one random choice of the current training batch (which words of a caption
+        the CoT keeps, which caption a step aligns to), keyed by what it is for and by the rank,
+        epoch and batch. A choice then depends on nothing else: not on the chunk GradCache embeds
+        it in, nor on how many draws came before, so a resumed run draws what the uninterrupted one
+        drew."""
+        return random.Random("|".join(map(str, (self.random_seed, self.global_rank, *self.draw_key, *key))))
 
     def image_transform(self) -> Any | None:
         """The preprocessing the backbone expects; handed to the DataModule in ``setup``."""
@@ -110,6 +136,9 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         if self.init_checkpoint:
             load_init_checkpoint(self, self.init_checkpoint, self.init_command(), "model.init_args.init_checkpoint")
             self.init_checkpoint = None  # once: a resumed run restores from its own checkpoint
+        if self.grad_cache_chunk and str(self.trainer.precision).startswith("16"):
+            raise ValueError(f"model.init_args.grad_cache_chunk with trainer.precision={self.trainer.precision}: the "
+                             "chunks' backward passes run outside the fp16 loss scaler; use bf16-mixed or 32-true")
         if self.training_stage == 2:  # before DDP wraps the model, so frozen parameters are never registered
             self.enter_stage2()
         self.connect_ranks(self.global_rank, self.trainer.world_size)
@@ -143,14 +172,43 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
             self.enter_stage2()
 
     # -- the shared step ---------------------------------------------------------------------------
+    def training_forward(self, batch: dict[str, Any]) -> tuple[TrainingPair, Terms]:
+        """The training embeddings and loss terms: stage 1 (in-batch) or stage 2 (against the bank),
+        on the whole batch or, with ``grad_cache_chunk``, chunk by chunk (the chunks' gradients are
+        then already accumulated, and ``loss`` carries the rest)."""
+        if self.training_stage == 2 and self.bank is not None:
+            embed, terms_of = self.stage2_pair, self.stage2_loss_terms
+        else:
+            embed, terms_of = self.embed_pair, self.training_terms
+        chunk = self.grad_cache_chunk
+        if not chunk or batch_size(batch) <= chunk:
+            pair = embed(batch)
+            return pair, terms_of(pair, batch)
+        trainer = self._trainer
+        scale = 1.0 / trainer.accumulate_grad_batches if trainer is not None else 1.0
+        # Lightning zeroes gradients between the training step and its backward, so the chunks'
+        # gradients are kept aside here and added back in ``on_before_backward``.
+        params = [p for p in self.parameters() if p.requires_grad]
+        earlier = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        step = grad_cache_step(batch, chunk, embed, terms_of, backward_scale=scale)
+        self.chunk_grads = [(p, p.grad) for p in params if p.grad is not None]
+        for p, grad in zip(params, earlier, strict=True):
+            p.grad = grad
+        return step.pair, step.terms
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        for p, grad in self.chunk_grads:
+            p.grad = grad if p.grad is None else p.grad + grad
+        self.chunk_grads = []
+
     def model_step(self, batch: dict[str, Any], split: Split) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Query embeddings and, when the batch has targets, the loss: in-batch (stage 1 and every
         evaluation, comparable across stages and families) or against the bank (stage-2 training)."""
-        if split == "train" and self.training_stage == 2 and self.bank is not None:
-            query, terms = self.stage2_terms(batch)
-        elif split == "train":
-            pair = self.embed_pair(batch)
-            query, terms = pair.query, self.training_terms(pair, batch)
+        if split == "train":
+            pair, terms = self.training_forward(batch)
+            query = pair.query
         else:
             query = self.encode_query(batch)
             # Multi-vector (MaxSim) queries have no in-batch contrastive loss; only Recall@K scores them.
@@ -167,6 +225,7 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         return query, loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self.draw_key = (self.current_epoch, batch_idx)
         _, loss = self.model_step(batch, "train")
         n = len(batch["text"])
         if not torch.isfinite(loss):

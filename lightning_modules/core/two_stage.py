@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..components.bank import TargetBank
-from .contract import Products
+from .contract import Products, TrainingPair
 
 TrainingStage = Literal[1, 2]
 
@@ -20,6 +20,7 @@ class TwoStageTraining:
     """The two-stage half of ``RetrievalModule`` (a mixin of it, not used alone)."""
 
     training_stage: int
+    loss: nn.Module
     stage2_loss: nn.Module | None
     bank: TargetBank | None
 
@@ -33,6 +34,9 @@ class TwoStageTraining:
         if self.stage2_loss is None:
             raise ValueError("stage 2 needs model.init_args.stage2_loss (e.g. lightning_modules.StaticBankLoss)")
         self.training_stage = 2
+        # Stage 1's loss no longer trains either (its learnable temperature would be a trainable
+        # parameter that never gets a gradient, which leaves DDP's gradient reduction unfinished).
+        self.loss.requires_grad_(False)
         for module in self.target_encoder():
             module.requires_grad_(False)
             module.eval()
@@ -54,9 +58,13 @@ class TwoStageTraining:
         self.train(was_training)
         return self.bank
 
-    def stage2_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Stage-2 training: the query against the bank (the target encoder is frozen)."""
+    def stage2_pair(self, batch: dict[str, Any]) -> TrainingPair:
+        """Stage-2 training forward: the query, and the target from the frozen encoder."""
         query = self.encode_query(batch)
         with torch.no_grad():  # the target encoder is frozen: nothing of the target side trains
             target = self.encode_target(Products.targets_of(batch))
-        return query, self.stage2_loss(query, target, self.bank, batch["target_id"])
+        return TrainingPair(query, target)
+
+    def stage2_loss_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Stage-2 loss: the query against the bank (its positive and hard negatives)."""
+        return self.stage2_loss(pair.query, pair.target, self.bank, batch["target_id"])

@@ -13,7 +13,6 @@ or the generator's own captions) through the DataModule's ``captions_file``.
 
 from __future__ import annotations
 
-import random
 from typing import Any, Literal
 
 import torch
@@ -57,7 +56,9 @@ class LLaVACaptionCIR(RetrievalModule):
         target_caption_weight: weight of the frozen C_t feature in the target (0: image only).
         synthetic_negatives: perturbed target captions per query.
         augmented_negatives: cross-combined targets per query.
-        seed: seed of the caption perturbations.
+        seed: seed of the caption perturbations (``sample_rng``).
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk: see
+            ``RetrievalModule``.
     """
 
     def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
@@ -67,10 +68,11 @@ class LLaVACaptionCIR(RetrievalModule):
                  synthetic_negatives: int = 4, augmented_negatives: int = 2, seed: int = 0,
                  evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
                  training_stage: TrainingStage = 1, init_checkpoint: str | None = None,
-                 skip_bad_steps: bool = False) -> None:
+                 skip_bad_steps: bool = False, grad_cache_chunk: int | None = None) -> None:
         super().__init__(loss=loss or HybridNegativesLoss(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
-                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
+                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
+                         grad_cache_chunk=grad_cache_chunk)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss",
                                            "query_text_encoder"])
         self.backbone = backbone
@@ -87,7 +89,7 @@ class LLaVACaptionCIR(RetrievalModule):
         self.target_caption_weight = target_caption_weight
         self.synthetic_negatives = synthetic_negatives
         self.augmented_negatives = augmented_negatives
-        self.rng = random.Random(seed)
+        self.random_seed = seed
 
     def init_command(self) -> str:
         return "lightning fit --config experiments/llava_caption/fashioniq.yaml (its last.ckpt, at the switch)"
@@ -136,18 +138,18 @@ class LLaVACaptionCIR(RetrievalModule):
 
     # -- hybrid negatives ------------------------------------------------------------------------
     def synthetic_targets(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Targets whose caption had attribute words swapped: [B, S, d] and a [B, S] validity mask."""
+        """Targets whose caption had attribute words swapped: [B, S, d] and a [B, S] validity mask
+        (all False where no caption word could be swapped)."""
         captions = batch.get("target_caption")
         if not self.synthetic_negatives or not captions:
             return None
         texts, valid = [], []
-        for c in captions:
-            for _ in range(self.synthetic_negatives):
-                p = perturb_caption(c, self.rng) if c else None
+        for c, dataset, target in zip(captions, batch.get("dataset") or [""] * len(captions),
+                                       batch["target_id"], strict=True):
+            for j in range(self.synthetic_negatives):
+                p = perturb_caption(c, self.sample_rng("synthetic", dataset, target, j)) if c else None
                 valid.append(p is not None and p != c)
                 texts.append(p if p is not None else c or "")
-        if not any(valid):
-            return None
         b, s = len(captions), self.synthetic_negatives
         with torch.no_grad():
             image = self.backbone.encode_products(batch["target_images"], batch["target_mask"])
@@ -155,17 +157,21 @@ class LLaVACaptionCIR(RetrievalModule):
         negatives = self.compose_target(image[:, None].expand(b, s, -1), caption_feats)
         return negatives, torch.tensor(valid, device=negatives.device).view(b, s)
 
-    def augmented_targets(self, batch: dict[str, Any],
-                          target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Cross-combined triplets: for query i, targets j of the batch whose reference caption (or
-        modification text) is most like i's but whose target caption differs."""
-        n = target.shape[0]
-        if not self.augmented_negatives or n < 2:
-            return None
+    def augmentation_keys(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The frozen text features that pair queries for cross-combination: the reference caption,
+        or the modification text where there is none."""
         keys = batch.get("source_caption") or batch["text"]
         keys = [k or t for k, t in zip(keys, batch["text"], strict=True)]
-        sim = F.normalize(self.target_text(keys), dim=-1)
-        sim = sim @ sim.T
+        return F.normalize(self.target_text(keys), dim=-1)
+
+    def augmented_targets(self, batch: dict[str, Any], target: torch.Tensor,
+                          keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Cross-combined triplets: for query i, targets j of the batch whose reference caption (or
+        modification text; ``keys``) is most like i's but whose target caption differs."""
+        n = target.shape[0]
+        if n < 2:
+            return None
+        sim = keys @ keys.T
         captions = batch.get("target_caption") or [""] * n
         same = torch.tensor([[captions[i] == captions[j] or batch["target_id"][i] == batch["target_id"][j]
                               for j in range(n)] for i in range(n)], device=sim.device)
@@ -174,8 +180,24 @@ class LLaVACaptionCIR(RetrievalModule):
         val, idx = sim.topk(k, dim=1)
         return target[idx], val > -torch.inf
 
+    def embed_pair(self, batch: dict[str, Any]) -> TrainingPair:
+        pair = super().embed_pair(batch)
+        if not isinstance(self.loss, HybridNegativesLoss):
+            return pair
+        synthetic = self.synthetic_targets(batch)
+        if synthetic is not None:
+            pair.extras["synthetic"], pair.extras["synthetic_valid"] = synthetic
+        if self.augmented_negatives:
+            pair.extras["augmentation_keys"] = self.augmentation_keys(batch)
+        return pair
+
     def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not isinstance(self.loss, HybridNegativesLoss):  # another loss: in-batch negatives only
             return super().training_terms(pair, batch)
-        return self.loss.terms(pair.query, pair.target, synthetic=self.synthetic_targets(batch),
-                               augmented=self.augmented_targets(batch, pair.target.detach()))
+        synthetic = augmented = None
+        valid = pair.extras.get("synthetic_valid")
+        if valid is not None and bool(valid.any()):
+            synthetic = pair.extras["synthetic"], valid
+        if "augmentation_keys" in pair.extras:
+            augmented = self.augmented_targets(batch, pair.target.detach(), pair.extras["augmentation_keys"])
+        return self.loss.terms(pair.query, pair.target, synthetic=synthetic, augmented=augmented)

@@ -9,7 +9,6 @@ keep ratio ρ is set each step by a ``CoTRatioSchedule`` callback (``callbacks.C
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,8 +53,8 @@ class ProCIR(RetrievalModule):
         image_text_eval: also log I2T and T2I Recall@1/5 between gallery products and their short
             captions (``val/i2t_recall_at_1``, ...).
         sft_checkpoint: a ``ProCIRSFT`` checkpoint whose backbone initialises this one.
-        seed: seed of the per-step random choices (caption kind, CoT tokens).
-        loss, optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps: see
+        seed: seed of the per-step random choices (caption kind, CoT tokens; ``sample_rng``).
+        loss, optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk: see
             ``RetrievalModule``; the loss defaults to symmetric InfoNCE with a fixed τ = 0.07.
     """
 
@@ -65,10 +64,12 @@ class ProCIR(RetrievalModule):
                  image_text_eval: bool = True, sft_checkpoint: str | None = None, seed: int = 0,
                  loss: nn.Module | None = None, optimizer: OptimizerCallable = procir_optimizer,
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
-                 init_checkpoint: str | None = None, skip_bad_steps: bool = False) -> None:
+                 init_checkpoint: str | None = None, skip_bad_steps: bool = False,
+                 grad_cache_chunk: int | None = None) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(temperature=0.07, learnable_temperature=False),
                          optimizer=optimizer, scheduler=scheduler, evaluation=evaluation,
-                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps)
+                         init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
+                         grad_cache_chunk=grad_cache_chunk)
         save_config_hyperparameters(self, ["backbone", "loss", "optimizer", "scheduler"])
         problems = []
         if view_strategy == "maxsim" and self.evaluation.backend == "faiss":
@@ -90,7 +91,7 @@ class ProCIR(RetrievalModule):
         self.view_strategy = view_strategy
         self.sft_checkpoint = sft_checkpoint
         self.sft_init = sft_checkpoint is not None
-        self.rng = random.Random(seed)
+        self.random_seed = seed
         # ρ(t), set before every training step by a CoTRatioSchedule callback; 1.0 = the whole caption.
         self.cot_keep_ratio = 1.0
         self.image_text = ImageTextRecall() if image_text_eval else None
@@ -133,17 +134,18 @@ class ProCIR(RetrievalModule):
             self.log("train/cot_keep_ratio", self.cot_keep_ratio, batch_size=len(batch["text"]))
 
     # -- dialogues --------------------------------------------------------------------------------
-    def _thought(self, product: dict[str, Any] | None) -> list[int]:
+    def _thought(self, product: dict[str, Any] | None, role: str) -> list[int]:
         """CoT: the subsampled long caption in training, nothing in evaluation or without CoT."""
         if not (self.cot and self.training and product) or self.cot_keep_ratio <= 0:
             return []
-        return keep_tokens(self.backbone.text_ids(caption_text(product, "long")), self.cot_keep_ratio, self.rng)
+        rng = self.sample_rng("cot", role, product.get("dataset"), product.get("product_id"))
+        return keep_tokens(self.backbone.text_ids(caption_text(product, "long")), self.cot_keep_ratio, rng)
 
     def document(self, views: list[PatchedImage], product: dict[str, Any] | None = None) -> Dialogue:
-        return self.dialogues.document(views, self._thought(product))
+        return self.dialogues.document(views, self._thought(product, "document"))
 
     def query(self, views: list[PatchedImage], text: str, source: dict[str, Any] | None = None) -> Dialogue:
-        return self.dialogues.query(views, text, self._thought(source))
+        return self.dialogues.query(views, text, self._thought(source, "query"))
 
     def _per_view(self, make: Any, items: list[list[PatchedImage]], *extra: list[Any]) -> list[torch.Tensor]:
         """Embeddings of ``make(views, *extra)`` per product, one tensor per ``<emb_all>``: joint (one
@@ -183,33 +185,32 @@ class ProCIR(RetrievalModule):
         return F.normalize(out.float(), dim=-1)
 
     def embed_pair(self, batch: dict[str, Any]) -> TrainingPair:
-        """q and, with MT, turn 1's s from the same forward; then the target documents."""
+        """q and, with MT, turn 1's s from the same forward; then the target documents; with Align,
+        the caption embeddings t of the targets (and, with MT, of the sources)."""
         turns = self._query_turns(batch)
         mt = self.two_stage_dialogue and len(turns) == 2
         extras = {"source": F.normalize(turns[0].float(), dim=-1)} if mt else {}
         target = self.encode_target(Products.targets_of(batch))
+        if self.align:
+            kind = self._caption_kind()  # one choice per step, as the paper
+            extras["target_caption"] = self.embed_texts([caption_text(m["target"], kind) for m in batch["meta"]])
+            if mt:
+                extras["source_caption"] = self.embed_texts([caption_text(m["source"], kind) for m in batch["meta"]])
         return TrainingPair(self._normalize(turns[-1]), target, extras)
 
     def _caption_kind(self) -> str:
         if self.align_caption == "mixed":
-            return "long" if self.rng.random() < 0.5 else "short"
+            return "long" if self.sample_rng("caption_kind").random() < 0.5 else "short"
         return self.align_caption
 
     def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         terms = {"cir": self.loss(pair.query, pair.target, gather=True)}
         loss = terms["cir"]
         if self.align:
-            kind = self._caption_kind()  # one choice per step, as the paper
-            texts = [caption_text(m["target"], kind) for m in batch["meta"]]
-            source = pair.extras.get("source")
-            if source is not None:
-                texts += [caption_text(m["source"], kind) for m in batch["meta"]]
-            t = self.embed_texts(texts)
-            n = pair.target.shape[0]
-            terms["doc"] = self.loss(pair.target, t[:n], gather=True)
+            terms["doc"] = self.loss(pair.target, pair.extras["target_caption"], gather=True)
             loss = loss + self.doc_align_weight * terms["doc"]
-            if source is not None:
-                terms["src"] = self.loss(source, t[n:], gather=True)
+            if "source" in pair.extras:
+                terms["src"] = self.loss(pair.extras["source"], pair.extras["source_caption"], gather=True)
                 loss = loss + self.src_align_weight * terms["src"]
         return {"loss": loss, **terms}
 

@@ -70,7 +70,7 @@ def test_augmented_negatives_never_equal_the_positive() -> None:
     model = _model(augmented_negatives=3)
     batch = _batch()
     target = model.encode_target(Products.targets_of(batch))
-    negatives, valid = model.augmented_targets(batch, target)
+    negatives, valid = model.augmented_targets(batch, target, model.augmentation_keys(batch))
     assert negatives.shape == (6, 3, 48)
     for i in range(6):
         for j in range(3):
@@ -89,8 +89,8 @@ def test_synthetic_targets_keep_the_image_and_swap_the_caption() -> None:
     assert negatives.shape == (6, 3, 48) and valid.all()
     positive = model.encode_target(Products.targets_of(batch))
     assert not torch.allclose(negatives[:, 0], positive)
-    no_caption = model.synthetic_targets({**batch, "target_caption": [""] * 6})
-    assert no_caption is None
+    _, none_valid = model.synthetic_targets({**batch, "target_caption": [""] * 6})
+    assert not none_valid.any()  # nothing to perturb: every slot invalid, so the loss drops the term
 
 
 def test_training_terms_and_frozen_caption_encoder() -> None:

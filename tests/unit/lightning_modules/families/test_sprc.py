@@ -239,7 +239,8 @@ def test_stage2_freezes_blip2_and_trains_a_copy_of_the_text_passes() -> None:
     frozen = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     branch = {k: v.clone() for k, v in model.query_branch.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    query, terms = model.stage2_terms(_batch())
+    pair, terms = model.training_forward(_batch())
+    query = pair.query
     assert query.shape == (4, D) and {"bank", "hard", "loss"} <= set(terms)
     terms["loss"].backward()
     opt.step()
