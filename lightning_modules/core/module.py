@@ -19,6 +19,7 @@ from torch import nn
 from datamodules.interfaces import RetrievalData
 
 from ..components.bank import TargetBank
+from .adapters import LoraSettings, apply_lora
 from .checkpoints import load_init_checkpoint, mlflow_run_id
 from .contract import Products, TrainingPair
 from .evaluation import GalleryEvaluation, RetrievalEval, Split
@@ -49,14 +50,17 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         grad_cache_chunk: GradCache (``core.grad_cache``): embed each training batch in chunks of this
             many samples, so the contrastive batch (its negatives) can be far larger than what fits
             in memory at once; the same loss and gradients as the plain batch. None: off.
+        lora: LoRA adapters on the backbone(s) instead of training them in full (``core.adapters``);
+            None: off.
     """
 
     def __init__(self, loss: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
                  stage2_loss: nn.Module | None = None, training_stage: TrainingStage = 1,
                  init_checkpoint: str | None = None, skip_bad_steps: bool = False,
-                 grad_cache_chunk: int | None = None) -> None:
+                 grad_cache_chunk: int | None = None, lora: LoraSettings | None = None) -> None:
         super().__init__()
+        self.lora = lora
         if grad_cache_chunk is not None and grad_cache_chunk < 1:
             raise ValueError(f"model.init_args.grad_cache_chunk={grad_cache_chunk}: give a chunk size >= 1, or null "
                              "to train on whole batches")
@@ -133,6 +137,8 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
 
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.lora is not None:  # first: an init checkpoint written with LoRA has the adapters' keys
+            apply_lora(self, self.lora)
         if self.init_checkpoint:
             load_init_checkpoint(self, self.init_checkpoint, self.init_command(), "model.init_args.init_checkpoint")
             self.init_checkpoint = None  # once: a resumed run restores from its own checkpoint

@@ -26,6 +26,7 @@ from ...core import (
     default_optimizer,
     save_config_hyperparameters,
 )
+from ...core.adapters import LoraSettings
 
 ViewStrategy = Literal["pooled", "meanpool", "maxsim"]
 
@@ -38,7 +39,7 @@ class CLIP4CIR(RetrievalModule):
         fusion: image + text features → query (``SumFusion`` or ``Combiner``).
         loss: contrastive loss; defaults to symmetric InfoNCE, τ=0.07, learnable.
         freeze_backbone: train the fusion head only (CLIP4Cir's combiner-training stage).
-        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk: see
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
             ``RetrievalModule``.
         view_strategy: how evaluation embeds multi-view products: ``pooled`` (the mean of the views'
             image features, as trained), or the FashionMV paper's single-image baselines
@@ -52,11 +53,12 @@ class CLIP4CIR(RetrievalModule):
                  freeze_backbone: bool = False, evaluation: RetrievalEval | None = None,
                  stage2_loss: nn.Module | None = None, training_stage: TrainingStage = 1,
                  init_checkpoint: str | None = None, skip_bad_steps: bool = False,
-                 view_strategy: ViewStrategy = "pooled", grad_cache_chunk: int | None = None) -> None:
+                 view_strategy: ViewStrategy = "pooled", grad_cache_chunk: int | None = None,
+                 lora: LoraSettings | None = None) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
-                         grad_cache_chunk=grad_cache_chunk)
+                         grad_cache_chunk=grad_cache_chunk, lora=lora)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
         self.backbone = backbone
         self.backbone_name = backbone.name_or_path

@@ -32,6 +32,7 @@ from ...core import (
     default_optimizer,
     save_config_hyperparameters,
 )
+from ...core.adapters import LoraSettings
 from .lexicon import perturb_caption
 from .prompted_text import SentencePromptEncoder
 from .target_text import FrozenTextEncoder
@@ -57,7 +58,7 @@ class LLaVACaptionCIR(RetrievalModule):
         synthetic_negatives: perturbed target captions per query.
         augmented_negatives: cross-combined targets per query.
         seed: seed of the caption perturbations (``sample_rng``).
-        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk: see
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
             ``RetrievalModule``.
     """
 
@@ -68,11 +69,12 @@ class LLaVACaptionCIR(RetrievalModule):
                  synthetic_negatives: int = 4, augmented_negatives: int = 2, seed: int = 0,
                  evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
                  training_stage: TrainingStage = 1, init_checkpoint: str | None = None,
-                 skip_bad_steps: bool = False, grad_cache_chunk: int | None = None) -> None:
+                 skip_bad_steps: bool = False, grad_cache_chunk: int | None = None,
+                 lora: LoraSettings | None = None) -> None:
         super().__init__(loss=loss or HybridNegativesLoss(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
-                         grad_cache_chunk=grad_cache_chunk)
+                         grad_cache_chunk=grad_cache_chunk, lora=lora)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss",
                                            "query_text_encoder"])
         self.backbone = backbone

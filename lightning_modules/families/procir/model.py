@@ -22,6 +22,7 @@ from ...backbones.qwen_chat import Dialogue, DialogueBuilder
 from ...components.infonce import SymmetricInfoNCE
 from ...components.multiview import pool_view_rows
 from ...core import Products, RetrievalEval, RetrievalModule, TrainingPair, save_config_hyperparameters
+from ...core.adapters import LoraSettings
 from ...core.checkpoints import submodule_weights
 from .dialogue import ProCIRDialogues, caption_text, keep_tokens
 from .image_text import ImageTextRecall
@@ -54,7 +55,7 @@ class ProCIR(RetrievalModule):
             captions (``val/i2t_recall_at_1``, ...).
         sft_checkpoint: a ``ProCIRSFT`` checkpoint whose backbone initialises this one.
         seed: seed of the per-step random choices (caption kind, CoT tokens; ``sample_rng``).
-        loss, optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk: see
+        loss, optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
             ``RetrievalModule``; the loss defaults to symmetric InfoNCE with a fixed τ = 0.07.
     """
 
@@ -65,11 +66,12 @@ class ProCIR(RetrievalModule):
                  loss: nn.Module | None = None, optimizer: OptimizerCallable = procir_optimizer,
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
                  init_checkpoint: str | None = None, skip_bad_steps: bool = False,
-                 grad_cache_chunk: int | None = None) -> None:
+                 grad_cache_chunk: int | None = None,
+                 lora: LoraSettings | None = None) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(temperature=0.07, learnable_temperature=False),
                          optimizer=optimizer, scheduler=scheduler, evaluation=evaluation,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
-                         grad_cache_chunk=grad_cache_chunk)
+                         grad_cache_chunk=grad_cache_chunk, lora=lora)
         save_config_hyperparameters(self, ["backbone", "loss", "optimizer", "scheduler"])
         problems = []
         if view_strategy == "maxsim" and self.evaluation.backend == "faiss":

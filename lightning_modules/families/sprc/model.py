@@ -40,6 +40,7 @@ from ...core import (
     default_optimizer,
     save_config_hyperparameters,
 )
+from ...core.adapters import LoraSettings
 from .losses import SPRCLoss
 
 ViewStrategy = Literal["joint", "meanpool", "maxsim"]
@@ -58,7 +59,7 @@ class SPRC(RetrievalModule):
             source-view query and target-view token). Evaluation outputs are multi-vector, so that
             ``retrieval.search.maxsim`` computes exactly these scores: queries ``[B, 1, D]`` (``maxsim``:
             ``[B, 5, D]``) and targets ``[B, Q, D]`` (``maxsim``: ``[B, 5·Q, D]``), NaN rows padding.
-        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk: see
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
             ``RetrievalModule``.
             Stage 2 (SPN4CIR's, applied to SPRC): all of BLIP-2 is frozen (targets and prompts no longer
             change) and a trainable copy of the Q-Former's text passes, taken at the switch, fuses the
@@ -72,10 +73,11 @@ class SPRC(RetrievalModule):
                  freeze_vision: bool = True, view_strategy: ViewStrategy = "joint",
                  evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
                  training_stage: TrainingStage = 1, init_checkpoint: str | None = None,
-                 skip_bad_steps: bool = False, grad_cache_chunk: int | None = None) -> None:
+                 skip_bad_steps: bool = False, grad_cache_chunk: int | None = None,
+                 lora: LoraSettings | None = None) -> None:
         super().__init__(loss=loss or SPRCLoss(), optimizer=optimizer, scheduler=scheduler, evaluation=evaluation,
                          stage2_loss=stage2_loss, training_stage=training_stage, init_checkpoint=init_checkpoint,
-                         skip_bad_steps=skip_bad_steps, grad_cache_chunk=grad_cache_chunk)
+                         skip_bad_steps=skip_bad_steps, grad_cache_chunk=grad_cache_chunk, lora=lora)
         save_config_hyperparameters(self, ["backbone", "loss", "optimizer", "scheduler", "stage2_loss"])
         problems = []
         if self.evaluation.backend == "faiss":
