@@ -19,6 +19,7 @@ from torch import nn
 from datamodules.interfaces import RetrievalData
 
 from ..components.bank import TargetBank
+from ..components.mined_negatives import MinedNegativesLoss
 from .adapters import LoraSettings, apply_lora
 from .checkpoints import load_init_checkpoint, mlflow_run_id
 from .contract import Products, TrainingPair
@@ -52,15 +53,20 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
             in memory at once; the same loss and gradients as the plain batch. None: off.
         lora: LoRA adapters on the backbone(s) instead of training them in full (``core.adapters``);
             None: off.
+        mined_negatives: the loss term of offline-mined hard negatives (``cir mine-negatives``, loaded
+            by ``data.init_args.hard_negatives``): each query against its target and its mined
+            products, added to the stage-1 loss. None: mined negatives in a batch are not used.
     """
 
     def __init__(self, loss: nn.Module, optimizer: OptimizerCallable = default_optimizer,
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
                  stage2_loss: nn.Module | None = None, training_stage: TrainingStage = 1,
                  init_checkpoint: str | None = None, skip_bad_steps: bool = False,
-                 grad_cache_chunk: int | None = None, lora: LoraSettings | None = None) -> None:
+                 grad_cache_chunk: int | None = None, lora: LoraSettings | None = None,
+                 mined_negatives: MinedNegativesLoss | None = None) -> None:
         super().__init__()
         self.lora = lora
+        self.mined_negatives = mined_negatives
         if grad_cache_chunk is not None and grad_cache_chunk < 1:
             raise ValueError(f"model.init_args.grad_cache_chunk={grad_cache_chunk}: give a chunk size >= 1, or null "
                              "to train on whole batches")
@@ -104,6 +110,37 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         ``embed_pair`` (per sample, in ``pair.extras``): GradCache runs the encoders chunk by chunk
         and this method once, on the whole batch's embeddings."""
         return {"loss": self.loss(pair.query, pair.target, gather=True)}
+
+    def embed_with_mined(self, batch: dict[str, Any]) -> TrainingPair:
+        """The family's training forward plus the target embeddings of the batch's mined negatives
+        (``negative_images``: ``[B, K, V, ...]`` with ``negative_mask`` ``[B, K, V]``, or per-sample
+        lists of K products' views), ``[B, K, D]`` with ``mined_valid`` ``[B, K]``."""
+        pair = self.embed_pair(batch)
+        if "negative_images" not in batch:
+            raise ValueError("model.init_args.mined_negatives is set but the batches carry no mined negatives: set "
+                             "data.init_args.hard_negatives (and run `cir mine-negatives` first)")
+        images, mask = batch["negative_images"], batch.get("negative_mask")
+        if isinstance(images, torch.Tensor):
+            b, k = images.shape[:2]
+            valid = mask.any(-1)
+            flat = Products(images[valid], mask[valid])
+        else:
+            b, k = len(images), max((len(p) for p in images), default=0)
+            valid = torch.tensor([[j < len(p) and len(p[j]) > 0 for j in range(k)] for p in images],
+                                 dtype=torch.bool).view(b, k)
+            flat = Products([views for p in images for views in p if views])
+        valid = valid.to(pair.target.device)
+        out = pair.target.new_zeros(b, k, *pair.target.shape[1:])
+        if len(flat):
+            out[valid] = self.encode_target(flat).to(out.dtype)
+        pair.extras.update(mined=out, mined_valid=valid)
+        return pair
+
+    def terms_with_mined(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        terms = self.training_terms(pair, batch)
+        terms["mined"] = self.mined_negatives(pair.query, pair.target, pair.extras["mined"], pair.extras["mined_valid"])
+        terms["loss"] = terms["loss"] + self.mined_negatives.weight * terms["mined"]
+        return terms
 
     def sample_rng(self, *key: object) -> random.Random:
         """The generator of one random choice of the current training batch (which words of a caption
@@ -184,6 +221,8 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         then already accumulated, and ``loss`` carries the rest)."""
         if self.training_stage == 2 and self.bank is not None:
             embed, terms_of = self.stage2_pair, self.stage2_loss_terms
+        elif self.mined_negatives is not None:
+            embed, terms_of = self.embed_with_mined, self.terms_with_mined
         else:
             embed, terms_of = self.embed_pair, self.training_terms
         chunk = self.grad_cache_chunk

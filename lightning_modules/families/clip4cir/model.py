@@ -17,6 +17,7 @@ from torch import nn
 from ...backbones.clip import CLIPBackbone, HFImageTransform
 from ...components.fusion import Combiner, SumFusion, check_fusion_width
 from ...components.infonce import SymmetricInfoNCE
+from ...components.mined_negatives import MinedNegativesLoss
 from ...components.multiview import per_view_embeddings
 from ...core import (
     Products,
@@ -39,8 +40,8 @@ class CLIP4CIR(RetrievalModule):
         fusion: image + text features → query (``SumFusion`` or ``Combiner``).
         loss: contrastive loss; defaults to symmetric InfoNCE, τ=0.07, learnable.
         freeze_backbone: train the fusion head only (CLIP4Cir's combiner-training stage).
-        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
-            ``RetrievalModule``.
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora,
+            mined_negatives: see ``RetrievalModule``.
         view_strategy: how evaluation embeds multi-view products: ``pooled`` (the mean of the views'
             image features, as trained), or the FashionMV paper's single-image baselines
             ``meanpool`` and ``maxsim`` (one query per source view; see ``per_view_embeddings``). In stage 2 the
@@ -54,11 +55,13 @@ class CLIP4CIR(RetrievalModule):
                  stage2_loss: nn.Module | None = None, training_stage: TrainingStage = 1,
                  init_checkpoint: str | None = None, skip_bad_steps: bool = False,
                  view_strategy: ViewStrategy = "pooled", grad_cache_chunk: int | None = None,
-                 lora: LoraSettings | None = None) -> None:
+                 lora: LoraSettings | None = None,
+                 mined_negatives: MinedNegativesLoss | None = None) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
-                         grad_cache_chunk=grad_cache_chunk, lora=lora)
+                         grad_cache_chunk=grad_cache_chunk, lora=lora,
+                         mined_negatives=mined_negatives)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss"])
         self.backbone = backbone
         self.backbone_name = backbone.name_or_path

@@ -23,6 +23,7 @@ from torch import nn
 from ...backbones.clip import CLIPBackbone, HFImageTransform
 from ...components.fusion import TransformerFusion, check_fusion_width
 from ...components.hybrid_negatives import HybridNegativesLoss
+from ...components.mined_negatives import MinedNegativesLoss
 from ...core import (
     Products,
     RetrievalEval,
@@ -58,8 +59,8 @@ class LLaVACaptionCIR(RetrievalModule):
         synthetic_negatives: perturbed target captions per query.
         augmented_negatives: cross-combined targets per query.
         seed: seed of the caption perturbations (``sample_rng``).
-        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
-            ``RetrievalModule``.
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora,
+            mined_negatives: see ``RetrievalModule``.
     """
 
     def __init__(self, backbone: CLIPBackbone, fusion: nn.Module | None = None, loss: nn.Module | None = None,
@@ -70,11 +71,13 @@ class LLaVACaptionCIR(RetrievalModule):
                  evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
                  training_stage: TrainingStage = 1, init_checkpoint: str | None = None,
                  skip_bad_steps: bool = False, grad_cache_chunk: int | None = None,
-                 lora: LoraSettings | None = None) -> None:
+                 lora: LoraSettings | None = None,
+                 mined_negatives: MinedNegativesLoss | None = None) -> None:
         super().__init__(loss=loss or HybridNegativesLoss(), optimizer=optimizer, scheduler=scheduler,
                          evaluation=evaluation, stage2_loss=stage2_loss, training_stage=training_stage,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
-                         grad_cache_chunk=grad_cache_chunk, lora=lora)
+                         grad_cache_chunk=grad_cache_chunk, lora=lora,
+                         mined_negatives=mined_negatives)
         save_config_hyperparameters(self, ["backbone", "fusion", "loss", "optimizer", "scheduler", "stage2_loss",
                                            "query_text_encoder"])
         self.backbone = backbone

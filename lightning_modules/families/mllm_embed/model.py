@@ -23,6 +23,7 @@ from ...backbones.qwen import PatchedImage, QwenImageTransform
 from ...backbones.qwen_chat import Dialogue
 from ...backbones.vl_embedder import Role, VLEmbedderBackbone
 from ...components.infonce import SymmetricInfoNCE
+from ...components.mined_negatives import MinedNegativesLoss
 from ...components.multiview import pool_view_rows
 from ...core import Products, RetrievalEval, RetrievalModule, save_config_hyperparameters
 from ...core.adapters import LoraSettings
@@ -43,8 +44,8 @@ class MLLMEmbedder(RetrievalModule):
         view_strategy: ``joint``, ``meanpool`` or ``maxsim`` (evaluation; training is always joint).
         query_instruction, document_instruction: replace the card's instructions (None: the card's).
         loss: contrastive loss of fine-tuning; default symmetric InfoNCE at a fixed τ = 0.05.
-        optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
-            ``RetrievalModule``.
+        optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora,
+            mined_negatives: see ``RetrievalModule``.
     """
 
     def __init__(self, backbone: VLEmbedderBackbone, view_strategy: ViewStrategy = "joint",
@@ -53,11 +54,13 @@ class MLLMEmbedder(RetrievalModule):
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
                  init_checkpoint: str | None = None, skip_bad_steps: bool = False,
                  grad_cache_chunk: int | None = None,
-                 lora: LoraSettings | None = None) -> None:
+                 lora: LoraSettings | None = None,
+                 mined_negatives: MinedNegativesLoss | None = None) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(temperature=0.05, learnable_temperature=False),
                          optimizer=optimizer, scheduler=scheduler, evaluation=evaluation,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
-                         grad_cache_chunk=grad_cache_chunk, lora=lora)
+                         grad_cache_chunk=grad_cache_chunk, lora=lora,
+                         mined_negatives=mined_negatives)
         save_config_hyperparameters(self, ["backbone", "loss", "optimizer", "scheduler"])
         if view_strategy == "maxsim" and self.evaluation.backend == "faiss":
             raise ValueError("model.init_args: view_strategy=maxsim scores view pairs, which faiss cannot: set "

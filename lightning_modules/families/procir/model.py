@@ -20,6 +20,7 @@ from torch import nn
 from ...backbones.qwen import PatchedImage, QwenBackbone
 from ...backbones.qwen_chat import Dialogue, DialogueBuilder
 from ...components.infonce import SymmetricInfoNCE
+from ...components.mined_negatives import MinedNegativesLoss
 from ...components.multiview import pool_view_rows
 from ...core import Products, RetrievalEval, RetrievalModule, TrainingPair, save_config_hyperparameters
 from ...core.adapters import LoraSettings
@@ -55,8 +56,8 @@ class ProCIR(RetrievalModule):
             captions (``val/i2t_recall_at_1``, ...).
         sft_checkpoint: a ``ProCIRSFT`` checkpoint whose backbone initialises this one.
         seed: seed of the per-step random choices (caption kind, CoT tokens; ``sample_rng``).
-        loss, optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
-            ``RetrievalModule``; the loss defaults to symmetric InfoNCE with a fixed τ = 0.07.
+        loss, optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora,
+            mined_negatives: see ``RetrievalModule``; the loss defaults to symmetric InfoNCE with a fixed τ = 0.07.
     """
 
     def __init__(self, backbone: QwenBackbone, two_stage_dialogue: bool = True, align: bool = True,
@@ -67,11 +68,13 @@ class ProCIR(RetrievalModule):
                  scheduler: LRSchedulerCallable | None = None, evaluation: RetrievalEval | None = None,
                  init_checkpoint: str | None = None, skip_bad_steps: bool = False,
                  grad_cache_chunk: int | None = None,
-                 lora: LoraSettings | None = None) -> None:
+                 lora: LoraSettings | None = None,
+                 mined_negatives: MinedNegativesLoss | None = None) -> None:
         super().__init__(loss=loss or SymmetricInfoNCE(temperature=0.07, learnable_temperature=False),
                          optimizer=optimizer, scheduler=scheduler, evaluation=evaluation,
                          init_checkpoint=init_checkpoint, skip_bad_steps=skip_bad_steps,
-                         grad_cache_chunk=grad_cache_chunk, lora=lora)
+                         grad_cache_chunk=grad_cache_chunk, lora=lora,
+                         mined_negatives=mined_negatives)
         save_config_hyperparameters(self, ["backbone", "loss", "optimizer", "scheduler"])
         problems = []
         if view_strategy == "maxsim" and self.evaluation.backend == "faiss":

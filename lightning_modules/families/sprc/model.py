@@ -30,6 +30,7 @@ from datamodules.schema import MAX_VIEWS
 from ...backbones.blip2 import Blip2Backbone, TextBranch
 from ...backbones.clip import HFImageTransform
 from ...components.bank import TargetBank
+from ...components.mined_negatives import MinedNegativesLoss
 from ...components.multiview import per_view_embeddings
 from ...core import (
     Products,
@@ -59,8 +60,8 @@ class SPRC(RetrievalModule):
             source-view query and target-view token). Evaluation outputs are multi-vector, so that
             ``retrieval.search.maxsim`` computes exactly these scores: queries ``[B, 1, D]`` (``maxsim``:
             ``[B, 5, D]``) and targets ``[B, Q, D]`` (``maxsim``: ``[B, 5·Q, D]``), NaN rows padding.
-        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora: see
-            ``RetrievalModule``.
+        evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora,
+            mined_negatives: see ``RetrievalModule``.
             Stage 2 (SPN4CIR's, applied to SPRC): all of BLIP-2 is frozen (targets and prompts no longer
             change) and a trainable copy of the Q-Former's text passes, taken at the switch, fuses the
             frozen prompt with the caption against the static bank of target token sets. Under DDP run
@@ -74,10 +75,12 @@ class SPRC(RetrievalModule):
                  evaluation: RetrievalEval | None = None, stage2_loss: nn.Module | None = None,
                  training_stage: TrainingStage = 1, init_checkpoint: str | None = None,
                  skip_bad_steps: bool = False, grad_cache_chunk: int | None = None,
-                 lora: LoraSettings | None = None) -> None:
+                 lora: LoraSettings | None = None,
+                 mined_negatives: MinedNegativesLoss | None = None) -> None:
         super().__init__(loss=loss or SPRCLoss(), optimizer=optimizer, scheduler=scheduler, evaluation=evaluation,
                          stage2_loss=stage2_loss, training_stage=training_stage, init_checkpoint=init_checkpoint,
-                         skip_bad_steps=skip_bad_steps, grad_cache_chunk=grad_cache_chunk, lora=lora)
+                         skip_bad_steps=skip_bad_steps, grad_cache_chunk=grad_cache_chunk, lora=lora,
+                         mined_negatives=mined_negatives)
         save_config_hyperparameters(self, ["backbone", "loss", "optimizer", "scheduler", "stage2_loss"])
         problems = []
         if self.evaluation.backend == "faiss":
