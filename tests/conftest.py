@@ -9,6 +9,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# `make test` runs two pytest-xdist workers on a two-core machine. Two OpenMP threads per worker
+# (torch's default there) would oversubscribe the cores, and spinning OpenMP threads then make small
+# operations up to 10x slower; one thread per worker (and per process a test starts) avoids that.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
