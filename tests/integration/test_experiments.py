@@ -139,6 +139,8 @@ def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | N
     config = merged_config(experiment)
     data, model = config["data"], config["model"]["init_args"]
     args = [*SMALL_LOADER, "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
+    if model.get("grad_cache_chunk"):  # the small test batches still go through GradCache's chunks
+        args.append("--model.init_args.grad_cache_chunk=2")
     if config["model"]["class_path"] == "lightning_modules.MLLMEmbedder":
         backbone = model["backbone"]["init_args"]
         if backbone["name_or_path"] != "tiny":
