@@ -1,6 +1,7 @@
 """The small core every retrieval family builds on: the base module's contract and shared step,
 gallery evaluation, two-stage training, checkpoint loading, optimisation, declared interfaces."""
 
+from .atomic_io import AtomicCheckpointIO
 from .checkpoints import load_init_checkpoint, load_weights, state_dict_of, submodule_weights
 from .contract import Products, TrainingPair
 from .evaluation import RetrievalEval, Split
@@ -11,7 +12,7 @@ from .optimisation import default_optimizer, optimizer_config, parameter_groups,
 from .schedules import CosineSchedule
 from .two_stage import TrainingStage
 
-__all__ = ["CosineSchedule", "DistributedLoss", "Products", "RetrievalEval", "RetrievalModule", "Retriever", "Split",
-           "Tempered", "TrainingPair", "TrainingStage", "TwoStage", "Variants", "default_optimizer",
-           "load_init_checkpoint", "load_weights", "optimizer_config", "parameter_groups",
+__all__ = ["AtomicCheckpointIO", "CosineSchedule", "DistributedLoss", "Products", "RetrievalEval", "RetrievalModule",
+           "Retriever", "Split", "Tempered", "TrainingPair", "TrainingStage", "TwoStage", "Variants",
+           "default_optimizer", "load_init_checkpoint", "load_weights", "optimizer_config", "parameter_groups",
            "save_config_hyperparameters", "state_dict_of", "submodule_weights", "total_training_steps"]
