@@ -8,6 +8,7 @@ training (``core.two_stage``), checkpoints and optimisation live beside this fil
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -148,7 +149,8 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         epoch and batch. A choice then depends on nothing else: not on the chunk GradCache embeds
         it in, nor on how many draws came before, so a resumed run draws what the uninterrupted one
         drew."""
-        return random.Random("|".join(map(str, (self.random_seed, self.global_rank, *self.draw_key, *key))))
+        seeds = (os.environ.get("PL_GLOBAL_SEED", ""), self.random_seed, self.global_rank, *self.draw_key)
+        return random.Random("|".join(map(str, (*seeds, *key))))
 
     def image_transform(self) -> Any | None:
         """The preprocessing the backbone expects; handed to the DataModule in ``setup``."""
@@ -271,6 +273,10 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.draw_key = (self.current_epoch, batch_idx)
+        # Dropout and any other draw from torch's generators depend on the batch's position alone,
+        # as the model-side choices do (``sample_rng``): a resumed run draws what the uninterrupted
+        # one drew, with no generator state to carry in the checkpoint.
+        torch.manual_seed(self.sample_rng("torch").getrandbits(63))
         _, loss = self.model_step(batch, "train")
         n = len(batch["text"])
         if not torch.isfinite(loss):
