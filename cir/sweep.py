@@ -17,8 +17,10 @@ A sweep file (``experiments/sweeps/<name>.yaml``)::
       model.init_args.fusion.init_args.dropout: {type: categorical, choices: [0.1, 0.5]}
 
 Running the same command again continues the same study: completed and pruned trials are kept,
-a trial left RUNNING by a killed process of this machine is marked FAIL (RDB storages also fail
-stale trials of other machines by heartbeat), and only the missing trials run. Every trial is an
+a trial left RUNNING by a killed process of this machine resumes with its own parameters from its
+own ``last.ckpt`` (or from the start if it died before its first checkpoint) and logs into its own
+MLflow run, then only the missing trials run. RDB storages fail stale trials of other machines by
+heartbeat. Every trial is an
 MLflow run nested under one parent run per study; the parent gets the best params and value, the
 optimisation-history and parameter-importance plots, and ``best.yaml``, a ready-to-run experiment.
 """
@@ -37,6 +39,7 @@ import yaml
 from optuna.trial import TrialState
 
 from callbacks.mlflow_logging import resolve_tracking_uri
+from lightning_modules.core.checkpoints import checkpoint_metadata
 
 from .args import command_parser, parse
 from .lightning_cli import build_cli
@@ -98,17 +101,11 @@ def make_storage(url: str) -> optuna.storages.BaseStorage | str:
     return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
 
 
-def fail_orphaned_trials(study: optuna.Study) -> list[int]:
-    """Mark FAIL the RUNNING trials started on this machine by a process that no longer exists."""
-    failed = []
+def orphaned_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The RUNNING trials started on this machine by a process that no longer exists."""
     host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        attrs = trial.user_attrs
-        if attrs.get("host") != host or _alive(attrs.get("pid")):
-            continue
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        failed.append(trial.number)
-    return failed
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("host") == host and not _alive(t.user_attrs.get("pid"))]
 
 
 def _alive(pid: int | None) -> bool:
@@ -154,7 +151,7 @@ class Sweep:
             study_name=config.study_name, storage=make_storage(config.storage), direction=config.direction,
             load_if_exists=True, sampler=getattr(optuna.samplers, sampler_spec.pop("name"))(**sampler_spec),
             pruner=getattr(optuna.pruners, pruner_spec.pop("name"))(**pruner_spec))
-        self.failed_on_resume = fail_orphaned_trials(self.study)
+        self.orphans = orphaned_trials(self.study)
         self.parent_run_id = self._parent_run()
 
     def _parent_run(self) -> str:
@@ -181,9 +178,11 @@ class Sweep:
         done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         return max(0, self.cfg.n_trials - len(done))
 
-    def objective(self, trial: optuna.Trial) -> float:
-        from optuna_integration import PyTorchLightningPruningCallback
+    def trial_dir(self, number: int) -> Path:
+        return self.out / f"trial-{number}"
 
+    def objective(self, trial: optuna.Trial, ckpt_path: str | None = None) -> float:
+        from optuna_integration import PyTorchLightningPruningCallback
 
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
@@ -195,16 +194,37 @@ class Sweep:
                 f"--trainer.logger.init_args.experiment_name={self.cfg.mlflow_experiment}",
                 f"--trainer.logger.init_args.run_name={self.cfg.study_name}-trial-{trial.number}",
                 f"--trainer.logger.init_args.tags={json.dumps(tags)}",
-                f"--trainer.default_root_dir={self.out / f'trial-{trial.number}'}"]
+                f"--trainer.default_root_dir={self.trial_dir(trial.number)}"]
+        if ckpt_path:  # back into the trial's own MLflow run, as `lightning fit --ckpt_path` does
+            run_id = checkpoint_metadata(ckpt_path).get("mlflow_run_id")
+            if run_id:
+                args.append(f"--trainer.logger.init_args.run_id={run_id}")
         cli = build_cli(args, run=False)
         cli.trainer.callbacks.append(PyTorchLightningPruningCallback(trial, monitor=self.cfg.metric))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         value = cli.trainer.callback_metrics.get(self.cfg.metric)
         if value is None:
             raise KeyError(f"trial {trial.number} logged no {self.cfg.metric!r}; check 'metric' in the sweep file")
         return float(value)
 
+    def resume_orphans(self) -> None:
+        """Finish every interrupted trial of this machine with its own parameters (the stored
+        suggestions are returned again) from its own last checkpoint, and record its outcome."""
+        for frozen in self.orphans:
+            trial = optuna.Trial(self.study, frozen._trial_id)
+            last = self.trial_dir(frozen.number) / "checkpoints" / "last.ckpt"
+            try:
+                value = self.objective(trial, str(last) if last.is_file() else None)
+            except optuna.TrialPruned:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                continue
+            except BaseException:
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise
+            self.study.tell(trial, value)
+
     def run(self) -> optuna.Study:
+        self.resume_orphans()
         n = self.remaining()
         if n:
             self.study.optimize(self.objective, n_trials=n, catch=(), gc_after_trial=True)
@@ -270,9 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_trials is not None:
         config.n_trials = args.n_trials
     sweep = Sweep(config)
-    if sweep.failed_on_resume:
-        print(f"cir sweep: marked interrupted trials {sweep.failed_on_resume} as FAIL")
-    print(f"cir sweep: study {config.study_name!r}: {sweep.remaining()} of {config.n_trials} trials to run")
+    if sweep.orphans:
+        print(f"cir sweep: resuming interrupted trials {[t.number for t in sweep.orphans]} from their last checkpoints")
+    print(f"cir sweep: study {config.study_name!r}: {sweep.remaining() - len(sweep.orphans)} new of "
+          f"{config.n_trials} trials to run")
     study = sweep.run()
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if done:

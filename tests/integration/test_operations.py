@@ -132,7 +132,7 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
         "experiment": str(DEMO), "study_name": "t", "metric": "val/recall_at_10",
         "n_trials": 3, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "output_dir": str(tmp_path / "sweeps"),
         "sampler": {"name": "RandomSampler", "seed": 0}, "pruner": {"name": "NopPruner"},
-        "overrides": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=6",
+        "overrides": ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3",
                       f"--data.init_args.data_dir={small_data}",
                       "--data.init_args.products=120", "--data.init_args.generator_seed=3",
                       "--data.init_args.val_fraction=0.25", "--data.init_args.num_workers=0",
@@ -146,13 +146,15 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     deadline = time.time() + 600
-    while True:  # kill it in the middle of its second trial
+    while True:  # kill it in its second trial, once that trial has written a checkpoint
         assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:] if first.stdout else ""
         try:
-            states = [t.state.name for t in optuna.load_study(study_name="t", storage=storage).trials]
+            trials = optuna.load_study(study_name="t", storage=storage).trials
         except KeyError:
-            states = []
-        if states.count("COMPLETE") >= 1 and states.count("RUNNING") == 1:
+            trials = []
+        running = [t.number for t in trials if t.state.name == "RUNNING"]
+        if (sum(t.state.name == "COMPLETE" for t in trials) >= 1 and len(running) == 1
+                and (tmp_path / "sweeps" / "t" / f"trial-{running[0]}" / "checkpoints" / "last.ckpt").exists()):
             break
         time.sleep(0.2)
     first.send_signal(signal.SIGKILL)
@@ -163,12 +165,13 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
     assert len(interrupted) == 1 and completed
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"marked interrupted trials {interrupted} as FAIL" in second.stdout
+    assert f"resuming interrupted trials {interrupted} from their last checkpoints" in second.stdout
 
     trials = optuna.load_study(study_name="t", storage=storage).trials
     states = {t.number: t.state.name for t in trials}
-    assert [n for n, st in states.items() if st == "FAIL"] == interrupted
-    assert sum(st == "COMPLETE" for st in states.values()) == 3  # n_trials completed in all
+    assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE"}  # the interrupted trial finished, none rerun
+    resumed = next(t for t in trials if t.number == interrupted[0])
+    assert resumed.params == next(t for t in before if t.number == interrupted[0]).params
     assert all(states[n] == "COMPLETE" for n in completed)  # nothing finished before the kill was lost
 
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -178,8 +181,11 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
     assert len(parent) == 1  # the resumed sweep reused its parent run
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     # One MLflow run per trial that got as far as logging (a trial killed at once may have none).
-    child_trials = {int(r.data.tags["optuna.trial"]) for r in children}
-    assert {n for n, st in states.items() if st == "COMPLETE"} <= child_trials <= set(states)
+    child_trials = [int(r.data.tags["optuna.trial"]) for r in children]
+    assert sorted(child_trials) == [0, 1, 2]  # the resumed trial logged into its own run, not a new one
+    run = next(r for r in children if int(r.data.tags["optuna.trial"]) == interrupted[0])
+    # Epoch 0 validated before the kill, epoch 1 after the resume: it went on from its checkpoint.
+    assert len(client.get_metric_history(run.info.run_id, "val/recall_at_10")) == 2
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"best.yaml", "optimization_history.png", "param_importances.png", "sweep.yaml"} <= artifacts
     best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: -t.value)
