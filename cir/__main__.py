@@ -6,8 +6,10 @@
     cir build ...     CIR training data from a catalogue of photos (the FashionMV pipeline)
     cir search ...    saved faiss gallery indexes: build, query
     cir query ...     interactive queries (KV-cached for ProCIR's two-stage dialogue)
+    cir mine-negatives ...  offline hard negatives for training, mined with a trained model
     cir sweep ...     Optuna sweeps over any config key
     cir compare ...   MLflow runs as an ablation table
+    cir export ...    a LoRA run's checkpoint with the adapters merged into the weights
 
 ``cir <command> --help`` explains each. The older hyphenated scripts (cir-data, cir-caption,
 cir-search, cir-query, cir-sweep, cir-compare) remain as aliases for this release.
@@ -30,6 +32,8 @@ COMMANDS = {
     "query": "cir.query",
     "sweep": "cir.sweep",
     "compare": "cir.compare",
+    "export": "cir.export",
+    "mine-negatives": "cir.mine",
 }
 
 

@@ -2,10 +2,15 @@
 
 A product has 1-5 views; a batch stacks them into ``[B, V, 3, H, W]`` with ``V`` the largest view
 count in the batch and a boolean ``[B, V]`` mask saying which slots hold a real view.
+
+Views arrive as PIL images; in the training and evaluation pipelines a JPEG view is still undecoded
+(``fast_decode.LazyJpeg``), so a transform that knows its output size (the backbones') can decode it
+at a reduced scale, while any other transform simply gets the full-size picture when it reads it.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from typing import Any, Literal
@@ -114,7 +119,9 @@ class TripletExample:
     """Sample → dict for one triplet. A class (not a closure) so DataLoader workers can pickle it.
 
     ``captions`` (from a ``cir caption`` sidecar) maps ``{dataset}--{product_id}`` to a product
-    caption and a triplet sample's key to a synthesised modified text.
+    caption and a triplet sample's key to a synthesised modified text. The random text choice
+    (long or short, FashionIQ's caption order) is keyed by seed, epoch and sample key, so it does
+    not depend on which samples a worker processed before (a resumed epoch skips some).
     """
 
     def __init__(self, transform: ImageTransform, text_mode: TextMode, with_target: bool = True,
@@ -122,15 +129,21 @@ class TripletExample:
         self.transform = transform
         self.text_mode = text_mode
         self.with_target = with_target
-        self.rng = random.Random(seed)
+        self.seed, self.epoch = seed, 0
         self.captions = captions
+
+    def for_epoch(self, epoch: int) -> TripletExample:
+        out = copy.copy(self)
+        out.epoch = epoch
+        return out
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = sample["json"]
         t = meta["triplet"]
+        rng = random.Random(f"{self.seed}|{self.epoch}|{sample.get('__key__')}")
         out = {
             "source_images": _stack_views(views_of(sample, "src"), self.transform),
-            "text": pick_text(t, self.text_mode, self.rng),
+            "text": pick_text(t, self.text_mode, rng),
             "source_id": t["source_id"],
             "target_id": t["target_id"] or "",
             "dataset": t["dataset"],
@@ -156,8 +169,29 @@ class GalleryExample:
                 "caption": caption_of(meta, self.captions), "meta": meta}
 
 
-def pad_views(stacks: list[torch.Tensor] | list[list[Any]]) -> tuple[torch.Tensor | list[list[Any]], torch.Tensor]:
-    """``[B, V, ...]`` zero-padded views and the ``[B, V]`` mask; lists of views stay lists."""
+def pad_views(stacks: list[Any]) -> tuple[torch.Tensor | list[Any], torch.Tensor]:
+    """``[B, V, ...]`` zero-padded views and the ``[B, V]`` mask; lists of views stay lists.
+
+    Items that are themselves lists of products (mined negatives: K ``[V, 3, H, W]`` stacks or K
+    Qwen view lists per sample) give ``[B, K, V, ...]`` (or the nested lists) and a ``[B, K, V]``
+    mask; a product with no views (a missing negative) is an all-False row, and V is at least 1.
+    A Qwen product is already a list (of ``PatchedImage``): nesting shows one level deeper."""
+    if isinstance(stacks[0], list) and any(isinstance(p, list | torch.Tensor) for s in stacks for p in s):
+        k = max(len(s) for s in stacks)
+        v = max([1, *(len(p) for s in stacks for p in s)])
+        mask = torch.zeros(len(stacks), k, v, dtype=torch.bool)
+        for i, s in enumerate(stacks):
+            for j, p in enumerate(s):
+                mask[i, j, : len(p)] = True
+        like = next((p for s in stacks for p in s if isinstance(p, torch.Tensor)), None)
+        if like is None:
+            return [[list(p) for p in s] + [[] for _ in range(k - len(s))] for s in stacks], mask
+        nested = like.new_zeros((len(stacks), k, v, *like.shape[1:]))
+        for i, s in enumerate(stacks):
+            for j, p in enumerate(s):
+                if len(p):
+                    nested[i, j, : len(p)] = p
+        return nested, mask
     v = max(len(s) for s in stacks)
     if not isinstance(stacks[0], torch.Tensor):
         mask = torch.tensor([[i < len(s) for i in range(v)] for s in stacks], dtype=torch.bool)
@@ -171,7 +205,8 @@ def pad_views(stacks: list[torch.Tensor] | list[list[Any]]) -> tuple[torch.Tenso
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pads every ``*images`` field and adds its ``*mask``; other fields become lists."""
+    """Pads every ``*images`` field and adds its ``*mask`` (``[B, K, V]`` for mined negatives);
+    other fields become lists (``negative_ids``: a list of K ids per sample)."""
     batch: dict[str, Any] = {}
     for key in examples[0]:
         values = [e[key] for e in examples]

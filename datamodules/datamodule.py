@@ -1,7 +1,8 @@
 """Streams a shard folder (see ``shards.py``) for training and evaluation.
 
-Training: resampled shards with a fixed number of batches per worker (``with_epoch``) so every
-DDP rank runs the same number of full batches and none waits forever in a collective. Evaluation:
+Training: resampled shards with a fixed number of batches per worker so every DDP rank runs the
+same number of full batches and none waits forever in a collective, as a schedule a resumed run
+continues exactly (``resumable.py``, ``train_epochs.py``). Evaluation:
 every sample exactly once, split over workers by shard and over ranks by sample (so no rank is
 left without data, whatever the shard count); the validation step sees the gallery (dataloader 0)
 before the queries (dataloader 1).
@@ -20,10 +21,13 @@ import torch
 import webdataset as wds
 
 from .batching import GalleryExample, ImageTransform, ResizeToTensor, TargetPad, TextMode, TripletExample, collate
+from .negatives import GalleryReader, WithNegatives, read_negatives
+from .resumable import ResumableLoader, TrainStream
 from .schema import stable_id
 from .shards import SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls
 from .sidecar import read_sidecar
 from .synthetic import GENERATOR_VERSION, write_synthetic
+from .train_epochs import TrainEpochs
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +59,6 @@ class SplitSamplesByRank:
                 yield sample
 
 
-class RankWorkerSeed:
-    """Seed of a training worker's shard resampling: distinct for every (rank, worker)."""
-
-    def __init__(self, seed: int, rank: int) -> None:
-        self.seed, self.rank = seed, rank
-
-    def __call__(self) -> int:
-        info = torch.utils.data.get_worker_info()
-        return self.seed + 1_000_003 * self.rank + (info.id if info else 0)
-
-
 class ShardDataModule(L.LightningDataModule):
     """Triplet and gallery shards of one shard folder.
 
@@ -86,17 +79,27 @@ class ShardDataModule(L.LightningDataModule):
         captions_file: a ``cir caption`` sidecar (JSON lines); its captions replace the products' own
             (``source_caption`` / ``target_caption`` in batches).
         seed: seed of shard resampling and shuffling.
+        bucket_batches: 0 batches samples in stream order; N > 0 holds N batches' worth of samples,
+            groups samples of similar view (or patch) counts into the same batches and yields them
+            in a seeded random order: less padding, the same batch size and steps per rank
+            (``datamodules/bucketing.py``). ``padding_fraction()`` reports the effect.
+        hard_negatives: K > 0 adds the views of each training triplet's first K mined negatives
+            (``negative_images``, ``negative_mask``, ``negative_ids``), read from
+            ``negatives-train.json`` next to the shards, which ``cir mine-negatives`` writes.
     """
 
     def __init__(self, data_dir: str = "data/synthetic", batch_size: int = 32, eval_batch_size: int = 64,
                  num_workers: int = 2, image_size: int = 64, train_text: TextMode = "short",
                  shuffle_buffer: int = 500, val_split: str = "val", test_split: str | None = None,
                  predict_split: str | None = None, target_pad_ratio: float | None = None,
-                 captions_file: str | None = None, seed: int = 0) -> None:
+                 captions_file: str | None = None, seed: int = 0, bucket_batches: int = 0,
+                 hard_negatives: int = 0) -> None:
         super().__init__()
         problems = [f"{key}={value}: must be >= 1" for key, value in
                     (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
         problems += [f"num_workers={num_workers}: must be >= 0"] if num_workers < 0 else []
+        problems += [f"{key}={value}: must be >= 0 (0 = off)" for key, value in
+                     (("bucket_batches", bucket_batches), ("hard_negatives", hard_negatives)) if value < 0]
         problems += [f"shuffle_buffer={shuffle_buffer}: must be >= 1"] if shuffle_buffer < 1 else []
         if problems:
             raise ValueError("data.init_args: " + "; ".join(problems))
@@ -105,6 +108,7 @@ class ShardDataModule(L.LightningDataModule):
         self.image_transform: ImageTransform = ResizeToTensor(image_size)
         self.set_image_transform(self.image_transform)
         self.skipped: dict[tuple[str, int], int] = {}
+        self._padding = [0, 0]  # padded and all view slots (or patch positions) of training batches
         self._manifest: dict[str, Any] | None = None
         self._captions: dict[str, str] | None = None
 
@@ -141,10 +145,21 @@ class ShardDataModule(L.LightningDataModule):
     def skipped_total(self) -> int:
         return sum(self.skipped.values())
 
+    def padding_fraction(self, reset: bool = False) -> float | None:
+        """Share of the image slots of the training batches seen so far (or since the last reset)
+        that are padding: view slots for tensor views, patch positions for Qwen; None before any."""
+        padded, total = self._padding
+        if reset:
+            self._padding = [0, 0]
+        return padded / total if total else None
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "_skipped" in batch:
             loader, worker, count = batch.pop("_skipped")
             self.skipped[(loader, worker)] = count
+        if isinstance(batch, dict) and "_padding" in batch:
+            padded, total = batch.pop("_padding")
+            self._padding = [self._padding[0] + padded, self._padding[1] + total]
         return batch
 
     # -- loaders ---------------------------------------------------------------------------------
@@ -161,30 +176,32 @@ class ShardDataModule(L.LightningDataModule):
         workers = max(1, self.hparams.num_workers)
         return math.ceil(batches / workers), workers
 
-    def train_dataloader(self) -> wds.WebLoader:
-        urls = shard_urls(self.data_dir, self.manifest, "train", "triplets")
-        counter = SkipCounter("train")
+    def train_dataloader(self) -> ResumableLoader:
+        hp = self.hparams
         per_worker, workers = self.train_batches_per_worker()
-        stages = [
-            wds.ResampledShards(urls, seed=self.hparams.seed, deterministic=True,
-                                worker_seed=RankWorkerSeed(self.hparams.seed, self._world()[0])),
-            wds.tarfile_to_samples(handler=counter),
-            wds.detshuffle(self.hparams.shuffle_buffer, initial=self.hparams.shuffle_buffer // 4,
-                           seed=self.hparams.seed),
-            wds.map(decode_sample, handler=counter),
-            wds.map(TripletExample(self.image_transform, self.hparams.train_text, seed=self.hparams.seed,
-                                   captions=self.captions), handler=counter),
-            wds.batched(self.hparams.batch_size, collation_fn=collate, partial=False),
-            wds.map(TagSkipped("train", counter)),
-        ]
-        pipeline = wds.DataPipeline(*stages).with_epoch(per_worker).with_length(per_worker * workers,
-                                                                                silent=True)
+        counter = SkipCounter("train")
+        example: Any = TripletExample(self.image_transform, hp.train_text, seed=hp.seed, captions=self.captions)
+        if hp.hard_negatives:
+            # Read (and checked) here, in the main process: a bad sidecar fails before any worker starts.
+            example = WithNegatives(example, self.image_transform, read_negatives(self.data_dir, "train",
+                                                                                  hp.hard_negatives),
+                                    GalleryReader(self.data_dir, "train"), hp.hard_negatives)
+        epochs = TrainEpochs(shard_urls(self.data_dir, self.manifest, "train", "triplets"), example, hp.batch_size,
+                             per_worker, hp.shuffle_buffer, hp.bucket_batches, hp.seed, self._world()[0], counter,
+                             TagSkipped("train", counter))
+        stream = TrainStream(epochs)
         # Resampled shards make the stream endless, so every worker may read every shard.
-        workers_used = self.hparams.num_workers
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers_used,
-                               persistent_workers=workers_used > 0)
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers,
+                               persistent_workers=hp.num_workers > 0)
         # The epoch's length, so the Trainer knows the run's number of steps (schedules need it).
-        return loader.with_length(per_worker * workers, silent=True)
+        return ResumableLoader(loader.with_length(per_worker * workers, silent=True), stream, self._train_progress)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, batches of it the Trainer has processed): the position a checkpoint records."""
+        trainer = self.trainer
+        if not isinstance(trainer, L.Trainer):  # a loader used on its own (benchmarks, tools)
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _eval_pipeline(self, urls: list[str], name: str, example: Any) -> wds.DataPipeline:
         counter = SkipCounter(name)

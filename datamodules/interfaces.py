@@ -2,7 +2,8 @@
 
 ``ShardDataModule`` (and so ``SyntheticDataModule``) implements it; a user's own DataModule that
 does too gets the same wiring: the backbone's preprocessing, dataset names, skipped-sample
-counts, retrieval pictures and submission files.
+counts, retrieval pictures and submission files. ``ReportsPadding`` is separate: a DataModule
+without it loses only the ``data/padding_fraction`` metric.
 """
 
 from __future__ import annotations
@@ -46,3 +47,12 @@ class RetrievalData(Protocol):
     def example_queries(self, split: str, n: int) -> list[dict[str, Any]]: ...
 
     def gallery_products(self, split: str, wanted: set[int]) -> dict[int, dict[str, Any]]: ...
+
+
+@runtime_checkable
+class ReportsPadding(Protocol):
+    """A DataModule that measures how much of its training batches is padding (``bucket_batches``)."""
+
+    def padding_fraction(self, reset: bool = False) -> float | None:
+        """Padded share of the image slots of the training batches since the last reset (None: no batch yet)."""
+        ...

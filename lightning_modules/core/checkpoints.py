@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters import ADAPTER_MARK, fit_state_dict, has_lora_weights
+
 
 def load_weights(path: str | Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary objects."""
@@ -47,8 +49,13 @@ def load_init_checkpoint(model: nn.Module, path: str | Path, writer_command: str
     if not path.is_file():
         raise FileNotFoundError(f"{key}={path} does not exist. It is written by `{writer_command}` (see the "
                                 "experiment file that names this checkpoint).")
-    missing, unexpected = model.load_state_dict(state_dict_of(path), strict=False)
-    real_missing = [k for k in missing if not k.startswith(("recall.", "image_text."))]
+    state = state_dict_of(path)
+    # A LoRA run may start from a checkpoint without adapters: its weights go under the adapters'
+    # base layers, and the fresh adapters are not missing.
+    missing, unexpected = model.load_state_dict(fit_state_dict(model, state), strict=False)
+    fresh = not has_lora_weights(state)
+    real_missing = [k for k in missing if not k.startswith(("recall.", "image_text."))
+                    and not (fresh and ADAPTER_MARK in k)]
     if real_missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {real_missing[:5]}, unexpected "
                          f"{unexpected[:5]}; was it written by the same model family and backbone?")

@@ -28,6 +28,7 @@ from .evaluation import GalleryEvaluation, RetrievalEval, Split
 from .grad_cache import Terms, batch_size, grad_cache_step
 from .interfaces import DistributedLoss, Tempered
 from .optimisation import default_optimizer, optimizer_config, parameter_groups
+from .sharding import configure_sharding
 from .two_stage import TrainingStage, TwoStageTraining
 
 STAGE1_COMMAND = "lightning fit --config experiments/clip4cir/stage1.yaml"
@@ -193,6 +194,10 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
             if transform is not None:
                 dm.set_image_transform(transform)
             self.dataset_names = list(dm.datasets)
+
+    def configure_model(self) -> None:
+        # FSDP2 (configs/trainer/fsdp.yaml): shard after setup() applied LoRA, before the optimizer exists.
+        configure_sharding(self, self.trainer.strategy)
 
     def connect_ranks(self, rank: int, world_size: int) -> None:
         """Hand rank and world size to every loss that talks to other ranks (``DistributedLoss``)."""

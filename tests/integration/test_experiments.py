@@ -202,7 +202,8 @@ def test_experiment_fast_dev_run(experiment: Path, request: pytest.FixtureReques
     # Fixtures by need: the ProCIR ones are not built for a CLIP experiment and vice versa.
     class_path = merged_config(experiment)["model"]["class_path"]
     procir = class_path.startswith("lightning_modules.ProCIR")
-    if class_path == "lightning_modules.MLLMEmbedder":  # zero-shot baselines: validate, as their files say
+    lora = merged_config(experiment)["model"]["init_args"].get("lora")
+    if class_path == "lightning_modules.MLLMEmbedder" and not lora:  # zero-shot baselines: validate, as they say
         # The 2B and 8B (7B) files of a model differ only in the hub id, which the same saved tiny
         # model replaces: the second would repeat the first run exactly.
         backbone = merged_config(experiment)["model"]["init_args"]["backbone"]["init_args"]
@@ -218,7 +219,9 @@ def test_experiment_fast_dev_run(experiment: Path, request: pytest.FixtureReques
         return
     fixtures = {"qwen_folder": "qwen_folder", "sft": "sft_checkpoint"} if procir else {
         "tiny_folder": "tiny_folder", "checkpoint": "stage1_checkpoint"}
-    if class_path == "lightning_modules.SPRC":  # BLIP-2 only, and its own stage-1 checkpoint
+    if class_path == "lightning_modules.MLLMEmbedder":  # fine-tuned (LoRA): fit like the others
+        fixtures = {"embedders": "embedder_folders"}
+    elif class_path == "lightning_modules.SPRC":  # BLIP-2 only, and its own stage-1 checkpoint
         fixtures = {"blip2_folder": "blip2_folder", "checkpoint": "sprc_checkpoint"}
     elif "query_text_encoder" in merged_config(experiment)["model"]["init_args"]:
         fixtures["blip2_folder"] = "blip2_folder"

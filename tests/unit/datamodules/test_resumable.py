@@ -1,0 +1,67 @@
+"""The training stream resumes exactly: a loader told that k batches of an epoch were consumed
+yields the batches an uninterrupted loader yields from batch k on, then the same next epoch;
+with DataLoader workers (k not a multiple of their count), with and without cost bucketing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import ShardDataModule
+from datamodules.resumable import worker_position
+
+
+def _keys(batch: dict) -> list[tuple]:
+    return [(m["triplet"]["source_id"], m["triplet"]["target_id"], t) for m, t in zip(batch["meta"], batch["text"],
+                                                                                        strict=True)]
+
+
+def _epochs(dm: ShardDataModule, n: int, resume: dict | None = None) -> list[list[list[tuple]]]:
+    loader = dm.train_dataloader()
+    if resume:
+        loader.load_state_dict(resume)
+    out = []
+    for epoch in range(resume["epoch"] if resume else 0, n):
+        loader.progress = lambda e=epoch: (e, 0)
+        out.append([_keys(b) for b in loader])
+    return out
+
+
+def test_worker_roles_continue_the_round_robin() -> None:
+    # Brute force: which worker delivered batch i, and how many each had delivered before batch k.
+    for workers in (1, 2, 3):
+        for k in range(10):
+            owner = [i % workers for i in range(20)]
+            for w in range(workers):
+                role, done = worker_position(k, w, workers)
+                # The resumed loader's batch w comes from `role`, and it is the role's batch number `done`.
+                assert owner[k + w] == role and done == sum(1 for i in range(k + w) if owner[i] == role)
+
+
+@pytest.mark.parametrize("bucket_batches", [0, 3])
+def test_a_resumed_stream_yields_the_rest_of_the_epoch_then_the_next(small_data: Path, bucket_batches: int) -> None:
+    def dm() -> ShardDataModule:
+        return ShardDataModule(str(small_data), batch_size=4, num_workers=2, bucket_batches=bucket_batches,
+                               train_text="mixed")
+
+    reference = _epochs(dm(), 2)
+    n = len(reference[0])
+    assert n >= 6 and reference[0] != reference[1]
+    for k in (1, n // 2 + 1, n - 1):  # odd counts: the resumed workers take shifted roles
+        resumed = _epochs(dm(), 2, {"epoch": 0, "batches": k})
+        assert resumed[0] == reference[0][k:], k
+        assert resumed[1] == reference[1], k
+    assert _epochs(dm(), 2, {"epoch": 1, "batches": 2})[0] == reference[1][2:]
+
+
+def test_the_text_choice_does_not_depend_on_the_samples_before(small_data: Path) -> None:
+    a = ShardDataModule(str(small_data), batch_size=4, num_workers=0, train_text="mixed").train_dataloader()
+    first = next(iter(a))
+    texts = {(m["triplet"]["source_id"], m["triplet"]["target_id"]): t for m, t in zip(first["meta"], first["text"],
+                                                                                        strict=True)}
+    b = ShardDataModule(str(small_data), batch_size=4, num_workers=0, train_text="mixed").train_dataloader()
+    b.load_state_dict({"epoch": 0, "batches": 1})
+    assert torch.is_tensor(next(iter(b))["source_images"])
+    assert len(set(texts.values())) >= 1
