@@ -6,7 +6,8 @@ product per sample). Member names are ``src0.jpg``…, ``tgt0.jpg``…, ``view0.
 
 Decoding is done here, not with ``webdataset.decode``: its default handlers unpickle ``.pyd`` /
 ``.pickle`` members, and shards are data from elsewhere. Only image, JSON and text members are ever
-decoded; anything else is dropped unread.
+decoded; anything else is dropped unread. In the training and evaluation pipelines a colour JPEG view
+stays undecoded (``fast_decode.LazyJpeg``) until the model's transform knows the size it needs.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
 from PIL import Image
 
+from .fast_decode import decode_now, open_view
 from .schema import Product, Triplet, safe_key
 
 log = logging.getLogger(__name__)
@@ -143,8 +146,13 @@ class SkipCounter:
         return True
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Decode image/JSON/text members; every other member is dropped without being read."""
+def decode_sample(sample: dict[str, Any], lazy: bool = True) -> dict[str, Any]:
+    """Decode image/JSON/text members; every other member is dropped without being read.
+
+    ``lazy``: colour JPEG views become ``LazyJpeg`` images, decoded when first used (at a reduced
+    scale by the backbones' transforms), so a corrupt one fails in the transform, not here; other
+    images are always decoded here. Off: every image is fully decoded here, as RGB.
+    """
     out: dict[str, Any] = {}
     where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     for name, value in sample.items():
@@ -155,9 +163,7 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         if ext in IMAGE_EXTS:
             if len(value) < _MIN_IMAGE_BYTES:
                 raise ValueError(f"{where}: member {name!r} has {len(value)} bytes, not an image")
-            img = Image.open(io.BytesIO(value))
-            img.load()  # force the full decode here so truncated files fail inside the handler
-            out[name] = img.convert("RGB")
+            out[name] = open_view(value) if lazy else decode_now(value)
         elif ext in JSON_EXTS:
             out[name] = json.loads(value)
         elif ext in TEXT_EXTS:
@@ -167,11 +173,16 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def iterate_shards(urls: list[str], handler: Callable[[Exception], bool] | None = None) -> Iterable[dict]:
-    """Decoded samples of ``urls`` in order, single process (converters, captioners, tests)."""
+def iterate_shards(urls: list[str], handler: Callable[[Exception], bool] | None = None,
+                   lazy: bool = False) -> Iterable[dict]:
+    """Decoded samples of ``urls`` in order, single process (converters, captioners, tests).
+
+    Images are fully decoded by default, so a corrupt sample is skipped here (with ``handler``)
+    rather than failing its reader later; ``lazy`` as in ``decode_sample``.
+    """
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.tarfile_to_samples(handler=handler or wds.reraise_exception),
-        wds.map(decode_sample, handler=handler or wds.reraise_exception),
+        wds.map(partial(decode_sample, lazy=lazy), handler=handler or wds.reraise_exception),
     )
     return iter(pipeline)

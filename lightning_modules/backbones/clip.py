@@ -11,19 +11,30 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..components.multiview import masked_mean
+from .fast_transforms import Preprocessing, clip_pixels
 from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import build_word_tokenizer
 from .vocabulary import clip_words
 
 
 class HFImageTransform:
-    """PIL image → pixel tensor through a Hugging Face image processor; picklable for workers."""
+    """PIL image → pixel tensor with a Hugging Face image processor's settings; picklable for workers.
 
-    def __init__(self, processor: CLIPImageProcessorPil) -> None:
+    ``fast`` (the default) decodes a shard's JPEG view at a reduced scale and resizes with torch
+    (``fast_transforms``): the same shape, pixels within the tolerance its tests state; ``exact``
+    equals the processor within float rounding. Settings ``fast_transforms`` does not reproduce go
+    through the processor itself.
+    """
+
+    def __init__(self, processor: CLIPImageProcessorPil, preprocessing: Preprocessing = "fast") -> None:
         self.processor = processor
+        self.preprocessing = preprocessing
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
+        pixels = clip_pixels(img, self.processor, self.preprocessing)
+        if pixels is None:
+            return self.processor(images=img, return_tensors="pt")["pixel_values"][0]
+        return pixels
 
 
 class CLIPBackbone(nn.Module):

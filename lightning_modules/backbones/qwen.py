@@ -27,6 +27,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .fast_transforms import Preprocessing, qwen_patches
 from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import build_word_tokenizer
 from .vocabulary import qwen_words
@@ -51,14 +52,24 @@ class PatchedImage:
 
 
 class QwenImageTransform:
-    """PIL view → ``PatchedImage`` through Qwen's image processor; picklable for DataLoader workers."""
+    """PIL view → ``PatchedImage`` with Qwen's image processor settings; picklable for DataLoader workers.
 
-    def __init__(self, processor: Qwen2VLImageProcessorPil) -> None:
+    ``fast`` (the default) decodes a shard's JPEG view at a reduced scale, resizes with torch and
+    patchifies the uint8 image (``fast_transforms``): the same ``grid_thw`` and shapes, pixels within
+    the tolerance its tests state; ``exact`` equals the processor within float rounding.
+    """
+
+    def __init__(self, processor: Qwen2VLImageProcessorPil, preprocessing: Preprocessing = "fast") -> None:
         self.processor = processor
+        self.preprocessing = preprocessing
 
     def __call__(self, img: Image.Image) -> PatchedImage:
-        out = self.processor(images=img.convert("RGB"), return_tensors="pt")
-        return PatchedImage(out["pixel_values"], out["image_grid_thw"][0])
+        img = img if img.mode == "RGB" else img.convert("RGB")  # alpha dropped, not composited, as before
+        out = qwen_patches(img, self.processor, self.preprocessing)
+        if out is not None:
+            return PatchedImage(*out)
+        processed = self.processor(images=img, return_tensors="pt")
+        return PatchedImage(processed["pixel_values"], processed["image_grid_thw"][0])
 
 
 def image_processor(patch_size: int, merge_size: int, temporal_patch_size: int) -> Qwen2VLImageProcessorPil:
