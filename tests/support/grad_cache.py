@@ -64,7 +64,7 @@ def batch(model: nn.Module, n: int, seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
     transform = model.image_transform()
     examples = []
-    for i in range(n):
+    for _ in range(n):
         (src, s), (tgt, t) = _product(rng), _product(rng)
         stack = [transform(v) for v in src], [transform(v) for v in tgt]
         stack = tuple(torch.stack(x) if isinstance(x[0], torch.Tensor) else x for x in stack)
@@ -97,7 +97,8 @@ def _first(items: list[dict[str, Any]]) -> dict[str, Any]:
     return items[0]
 
 
-def step(case: str, chunk: int | None, data: dict[str, Any], strategy: Any = "auto", devices: int = 1) -> dict[str, Any]:
+def step(case: str, chunk: int | None, data: dict[str, Any], strategy: Any = "auto",
+         devices: int = 1) -> dict[str, Any]:
     """One optimisation step; the logged loss terms and every parameter afterwards."""
     model = build(case, chunk)
     if case.endswith("stage2"):
