@@ -6,9 +6,10 @@ from .eval_artifacts import EvalArtifacts
 from .metrics_table import MetricsTable
 from .mlflow_logging import DEFAULT_TRACKING_URI, LogConfigToMLflow, MLflowLogger
 from .run_tags import RunTags
+from .speedups import Speedups
 from .stage_switch import StageSwitch
 from .submission import RetrievalSubmission
 
 __all__ = ["DEFAULT_TRACKING_URI", "CoTSchedule", "EvalArtifacts", "LogConfigToMLflow", "MLflowLogger", "MetricsTable",
            "RetrievalSubmission", "RunTags", "SkippedSamplesLogger",
-           "StageSwitch"]
+           "Speedups", "StageSwitch"]

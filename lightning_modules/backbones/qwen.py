@@ -28,6 +28,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from .fast_transforms import Preprocessing, qwen_patches
+from .kernels import warn_if_slow
 from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import build_word_tokenizer
 from .vocabulary import qwen_words
@@ -192,6 +193,7 @@ class QwenBackbone(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values: Any = None, use_cache: bool = False) -> Any:
         """The base model's output: ``last_hidden_state`` (after the final norm) and the cache."""
+        warn_if_slow(input_ids.device, self.model)  # once per process, on a GPU without the fast kernels
         return self.model.model(input_ids=input_ids, attention_mask=attention_mask,
                                 mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
                                 image_grid_thw=image_grid_thw, position_ids=position_ids,
