@@ -191,8 +191,7 @@ class ShardDataModule(L.LightningDataModule):
                              TagSkipped("train", counter))
         stream = TrainStream(epochs)
         # Resampled shards make the stream endless, so every worker may read every shard.
-        loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers,
-                               persistent_workers=hp.num_workers > 0)
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers)
         # The epoch's length, so the Trainer knows the run's number of steps (schedules need it).
         return ResumableLoader(loader.with_length(per_worker * workers, silent=True), stream, self._train_progress)
 

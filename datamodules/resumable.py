@@ -12,7 +12,8 @@ one number per run, the batches Lightning has processed.
 How batches map to workers: a DataLoader with W workers takes batch i from worker i mod W. After
 ``k`` consumed batches, worker w has delivered k // W batches, plus one if w < k mod W. A resumed
 DataLoader starts again at worker 0, so for the resumed epoch each worker plays the part of worker
-(id + k mod W) mod W; from the next epoch on the workers are themselves again.
+(id + k mod W) mod W; from the next epoch on the workers are themselves again. Training workers are
+started afresh every epoch (not persistent) so that each starts from the stream's current epoch.
 """
 
 from __future__ import annotations
@@ -42,24 +43,20 @@ def worker_position(consumed: int, worker: int, workers: int) -> tuple[int, int]
 
 
 class TrainStream(IterableDataset):
-    """An epoch of training batches per ``__iter__``; in each DataLoader worker (and in the main
-    process without workers) the first iteration is epoch ``start_epoch`` resumed after
-    ``start_batches`` consumed batches, the following ones the next epochs from their start."""
+    """One epoch of training batches per ``__iter__``: epoch ``epoch`` resumed after ``consumed``
+    batches (0: from its start), both set by ``ResumableLoader`` before each iteration. Training
+    workers are not persistent, so every iteration's workers start from a fresh copy of both."""
 
     def __init__(self, epochs: EpochBatches) -> None:
         self.epochs = epochs
-        self.start_epoch = 0
-        self.start_batches = 0
-        self._iterations = 0
+        self.epoch = 0
+        self.consumed = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch = self.start_epoch + self._iterations
-        consumed = self.start_batches if self._iterations == 0 else 0
-        self._iterations += 1
-        role, done = worker_position(consumed, worker, workers)
-        yield from self.epochs.batches(epoch, role, done)
+        role, done = worker_position(self.consumed, worker, workers)
+        yield from self.epochs.batches(self.epoch, role, done)
 
 
 class ResumableLoader:
@@ -73,20 +70,18 @@ class ResumableLoader:
         self.stream = stream
         self.progress = progress
         self.resume: dict[str, int] | None = None
-        self.started = False
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if not self.started:  # before the workers exist: they copy the stream as it is now
-            epoch, _ = self.progress()
-            resume = self.resume or {}
-            consumed = resume.get("batches", 0) if resume.get("epoch") == epoch else 0
-            if consumed >= len(self):  # saved at the very end of that epoch
-                consumed = 0
-            self.stream.start_epoch, self.stream.start_batches = epoch, consumed
-            self.started = True
+        # Set before the workers start (they copy the stream as it is now). Lightning may iterate a
+        # loader more than once per epoch (setting up, then restarting its fetcher), so the epoch
+        # comes from the Trainer each time, never from counting iterations.
+        epoch, _ = self.progress()
+        resume = self.resume or {}
+        consumed = resume.get("batches", 0) if resume.get("epoch") == epoch else 0
+        self.stream.epoch, self.stream.consumed = epoch, consumed if consumed < len(self) else 0
         return iter(self.loader)
 
     def state_dict(self) -> dict[str, int]:
