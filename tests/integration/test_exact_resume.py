@@ -111,6 +111,11 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(setup: str, small
     assert got["state_dict"].keys() == ref["state_dict"].keys()
     for key, value in ref["state_dict"].items():
         assert torch.equal(got["state_dict"][key], value), f"{setup}: {key} differs after the resume"
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("fashion-cir").experiment_id])
+    assert len(runs) == 2  # the reference, and ONE run for the killed run and its resume
     expected, seen = _history(tracking, tmp_path / "ref"), _history(tracking, crash)
     assert expected.keys() == seen.keys()
     for key, by_step in expected.items():
