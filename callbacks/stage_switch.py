@@ -45,6 +45,19 @@ class StageSwitch(Callback):
         if stage == "fit" and self.switch_epoch == 0 and pl_module.training_stage == 1:
             pl_module.enter_stage2()  # before DDP wraps the model
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A run resumed inside a stage-2 epoch gets no on_train_epoch_start for that epoch: its bank
+        # is built here (from the frozen encoder, so it equals the one the killed run had).
+        if pl_module.training_stage == 2 and pl_module.bank is None:
+            self._build(trainer, pl_module, trainer.current_epoch, record=self.built_at is None)
+
+    def _build(self, trainer: Trainer, pl_module: LightningModule, epoch: int, record: bool = True) -> None:
+        loader = trainer.datamodule.eval_dataloaders(self.bank_split)[0]
+        bank = pl_module.build_bank(loader, hard_negatives=self.hard_negatives)
+        if record:
+            self.built_at = epoch
+        rank_zero_info(f"StageSwitch: static bank of {len(bank)} {self.bank_split} products (epoch {epoch})")
+
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
         if pl_module.training_stage == 1 and epoch >= self.switch_epoch:
@@ -57,14 +70,12 @@ class StageSwitch(Callback):
             self.switched_at = epoch
         due = self.refresh_every and self.built_at is not None and epoch - self.built_at >= self.refresh_every
         if pl_module.bank is None or due:
-            loader = trainer.datamodule.eval_dataloaders(self.bank_split)[0]
-            bank = pl_module.build_bank(loader, hard_negatives=self.hard_negatives)
-            self.built_at = epoch
-            rank_zero_info(f"StageSwitch: static bank of {len(bank)} {self.bank_split} products (epoch {epoch})")
+            self._build(trainer, pl_module, epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"switched_at": self.switched_at, "built_at": self.built_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.switched_at = state_dict.get("switched_at")
-        self.built_at = None  # the bank is not checkpointed: rebuild it on resume
+        # The bank is not checkpointed: on_train_start rebuilds it, and the refresh cadence goes on.
+        self.built_at = state_dict.get("built_at")

@@ -109,6 +109,7 @@ class ShardDataModule(L.LightningDataModule):
         self.set_image_transform(self.image_transform)
         self.skipped: dict[tuple[str, int], int] = {}
         self._padding = [0, 0]  # padded and all view slots (or patch positions) of training batches
+        self._resume_stream: dict[str, int] | None = None  # from a checkpoint (``load_state_dict``)
         self._manifest: dict[str, Any] | None = None
         self._captions: dict[str, str] | None = None
 
@@ -193,14 +194,29 @@ class ShardDataModule(L.LightningDataModule):
         # Resampled shards make the stream endless, so every worker may read every shard.
         loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers)
         # The epoch's length, so the Trainer knows the run's number of steps (schedules need it).
-        return ResumableLoader(loader.with_length(per_worker * workers, silent=True), stream, self._train_progress)
+        resumable = ResumableLoader(loader.with_length(per_worker * workers, silent=True), stream, self._train_progress)
+        if self._resume_stream:
+            resumable.load_state_dict(self._resume_stream)
+        return resumable
 
-    def _train_progress(self) -> tuple[int, int]:
-        """(epoch, batches of it the Trainer has processed): the position a checkpoint records."""
+    def state_dict(self) -> dict[str, Any]:
+        # The stream's position, also here: Lightning hands a loader its state only when it counts
+        # the saved epoch as unfinished, but a checkpoint written at the very end of an epoch needs
+        # it too (the next epoch's iteration starts before Lightning advances its epoch).
+        epoch, batches, _ = self._train_progress()
+        return {"train_stream": {"epoch": epoch, "batches": batches}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_stream = state_dict.get("train_stream")
+
+    def _train_progress(self) -> tuple[int, int, float]:
+        """(epoch, batches of it the Trainer has processed, batches per epoch): the position a
+        checkpoint records."""
         trainer = self.trainer
         if not isinstance(trainer, L.Trainer):  # a loader used on its own (benchmarks, tools)
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            return 0, 0, math.inf
+        return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                trainer.num_training_batches)
 
     def _eval_pipeline(self, urls: list[str], name: str, example: Any) -> wds.DataPipeline:
         counter = SkipCounter(name)

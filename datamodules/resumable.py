@@ -62,10 +62,11 @@ class TrainStream(IterableDataset):
 class ResumableLoader:
     """The train DataLoader with Lightning's stateful-loader interface (``state_dict`` /
     ``load_state_dict``, saved in every checkpoint). The state is the epoch and the batches of it
-    Lightning has processed, read from the Trainer's own progress (``progress``), because the
-    loader itself runs ahead of training by its prefetched batches."""
+    Lightning has processed, read from the Trainer's own progress (``progress``: epoch, processed
+    batches, batches per epoch after ``limit_train_batches``), because the loader itself runs ahead
+    of training by its prefetched batches."""
 
-    def __init__(self, loader: Any, stream: TrainStream, progress: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, loader: Any, stream: TrainStream, progress: Callable[[], tuple[int, int, float]]) -> None:
         self.loader = loader
         self.stream = stream
         self.progress = progress
@@ -78,14 +79,18 @@ class ResumableLoader:
         # Set before the workers start (they copy the stream as it is now). Lightning may iterate a
         # loader more than once per epoch (setting up, then restarting its fetcher), so the epoch
         # comes from the Trainer each time, never from counting iterations.
-        epoch, _ = self.progress()
+        epoch, _, per_epoch = self.progress()
         resume = self.resume or {}
         consumed = resume.get("batches", 0) if resume.get("epoch") == epoch else 0
-        self.stream.epoch, self.stream.consumed = epoch, consumed if consumed < len(self) else 0
+        if consumed >= min(len(self), per_epoch):
+            # Saved at the very end of this epoch: Lightning resumes with the next one, but iterates
+            # for it before it counts the epoch as done, so this iteration is already the next epoch.
+            epoch, consumed = epoch + 1, 0
+        self.stream.epoch, self.stream.consumed = epoch, consumed
         return iter(self.loader)
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.progress()
+        epoch, batches, _ = self.progress()
         return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

@@ -68,7 +68,8 @@ def _history(tracking: str, root: Path) -> dict[str, dict[int, set[float]]]:
     out: dict[str, dict[int, set[float]]] = {}
     run = client.get_run(ckpt["mlflow_run_id"])
     for key in run.data.metrics:
-        if key.startswith(("wall", "time")):
+        # The epoch's padding share covers the batches this process saw (README, exact-resume limits).
+        if key.startswith(("wall", "time")) or key == "data/padding_fraction":
             continue
         for m in client.get_metric_history(run.info.run_id, key):
             out.setdefault(key, {}).setdefault(m.step, set()).add(m.value)
