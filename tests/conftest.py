@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -33,17 +32,9 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every test's MLflow records out of the repository's mlflow.db."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     # `lightning ... --debug` run in process sets CIR_DEBUG for good; no test may inherit it.
     monkeypatch.delenv("CIR_DEBUG", raising=False)
-    # DDP runs of parallel test workers must not race for one rendezvous port.
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))

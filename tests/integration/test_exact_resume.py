@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,15 @@ SETUPS = {
 }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _run(args: list[str], env: dict[str, str], expect_killed: bool = False) -> None:
+    # Its own rendezvous port: DDP runs of the other test worker must not race for Lightning's pick.
+    env = {**env, "MASTER_PORT": str(_free_port())}
     proc = subprocess.run([LIGHTNING, "fit", *args], env=env, capture_output=True, text=True, timeout=900,
                           start_new_session=True)
     if expect_killed:
