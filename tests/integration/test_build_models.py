@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
 
 from cir.build import main as cir_build
 from datamodules.synthetic import generate
@@ -64,11 +64,6 @@ def test_in_process_tiny_qwen_fails_every_answer_after_its_retries(small_catalog
     assert summary["models"]["captions"] == [str(tmp_path / "qwen")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_transformers_serve_on_localhost(small_catalogue: Path, tmp_path: Path) -> None:
@@ -81,7 +76,7 @@ def test_transformers_serve_on_localhost(small_catalogue: Path, tmp_path: Path) 
     (folder / "processor_config.json").write_text(json.dumps({
         "processor_class": "ImageOnlyQwenVLProcessor",
         "auto_map": {"AutoProcessor": "tiny_vlm_processor.ImageOnlyQwenVLProcessor"}}))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen([str(Path(sys.executable).parent / "transformers"), "serve", str(folder), "--device",
                                "cpu", "--port", str(port), "--trust-remote-code"], env=env, start_new_session=True,

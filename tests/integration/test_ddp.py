@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.gloo import run_gloo
+from support.ports import free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -88,8 +89,9 @@ def test_ddp_cli_uneven_shards_no_hang_same_recall_one_mlflow_run(small_data: Pa
 
     def run(subcommand: str, *args: str) -> str:
         # The config first: later arguments override earlier ones.
+        # Its own rendezvous port per run: Lightning's own pick (an ephemeral port) raced the other xdist worker.
         out = subprocess.run([lightning, subcommand, "--config", str(DEMO), *data, *args],
-                             env=env, capture_output=True, text=True, timeout=600)
+                             env={**env, "MASTER_PORT": str(free_port())}, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return out.stdout + out.stderr
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LIGHTNING = str(Path(sys.executable).parent / "lightning")
@@ -52,15 +52,10 @@ SETUPS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _run(args: list[str], env: dict[str, str], expect_killed: bool = False) -> None:
     # Its own rendezvous port: DDP runs of the other test worker must not race for Lightning's pick.
-    env = {**env, "MASTER_PORT": str(_free_port())}
+    env = {**env, "MASTER_PORT": str(free_port())}
     proc = subprocess.run([LIGHTNING, "fit", *args], env=env, capture_output=True, text=True, timeout=900,
                           start_new_session=True)
     if expect_killed:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
+from support.ports import free_port
 from torch.utils.data import DataLoader
 
 from lightning_modules import CLIP4CIR, Combiner, ProCIR, SymmetricInfoNCE
@@ -126,10 +126,7 @@ def run_forked(fn: Callable[..., Any], world: int, folder: Path) -> list[Any]:
     """``fn(rank, world, folder)`` in ``world`` forked processes (forked: no re-import of torch and the
     models, seconds instead of half a minute), one thread each (two threads per process on two busy
     cores made a step of the tiny models 30× slower); each rank's result, rank order."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_entry, args=(world, port, folder, fn), nprocs=world, start_method="fork")
+    mp.start_processes(_entry, args=(world, free_port(), folder, fn), nprocs=world, start_method="fork")
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

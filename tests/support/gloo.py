@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.ports import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], out: dict, args: tuple) -> None:
@@ -30,5 +25,5 @@ def run_gloo(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     """``fn(rank, world, *args)`` in ``world`` processes; returns each rank's result, rank order."""
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_entry, args=(world, _free_port(), fn, out, args), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fn, out, args), nprocs=world, join=True)
     return [out[r] for r in range(world)]
