@@ -6,6 +6,7 @@
     cir build ...     CIR training data from a catalogue of photos (the FashionMV pipeline)
     cir search ...    saved faiss gallery indexes: build, query
     cir query ...     interactive queries (KV-cached for ProCIR's two-stage dialogue)
+    cir serve ...     a trained model as an HTTP service with a web page over its gallery
     cir mine-negatives ...  offline hard negatives for training, mined with a trained model
     cir sweep ...     Optuna sweeps over any config key
     cir compare ...   MLflow runs as an ablation table
@@ -30,6 +31,7 @@ COMMANDS = {
     "build": "cir.build",
     "search": "cir.search",
     "query": "cir.query",
+    "serve": "cir.serve",
     "sweep": "cir.sweep",
     "compare": "cir.compare",
     "export": "cir.export",

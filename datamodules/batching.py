@@ -59,7 +59,7 @@ class TargetPad:
         return self.transform(self.pad(img))
 
 
-def _stack_views(views: list[Image.Image], transform: ImageTransform) -> torch.Tensor | list[Any]:
+def stack_views(views: list[Image.Image], transform: ImageTransform) -> torch.Tensor | list[Any]:
     """Views as one ``[V, 3, H, W]`` tensor, or as a list when the transform returns something
     else (Qwen's variable-size patch grids, which cannot be stacked)."""
     out = [transform(v) for v in views[:MAX_VIEWS]]
@@ -142,7 +142,7 @@ class TripletExample:
         t = meta["triplet"]
         rng = random.Random(f"{self.seed}|{self.epoch}|{sample.get('__key__')}")
         out = {
-            "source_images": _stack_views(views_of(sample, "src"), self.transform),
+            "source_images": stack_views(views_of(sample, "src"), self.transform),
             "text": pick_text(t, self.text_mode, rng),
             "source_id": t["source_id"],
             "target_id": t["target_id"] or "",
@@ -153,7 +153,7 @@ class TripletExample:
             "meta": meta,
         }
         if self.with_target and t["target_id"] is not None:
-            out["target_images"] = _stack_views(views_of(sample, "tgt"), self.transform)
+            out["target_images"] = stack_views(views_of(sample, "tgt"), self.transform)
         return out
 
 
@@ -164,7 +164,7 @@ class GalleryExample:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = sample["json"]
-        return {"images": _stack_views(views_of(sample, "view"), self.transform),
+        return {"images": stack_views(views_of(sample, "view"), self.transform),
                 "product_id": meta["product_id"], "dataset": meta["dataset"],
                 "caption": caption_of(meta, self.captions), "meta": meta}
 

@@ -32,7 +32,7 @@ from .batching import views_of
 from .shards import IMAGE_EXTS, JSON_EXTS, decode_sample, read_manifest, shard_urls
 
 NEGATIVES_FORMAT = "fashion-cir-negatives/1"
-OFFSETS_FORMAT = "fashion-cir-gallery-offsets/1"
+OFFSETS_FORMAT = "fashion-cir-gallery-offsets/2"
 
 # (shard number, sample key, [(member extension, offset, size)]) of one product.
 Location = tuple[int, str, list[tuple[str, int, int]]]
@@ -113,10 +113,12 @@ def _shard_stamp(path: Path) -> dict[str, Any]:
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _scan_shard(path: Path, number: int, products: dict[str, dict[str, Location]]) -> None:
+def _scan_shard(path: Path, number: int, products: dict[str, dict[str, Location]],
+                aliases: dict[str, dict[str, str]]) -> None:
     """Add every product of one gallery tar, named by its json, located by its image and json
-    members (the only ones ``decode_sample`` reads). Keys and extensions split at the first dot of
-    the member's base name, as WebDataset does."""
+    members (the only ones ``decode_sample`` reads), and its dataset's own id where that differs
+    (``raw_id``: what evaluation and the indexes report). Keys and extensions split at the first dot
+    of the member's base name, as WebDataset does."""
     found: dict[str, dict[str, Any]] = {}
     with tarfile.open(path) as tar:
         for info in tar:
@@ -131,14 +133,20 @@ def _scan_shard(path: Path, number: int, products: dict[str, dict[str, Location]
             if ext == "json":
                 entry["meta"] = json.loads(tar.extractfile(info).read())
     for key, entry in found.items():
-        if entry["meta"] is not None:
-            products.setdefault(entry["meta"]["dataset"], {})[entry["meta"]["product_id"]] = (number, key,
-                                                                                              entry["members"])
+        meta = entry["meta"]
+        if meta is not None:
+            products.setdefault(meta["dataset"], {})[meta["product_id"]] = (number, key, entry["members"])
+            if meta.get("raw_id") and meta["raw_id"] != meta["product_id"]:
+                aliases.setdefault(meta["dataset"], {})[meta["raw_id"]] = meta["product_id"]
 
 
-def gallery_offsets(data_dir: str | Path, split: str) -> tuple[list[str], dict[str, dict[str, Location]]]:
-    """(gallery shard names, {dataset: {product id: location}}) of ``split``, from the cached index
-    when it still matches the shards, else scanned (tar headers and json members only) and cached."""
+Offsets = tuple[list[str], dict[str, dict[str, Location]], dict[str, dict[str, str]]]
+
+
+def gallery_offsets(data_dir: str | Path, split: str) -> Offsets:
+    """(gallery shard names, {dataset: {product id: location}}, {dataset: {raw id: product id}}) of
+    ``split``, from the cached index when it still matches the shards, else scanned (tar headers and
+    json members only) and cached."""
     data_dir = Path(data_dir)
     urls = [Path(u) for u in shard_urls(data_dir, read_manifest(data_dir), split, "gallery")]
     stamps = [_shard_stamp(u) for u in urls]
@@ -148,12 +156,14 @@ def gallery_offsets(data_dir: str | Path, split: str) -> tuple[list[str], dict[s
         if body.get("format") == OFFSETS_FORMAT and body.get("shards") == stamps:
             products = {d: {pid: (loc[0], loc[1], [tuple(m) for m in loc[2]]) for pid, loc in ps.items()}
                         for d, ps in body["products"].items()}
-            return [s["name"] for s in stamps], products
+            return [s["name"] for s in stamps], products, body["aliases"]
     products: dict[str, dict[str, Location]] = {}
+    aliases: dict[str, dict[str, str]] = {}
     for number, url in enumerate(urls):
-        _scan_shard(url, number, products)
-    write_json_atomic(cache, {"format": OFFSETS_FORMAT, "split": split, "shards": stamps, "products": products})
-    return [s["name"] for s in stamps], products
+        _scan_shard(url, number, products, aliases)
+    write_json_atomic(cache, {"format": OFFSETS_FORMAT, "split": split, "shards": stamps, "products": products,
+                              "aliases": aliases})
+    return [s["name"] for s in stamps], products, aliases
 
 
 class GalleryReader:
@@ -165,7 +175,7 @@ class GalleryReader:
     def __init__(self, data_dir: str | Path, split: str) -> None:
         self.data_dir = Path(data_dir)
         self.split = split
-        self.shards, self.products = gallery_offsets(data_dir, split)
+        self.shards, self.products, self.aliases = gallery_offsets(data_dir, split)
         self._files: dict[int, io.BufferedReader] = {}
         self._pid = os.getpid()
 
