@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo serve test lint clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/lightning fit --config experiments/demos/clip4cir.yaml
+
+# The demo's model as a service with a web page: http://127.0.0.1:8000/ (run `make demo` first).
+serve: $(STAMP)
+	$(BIN)/cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/checkpoints/last.ckpt
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

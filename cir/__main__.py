@@ -31,7 +31,7 @@ COMMANDS = {
     "build": "cir.build",
     "search": "cir.search",
     "query": "cir.query",
-    "serve": "cir.serve",
+    "serve": "cir.serve.command",
     "sweep": "cir.sweep",
     "compare": "cir.compare",
     "export": "cir.export",

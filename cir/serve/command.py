@@ -1,0 +1,63 @@
+"""``cir serve``: a trained model behind an HTTP API and a web page, over its gallery.
+
+    cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt
+    cir serve --config EXP --ckpt CKPT --index index/ [--split val] [--host 127.0.0.1 --port 8000]
+
+The model loads once. Its gallery is ``--index`` (built by ``cir search build`` on the same data
+and split) or, without it, the split's gallery embedded at start-up. Open http://HOST:PORT/ for the
+page and /docs for the API. Concurrent queries are batched on the model (``--max-batch``, up to
+``--max-wait-ms`` of extra wait; ``--max-batch 1`` turns batching off); a ProCIR model with the
+two-stage dialogue caches turn 1 of each source (``--cache-mb``, 0 turns it off). Options after
+``--`` go to the config (e.g. ``-- --data.init_args.data_dir=data/fashionmv``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import uvicorn
+from lightning import LightningDataModule
+
+from lightning_modules.retrieval import GalleryIndex
+
+from ..args import command_parser, parse
+from ..models import load_model_and_data
+from .app import create_app
+from .engine import SearchEngine
+from .limits import Limits
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = command_parser("serve", __doc__)
+    p.add_argument("--config", action="append", required=True, help="experiment YAML of the trained model")
+    p.add_argument("--ckpt", help="checkpoint with the trained weights (loaded weights-only)")
+    p.add_argument("--index", help="a `cir search build` folder (default: embed the split's gallery at start-up)")
+    p.add_argument("--split", default="val", help="the split whose gallery is served")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="queries per model batch (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a query waits for others to join it")
+    p.add_argument("--cache-mb", type=float, default=512.0, help="ProCIR turn-1 cache size (0: no cache)")
+    p.add_argument("--max-image-mb", type=float, default=10.0, help="largest uploaded view accepted")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="longest a query may wait for the model")
+    args, extra = parse(p, argv, passthrough=True)
+    if args.max_batch < 1:
+        p.error(f"--max-batch {args.max_batch}: at least 1 (1 turns batching off)")
+    if args.ckpt and not Path(args.ckpt).is_file():
+        p.error(f"--ckpt {args.ckpt}: no such file; train the model first (make demo writes "
+                "outputs/checkpoints/last.ckpt) or give a checkpoint path")
+    if args.index and not (Path(args.index) / "gallery_index.json").is_file():
+        p.error(f"--index {args.index}: not a gallery index folder; build one with cir search build, or leave "
+                "--index out to embed the gallery at start-up")
+
+    index = GalleryIndex.load(args.index) if args.index else None
+    model, dm = load_model_and_data(args.config, args.ckpt, extra)
+    if isinstance(dm, LightningDataModule):
+        dm.prepare_data()  # the generated demo data is written on first use, as training does
+    engine = SearchEngine(model, dm, args.split, index, cache_mb=args.cache_mb)
+    limits = Limits(max_image_bytes=int(args.max_image_mb * 2**20), timeout_s=args.timeout_s)
+    app = create_app(engine, limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    sizes = ", ".join(f"{d}: {engine.gallery_size(d)}" for d in engine.datasets)
+    print(f"serving {type(model).__name__} over the {args.split} gallery ({sizes}) on http://{args.host}:{args.port}/"
+          f" (API docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
