@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning import LightningDataModule
 from PIL import Image
 from torch import nn
 
@@ -25,6 +26,8 @@ def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str]) 
     if not isinstance(model, Retriever):
         raise SystemExit(f"{type(model).__name__} is not a retrieval model (it has no encode_query/encode_target): "
                          "give the experiment of a trained CIR model")
+    if isinstance(dm, LightningDataModule):
+        dm.prepare_data()  # generated data is written on first use, as training writes it
     if not isinstance(dm, RetrievalData):
         raise SystemExit(f"{type(dm).__name__} does not serve galleries: use datamodules.ShardDataModule")
     if ckpt:

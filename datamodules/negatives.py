@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from PIL import Image
 
 from .batching import views_of
 from .shards import IMAGE_EXTS, JSON_EXTS, decode_sample, read_manifest, shard_urls
+
+log = logging.getLogger(__name__)
 
 NEGATIVES_FORMAT = "fashion-cir-negatives/1"
 OFFSETS_FORMAT = "fashion-cir-gallery-offsets/2"
@@ -161,8 +164,11 @@ def gallery_offsets(data_dir: str | Path, split: str) -> Offsets:
     aliases: dict[str, dict[str, str]] = {}
     for number, url in enumerate(urls):
         _scan_shard(url, number, products, aliases)
-    write_json_atomic(cache, {"format": OFFSETS_FORMAT, "split": split, "shards": stamps, "products": products,
-                              "aliases": aliases})
+    try:
+        write_json_atomic(cache, {"format": OFFSETS_FORMAT, "split": split, "shards": stamps, "products": products,
+                                  "aliases": aliases})
+    except OSError as error:  # a read-only data folder (a shared mount): scan again next time
+        log.warning("could not cache the gallery offsets in %s (%s); they are rescanned at every start", cache, error)
     return [s["name"] for s in stamps], products, aliases
 
 

@@ -114,6 +114,12 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
         return _error(error.status_code, "no such page: see /docs for the routes" if error.status_code == 404
                       and reason == "Not Found" else reason)
 
+    @app.exception_handler(Exception)
+    async def fault(_: Request, error: Exception) -> JSONResponse:
+        # Not the client's doing (a model or data fault): say what broke, in one line, and keep serving.
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return _error(500, f"{type(error).__name__}: {first}"[:300])
+
     def dataset_of(name: str | None) -> str:
         if name is None or name == "":
             if len(engine.datasets) == 1:
@@ -185,7 +191,8 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
             data = [await f.read(limits.max_image_bytes + 1) for f in uploads]
             names = [f.filename or f"image {i}" for i, f in enumerate(uploads)]
             views = await asyncio.to_thread(lambda: [limits.image(n, b) for n, b in zip(names, data, strict=True)])
-            key, caption = ("upload", upload_digest(data)), limits.text(source_caption) if source_caption else ""
+            key = ("upload", upload_digest(data))
+            caption = limits.text(source_caption, "source_caption") if source_caption else ""
         else:
             raise BadInput(400, "no source: give source_id (a gallery product) or 1-5 images")
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import uvicorn
-from lightning import LightningDataModule
 
 from lightning_modules.retrieval import GalleryIndex
 
@@ -52,8 +51,6 @@ def main(argv: list[str] | None = None) -> None:
 
     index = GalleryIndex.load(args.index) if args.index else None
     model, dm = load_model_and_data(args.config, args.ckpt, extra)
-    if isinstance(dm, LightningDataModule):
-        dm.prepare_data()  # the generated demo data is written on first use, as training does
     engine = SearchEngine(model, dm, args.split, index, cache_mb=args.cache_mb)
     limits = Limits(max_image_bytes=int(args.max_image_mb * 2**20), timeout_s=args.timeout_s)
     app = create_app(engine, limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)

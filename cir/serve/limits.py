@@ -35,12 +35,12 @@ class Limits:
     def max_request_bytes(self) -> int:
         return self.max_views * self.max_image_bytes + 2**20  # the views plus the form's text fields
 
-    def text(self, text: str | None) -> str:
+    def text(self, text: str | None, field: str = "text") -> str:
         text = (text or "").strip()
         if not text:
-            raise BadInput(400, "text is empty: give the modification, e.g. 'make it red with long sleeves'")
+            raise BadInput(400, f"{field} is empty: give the modification, e.g. 'make it red with long sleeves'")
         if len(text) > self.max_text_chars:
-            raise BadInput(400, f"text has {len(text)} characters; at most {self.max_text_chars} are accepted")
+            raise BadInput(400, f"{field} has {len(text)} characters; at most {self.max_text_chars} are accepted")
         return text
 
     def k(self, k: int) -> int:
