@@ -25,23 +25,11 @@ import torch
 
 
 def write_data(out: Path, products: int, min_views: int | None) -> None:
-    from datamodules.shards import ShardSetWriter, encode_product, write_manifest
-    from datamodules.synthetic import DEFAULT_STYLES, DatasetStyle, generate
+    from datamodules.synthetic import DEFAULT_STYLES, DatasetStyle, write_synthetic
 
     styles = {name: DatasetStyle(s.size, min_views or s.min_views, 5 if min_views else s.max_views, s.front_prob)
               for name, s in DEFAULT_STYLES.items()}
-    data = generate(products, seed=0, styles=styles)
-    splits = {}
-    for split in ("train", "val"):
-        writer = ShardSetWriter(out, split)
-        encoded = {}
-        for product in data.render(split):
-            encoded[product.product_id] = encode_product(product)
-            writer.write_product(*encoded[product.product_id])
-        for t in data.triplets[split]:
-            writer.write_triplet(t, encoded[t.source_id], encoded[t.target_id])
-        splits[split] = writer.close()
-    write_manifest(out, splits, styles, {"generator": "benchmark", "products": products})
+    write_synthetic(out, products, seed=0, styles=styles)
 
 
 def transforms() -> dict[str, Callable[[Any], Any] | None]:

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning import LightningDataModule
 from PIL import Image
 from torch import nn
 
+from datamodules import SyntheticDataModule
 from datamodules.interfaces import RetrievalData
+from datamodules.shards import MANIFEST
 from lightning_modules.core import Products, Retriever, load_weights, state_dict_of
 from lightning_modules.core.adapters import LoraConfigured, apply_lora, has_lora_weights, merge_lora
 
@@ -26,7 +27,7 @@ def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str]) 
     if not isinstance(model, Retriever):
         raise SystemExit(f"{type(model).__name__} is not a retrieval model (it has no encode_query/encode_target): "
                          "give the experiment of a trained CIR model")
-    if isinstance(dm, LightningDataModule):
+    if isinstance(dm, SyntheticDataModule) and not (dm.data_dir / MANIFEST).is_file():
         dm.prepare_data()  # generated data is written on first use, as training writes it
     if not isinstance(dm, RetrievalData):
         raise SystemExit(f"{type(dm).__name__} does not serve galleries: use datamodules.ShardDataModule")

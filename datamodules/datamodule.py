@@ -209,14 +209,15 @@ class ShardDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_stream = state_dict.get("train_stream")
 
-    def _train_progress(self) -> tuple[int, int, float]:
-        """(epoch, batches of it the Trainer has processed, batches per epoch): the position a
-        checkpoint records."""
+    def _train_progress(self) -> tuple[int, int, int | float]:
+        """(epoch, batches of it the Trainer has processed, its ``limit_train_batches``): the
+        position a checkpoint records. Not ``num_training_batches``: a resumed run iterates the
+        loader before the Trainer sets that (it is still infinite then)."""
         trainer = self.trainer
         if not isinstance(trainer, L.Trainer):  # a loader used on its own (benchmarks, tools)
-            return 0, 0, math.inf
+            return 0, 0, 1.0
         return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                trainer.num_training_batches)
+                trainer.limit_train_batches)
 
     def _eval_pipeline(self, urls: list[str], name: str, example: Any) -> wds.DataPipeline:
         counter = SkipCounter(name)

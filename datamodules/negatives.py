@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .atomic import write_json_atomic
 from .batching import views_of
 from .shards import IMAGE_EXTS, JSON_EXTS, decode_sample, read_manifest, shard_urls
 
@@ -51,23 +52,6 @@ def offsets_path(data_dir: str | Path, split: str) -> Path:
 
 def mine_command(split: str) -> str:
     return f"cir mine-negatives --config EXP --ckpt CKPT --split {split}"
-
-
-def write_json_atomic(path: Path, value: Any) -> Path:
-    """Temp file, fsync, rename, fsync of the folder: readers see the old file or the whole new one.
-    The temp name carries the pid, so ranks building the same file at once never share one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return path
 
 
 # --- the sidecar ---------------------------------------------------------------------------------

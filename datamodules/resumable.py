@@ -42,6 +42,14 @@ def worker_position(consumed: int, worker: int, workers: int) -> tuple[int, int]
     return role, consumed // workers + (1 if role < shift else 0)
 
 
+def batches_per_epoch(length: int, limit: int | float) -> int:
+    """Lightning's rule for ``limit_train_batches``: an int caps the count, a float is a share.
+    Computed here because a resumed run iterates its loader before the Trainer has counted them."""
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return min(length, limit)
+    return int(length * limit)
+
+
 class TrainStream(IterableDataset):
     """One epoch of training batches per ``__iter__``: epoch ``epoch`` resumed after ``consumed``
     batches (0: from its start), both set by ``ResumableLoader`` before each iteration. Training
@@ -63,8 +71,8 @@ class ResumableLoader:
     """The train DataLoader with Lightning's stateful-loader interface (``state_dict`` /
     ``load_state_dict``, saved in every checkpoint). The state is the epoch and the batches of it
     Lightning has processed, read from the Trainer's own progress (``progress``: epoch, processed
-    batches, batches per epoch after ``limit_train_batches``), because the loader itself runs ahead
-    of training by its prefetched batches."""
+    batches, the Trainer's ``limit_train_batches``), because the loader itself runs ahead of training
+    by its prefetched batches."""
 
     def __init__(self, loader: Any, stream: TrainStream, progress: Callable[[], tuple[int, int, float]]) -> None:
         self.loader = loader
@@ -79,10 +87,10 @@ class ResumableLoader:
         # Set before the workers start (they copy the stream as it is now). Lightning may iterate a
         # loader more than once per epoch (setting up, then restarting its fetcher), so the epoch
         # comes from the Trainer each time, never from counting iterations.
-        epoch, _, per_epoch = self.progress()
+        epoch, _, limit = self.progress()
         resume = self.resume or {}
         consumed = resume.get("batches", 0) if resume.get("epoch") == epoch else 0
-        if consumed >= min(len(self), per_epoch):
+        if consumed >= batches_per_epoch(len(self), limit):
             # Saved at the very end of this epoch: Lightning resumes with the next one, but iterates
             # for it before it counts the epoch as done, so this iteration is already the next epoch.
             epoch, consumed = epoch + 1, 0

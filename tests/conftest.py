@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,24 @@ def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     write_synthetic(out, products=120, seed=3, val_fraction=0.25, maxcount=40)
     return out
+
+
+# What Lightning's DDP launcher writes into os.environ of the process that runs a Trainer (and never
+# removes, except WORLD_SIZE). Left behind by an in-process run, LOCAL_RANK tells every later
+# `lightning fit --trainer.strategy=ddp` subprocess of this worker that an outside launcher started
+# it: rank 0 then spawns no rank 1 and waits for it forever (and a stale MASTER_PORT may be taken).
+DISTRIBUTED_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rank_environment() -> Iterator[None]:
+    before = {key: os.environ.get(key) for key in DISTRIBUTED_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)

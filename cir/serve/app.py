@@ -62,21 +62,6 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-def _examples(engine: SearchEngine, dataset: str, n: int) -> list[dict[str, Any]]:
-    out = []
-    for sample in engine.dm.example_queries(engine.split, 400):
-        t = sample["json"]["triplet"]
-        if t["dataset"] != dataset or not t.get("target_id"):
-            continue
-        source, target = (engine.store.shown_id(dataset, t[key]) for key in ("source_id", "target_id"))
-        if engine.store.has(dataset, source) and engine.store.has(dataset, target):
-            out.append({"source_id": source, "target_id": target, "text": t["modification_short"],
-                        "long_text": t.get("modification_long", "")})
-        if len(out) >= n:
-            break
-    return out
-
-
 def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: int = 8,
                max_wait_ms: float = 5.0, max_queue: int = 256) -> FastAPI:
     limits = limits or Limits()
@@ -166,7 +151,7 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
     async def example_queries(dataset: str, n: Annotated[int, Query(ge=1, le=100)] = 24) -> list[dict[str, Any]]:
         key = (dataset_of(dataset), n)
         if key not in examples:
-            examples[key] = await asyncio.to_thread(_examples, engine, dataset, n)
+            examples[key] = await asyncio.to_thread(engine.store.examples, *key)
         return examples[key]
 
     @app.post("/search", summary="Top-k gallery products for a source and a modification text")

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -45,7 +44,6 @@ class Answer:
     encode_ms: float
     cached: bool = False
     batch_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Gallery:

@@ -9,6 +9,8 @@ own id (``raw_id``) where it has one, else the shard key.
 
 from __future__ import annotations
 
+import json
+import tarfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from PIL import Image
 from datamodules.batching import caption_of, views_of
 from datamodules.negatives import GalleryReader
 from datamodules.schema import MAX_VIEWS
-from datamodules.shards import decode_sample
+from datamodules.shards import decode_sample, read_manifest, shard_urls
 
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -82,6 +84,26 @@ class GalleryStore:
         ``cir caption`` sidecar's, else its own)."""
         sample = self.sample(dataset, shown_id)
         return views_of(sample, "view"), caption_of(sample["json"], self.captions)
+
+    def examples(self, dataset: str, n: int) -> list[dict[str, Any]]:
+        """The first ``n`` triplets of ``dataset`` in the split whose source and target are in the
+        gallery, read from the triplet shards' json members only (images are skipped, not read)."""
+        out: list[dict[str, Any]] = []
+        for url in shard_urls(self.reader.data_dir, read_manifest(self.reader.data_dir), self.split, "triplets"):
+            with tarfile.open(url) as tar:
+                for info in tar:
+                    if not (info.isfile() and info.name.endswith(".json")):
+                        continue
+                    t = json.loads(tar.extractfile(info).read()).get("triplet", {})
+                    if t.get("dataset") != dataset or not t.get("target_id"):
+                        continue
+                    source, target = self.shown_id(dataset, t["source_id"]), self.shown_id(dataset, t["target_id"])
+                    if self.has(dataset, source) and self.has(dataset, target):
+                        out.append({"source_id": source, "target_id": target, "text": t["modification_short"],
+                                    "long_text": t.get("modification_long", "")})
+                    if len(out) >= n:
+                        return out
+        return out
 
     def describe(self, dataset: str, shown_id: str) -> dict[str, Any]:
         raw = self._raw(dataset, shown_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ __all__ = ["DEFAULT_STYLES", "GENERATOR_VERSION", "DatasetStyle", "ProductSpec",
 
 
 def write_synthetic(out_dir: str | Path, products: int = 1500, seed: int = 0, val_fraction: float = 0.2,
-                    maxcount: int = 256) -> dict[str, Any]:
-    """Generate the dataset and write it as shards plus a manifest; returns the manifest's splits."""
+                    maxcount: int = 256, styles: dict[str, DatasetStyle] | None = None) -> dict[str, Any]:
+    """Generate the dataset and write it as shards plus a manifest; returns the manifest's splits.
+    ``styles``: sub-datasets other than the default two (view counts, resolutions), recorded in the
+    manifest's source."""
     start = time.perf_counter()
-    data = generate(products, seed=seed, val_fraction=val_fraction)
+    data = generate(products, seed=seed, val_fraction=val_fraction, styles=styles)
     splits: dict[str, dict[str, Any]] = {}
     for split in ("train", "val"):
         writer = ShardSetWriter(out_dir, split, maxcount=maxcount)
@@ -33,7 +36,8 @@ def write_synthetic(out_dir: str | Path, products: int = 1500, seed: int = 0, va
             writer.write_triplet(t, encoded[t.source_id], encoded[t.target_id])
         splits[split] = writer.close()
     source = {"generator": "synthetic", "version": GENERATOR_VERSION, "products": products, "seed": seed,
-              "val_fraction": val_fraction,
-              "seconds": round(time.perf_counter() - start, 2)}
+              "val_fraction": val_fraction, "seconds": round(time.perf_counter() - start, 2)}
+    if styles is not None:
+        source["styles"] = {name: asdict(style) for name, style in styles.items()}
     write_manifest(out_dir, splits, data.styles, source)
     return splits

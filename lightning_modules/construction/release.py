@@ -15,17 +15,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from datamodules.atomic import write_text_atomic
+
 from .answers import words
 from .catalogue import SPLITS, CatalogueProduct
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """One writer (``cir build``) per output folder: a killed run's temporary files are cleared."""
+    write_text_atomic(path, text, remove_stale=True)
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:

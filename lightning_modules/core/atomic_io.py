@@ -2,42 +2,19 @@
 
 Lightning writes a checkpoint by opening the final path and streaming into it: a kill (SIGKILL,
 preemption, out of memory) in the middle leaves a truncated ``last.ckpt`` and the previous good one
-is gone. Here the file is written beside the target under a temporary name, flushed to disk
-(fsync), then renamed over the target (atomic on POSIX file systems), and the folder entry is
-synced too; a kill at any point leaves either the old file or the new one, whole.
+is gone. Here it goes through ``datamodules.atomic.atomic_write`` (temporary file, fsync, rename).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-TEMP_MARK = ".tmp-"
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """``write(file)`` lands at ``path`` through a synced temporary file and a rename (see the module
-    docstring); streamed, so a checkpoint of many GB is never held in memory twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f"{path.name}{TEMP_MARK}*"):  # left by a job killed while saving
-        stale.unlink(missing_ok=True)
-    temp = path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
-    with open(temp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+from datamodules.atomic import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,4 +26,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "file" not in get_filesystem(path).protocol:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+        # Only rank 0 saves: a temporary file of last.ckpt beside it is a killed save's leftover.
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f), remove_stale=True)

@@ -73,6 +73,8 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
             raise ValueError(f"model.init_args.grad_cache_chunk={grad_cache_chunk}: give a chunk size >= 1, or null "
                              "to train on whole batches")
         self.grad_cache_chunk = grad_cache_chunk
+        # GradCache: the gradients of every chunk but the last, until Lightning's backward of the step.
+        self.chunk_grads: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.loss = loss
         self.skip_bad_steps = skip_bad_steps
         self.skipped_steps = 0
@@ -88,8 +90,6 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
     # Families with per-step random choices set this from their ``seed`` (see ``sample_rng``).
     random_seed: int = 0
     draw_key: tuple[int, int] = (0, 0)
-    # GradCache: the gradients of every chunk but the last, until Lightning's backward of the step.
-    chunk_grads: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     # -- the contract ------------------------------------------------------------------------------
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:

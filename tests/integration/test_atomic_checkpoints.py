@@ -18,10 +18,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules import ShardDataModule
+from datamodules.atomic import TEMP_MARK
 from lightning_modules import CLIP4CIR
 from lightning_modules.backbones import CLIPBackbone
 from lightning_modules.core import AtomicCheckpointIO
-from lightning_modules.core.atomic_io import TEMP_MARK
 
 ROOT = Path(__file__).resolve().parents[2]
 

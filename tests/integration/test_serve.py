@@ -58,8 +58,8 @@ def get(url: str) -> tuple[int, bytes, str]:
         return e.code, e.read(), e.headers.get("content-type", "")
 
 
-def post(url: str, fields: dict[str, Any], files: list[tuple[str, bytes]] = ()) -> tuple[int, dict[str, Any]]:
-    return asyncio.run(post_many(url, [(fields, files)]))[0]
+def post(url: str, fields: dict[str, Any], files: list[tuple[str, bytes]] | None = None) -> tuple[int, dict[str, Any]]:
+    return asyncio.run(post_many(url, [(fields, files or [])]))[0]
 
 
 async def post_many(url: str, requests: list[tuple[dict[str, Any], list[tuple[str, bytes]]]]

@@ -15,8 +15,7 @@ from PIL import Image
 from callbacks.data_health import SkippedSamplesLogger
 from datamodules import ShardDataModule
 from datamodules.bucketing import grid_order
-from datamodules.shards import ShardSetWriter, encode_product, write_manifest
-from datamodules.synthetic import DatasetStyle, generate
+from datamodules.synthetic import DatasetStyle, write_synthetic
 
 # Two sub-datasets with 1-5 views at two resolutions: view counts and patch counts both vary.
 STYLES = {"small": DatasetStyle(size=48, min_views=1, max_views=5),
@@ -26,18 +25,7 @@ STYLES = {"small": DatasetStyle(size=48, min_views=1, max_views=5),
 @pytest.fixture(scope="module")
 def one_to_five(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("one-to-five")
-    data = generate(120, seed=5, val_fraction=0.25, styles=STYLES)
-    splits = {}
-    for split in ("train", "val"):
-        writer = ShardSetWriter(out, split, maxcount=40)
-        encoded = {}
-        for product in data.render(split):
-            encoded[product.product_id] = encode_product(product)
-            writer.write_product(*encoded[product.product_id])
-        for t in data.triplets[split]:
-            writer.write_triplet(t, encoded[t.source_id], encoded[t.target_id])
-        splits[split] = writer.close()
-    write_manifest(out, splits, STYLES, {"generator": "test"})
+    write_synthetic(out, 120, seed=5, val_fraction=0.25, maxcount=40, styles=STYLES)
     return out
 
 

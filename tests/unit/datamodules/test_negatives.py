@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from datamodules import ShardDataModule
+from datamodules.atomic import TEMP_MARK
 from datamodules.batching import collate, pad_views
 from datamodules.bucketing import padding_counts
 from datamodules.negatives import GalleryReader, negatives_path, offsets_path, write_negatives
@@ -113,7 +114,7 @@ def test_the_offset_index_reads_every_product_and_is_rebuilt_when_a_shard_change
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     GalleryReader(mined, "train")
     assert cache.stat().st_mtime_ns != stamp
-    assert not list(mined.glob(".*.tmp"))  # atomic writes leave no temp files behind
+    assert not [p for p in mined.iterdir() if TEMP_MARK in p.name]  # atomic writes leave no temp files behind
     with pytest.raises(KeyError, match="not in the train gallery"):
         reader.raw_sample("synth_studio", "no-such-product")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ def _epochs(dm: ShardDataModule, n: int, resume: dict | None = None) -> list[lis
         loader.load_state_dict(resume)
     out = []
     for epoch in range(resume["epoch"] if resume else 0, n):
-        loader.progress = lambda e=epoch: (e, 0, float("inf"))
+        loader.progress = lambda e=epoch: (e, 0, 1.0)
         out.append([_keys(b) for b in loader])
     return out
 
@@ -57,12 +58,23 @@ def test_a_resumed_stream_yields_the_rest_of_the_epoch_then_the_next(small_data:
     # Saved at the very end of epoch 0: Lightning iterates for epoch 1 while its epoch still says 0.
     loader = dm().train_dataloader()
     loader.load_state_dict({"epoch": 0, "batches": n})
-    loader.progress = lambda: (0, 0, float(n))
+    loader.progress = lambda: (0, 0, 1.0)  # (epoch, processed, limit_train_batches)
     assert [_keys(b) for b in loader] == reference[1]
+    # limit_train_batches=k ends every epoch after k batches: saved there, the run goes on with the next
+    # epoch, although the loader could yield more (and the Trainer has not yet counted its batches).
+    # Read from a real Trainer, as a resumed fit does: its num_training_batches is still infinite then.
+    for limit in (n // 2, 0.5):
+        cut = n // 2 if isinstance(limit, int) else int(len(dm().train_dataloader()) * limit)
+        module = dm()
+        module.trainer = L.Trainer(limit_train_batches=limit, logger=False, enable_checkpointing=False)
+        assert module.trainer.num_training_batches == float("inf")
+        loader = module.train_dataloader()
+        loader.load_state_dict({"epoch": 0, "batches": cut})
+        assert [_keys(b) for b in loader] == reference[1], limit
     # Lightning may start iterating an epoch twice (setting up, then restarting its fetcher).
     loader = dm().train_dataloader()
     loader.load_state_dict({"epoch": 1, "batches": 3})
-    loader.progress = lambda: (1, 0, float("inf"))
+    loader.progress = lambda: (1, 0, 1.0)
     next(iter(loader))
     assert [_keys(b) for b in loader] == reference[1][3:]
 
