@@ -119,19 +119,35 @@ class SearchEngine:
 
     @torch.no_grad()
     def run(self, queries: Sequence[Query]) -> list[Answer | BaseException]:
+        """One answer per query, or the exception of that query alone: a view that fails to decode
+        must not fail the other queries of its batch."""
         t0 = time.perf_counter()
         if self.interactive is not None:
             return [self._run_cached(q) for q in queries]
-        examples = [{"source_images": stack_views(q.views, self.dm.image_transform), "text": q.text,
-                     "source_caption": q.source_caption} for q in queries]
-        emb = self.model.encode_query(collate(examples)).float()
-        ms = 1000 * (time.perf_counter() - t0) / len(queries)
-        out: list[Answer | BaseException] = []
-        for q, e in zip(queries, emb, strict=True):
-            out.append(Answer(self.gallery.search(e[None], q.k, q.dataset)[0], ms, batch_size=len(queries)))
-        return out
+        out: list[Answer | BaseException | None] = [None] * len(queries)
+        examples, rows = [], []
+        for i, q in enumerate(queries):
+            try:
+                examples.append({"source_images": stack_views(q.views, self.dm.image_transform), "text": q.text,
+                                 "source_caption": q.source_caption})
+                rows.append(i)
+            except Exception as error:  # noqa: BLE001 - reported to this query's client only
+                out[i] = error
+        if examples:
+            emb = self.model.encode_query(collate(examples)).float()
+            ms = 1000 * (time.perf_counter() - t0) / len(examples)
+            for i, e in zip(rows, emb, strict=True):
+                q = queries[i]
+                out[i] = Answer(self.gallery.search(e[None], q.k, q.dataset)[0], ms, batch_size=len(examples))
+        return [a for a in out if a is not None]
 
     def _run_cached(self, q: Query) -> Answer | BaseException:
+        try:
+            return self._cached_answer(q)
+        except Exception as error:  # noqa: BLE001 - reported to this query's client only
+            return error
+
+    def _cached_answer(self, q: Query) -> Answer:
         assert self.interactive is not None
         t0 = time.perf_counter()
         cache = self.cache.get(q.source_key) if q.source_key is not None else None

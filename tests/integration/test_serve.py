@@ -378,3 +378,10 @@ def test_llava_caption_service_queries_with_the_source_caption_against_brute_for
     order = scores.argsort(descending=True)[:8]
     assert [r["id"] for r in got["results"]] == [ids[keep[i]] for i in order]
     assert all(abs(r["score"] - scores[i].item()) < 1e-4 for r, i in zip(got["results"], order, strict=True))
+    # A query whose view cannot be transformed fails alone; the rest of its batch is answered.
+    from cir.serve.engine import Answer, Query
+
+    good = Query("synth_studio", "make it blue", 8, views, None, caption)
+    answers = engine.run([good, Query("synth_studio", "x", 8, [Image.new("RGB", (0, 0))], None, ""), good])
+    assert isinstance(answers[1], Exception) and isinstance(answers[0], Answer) and isinstance(answers[2], Answer)
+    assert [pid for pid, _ in answers[0].results] == [r["id"] for r in got["results"]] and answers[0].batch_size == 2
