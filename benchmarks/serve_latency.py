@@ -1,9 +1,11 @@
 """`cir serve` under load: latency (p50, p99) and requests/s at 1, 8 and 32 concurrent clients.
 
-    python benchmarks/serve_latency.py                          # tiny presets on the CPU, generated data
+The service runs its model on the CPU (GPU serving is not implemented yet).
+
+    python benchmarks/serve_latency.py                          # tiny presets, generated data
     python benchmarks/serve_latency.py --families procir --clients 1 8 32 --requests 192
     python benchmarks/serve_latency.py --families procir --exp experiments/procir/fashionmv.yaml \\
-        --ckpt outputs/procir/checkpoints/last.ckpt -- --data.init_args.data_dir=data/fashionmv   # a real model
+        --ckpt outputs/procir/checkpoints/last.ckpt -- --data.init_args.data_dir=data/fashionmv   # a trained model
 
 Each setting starts a real ``cir serve`` process and sends ``--requests`` queries from ``N``
 concurrent HTTP clients (each client sends its next query when the last one is answered). A query

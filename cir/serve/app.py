@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -35,14 +36,18 @@ from .gallery import UnknownProduct
 from .limits import BadInput, Limits, upload_digest
 
 
+def image_url(dataset: str, n: int, product_id: str) -> str:
+    return f"/images/{quote(dataset, safe='')}/{n}/{quote(product_id, safe='/')}"
+
+
 def _error(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
 
 
 class BodyLimit:
-    """Refuses a POST without a Content-Length (411) or announcing more than the limit (413)
-    before any of its body is read; what a client sends beyond its announced length is cut off by
-    the server's HTTP parser."""
+    """Refuses a POST without a Content-Length or with a Transfer-Encoding (411), or announcing
+    more than the limit (413), before any of its body is read; what a client sends beyond its
+    announced length is cut off by the server's HTTP parser."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -52,7 +57,9 @@ class BodyLimit:
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             reason = None
-            if length is None or not length.isdigit():
+            if b"transfer-encoding" in headers:  # the server would frame the body by it, past any length
+                status, reason = 411, "send the request with a Content-Length header and no Transfer-Encoding"
+            elif length is None or not length.isdigit():
                 status, reason = 411, "send the request with a Content-Length header"
             elif int(length) > self.max_bytes:
                 status, reason = 413, f"request of {int(length)} bytes; at most {self.max_bytes} are accepted"
@@ -137,14 +144,14 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
 
     @app.get("/products/{dataset}/{product_id:path}", summary="One product: metadata, captions, view count")
     async def product(dataset: str, product_id: str) -> dict[str, Any]:
-        out = engine.store.describe(dataset_of(dataset), product_id)
-        out["images"] = [f"/images/{dataset}/{n}/{product_id}" for n in range(out["views"])]
+        out = await asyncio.to_thread(engine.store.describe, dataset_of(dataset), product_id)
+        out["images"] = [image_url(dataset, n, product_id) for n in range(out["views"])]
         return out
 
     @app.get("/images/{dataset}/{n}/{product_id:path}", summary="A product's n-th view as stored in the shard",
              response_class=Response)
     async def image(dataset: str, n: int, product_id: str) -> Response:
-        data, media = engine.store.view_image(dataset_of(dataset), product_id, n)
+        data, media = await asyncio.to_thread(engine.store.view_image, dataset_of(dataset), product_id, n)
         return Response(data, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/examples/{dataset}", summary="Queries from the split's triplets, with their targets")
@@ -189,7 +196,7 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
         return {"dataset": ds, "text": text, "k": k, "source_id": source_id, "cached": answer.cached,
                 "batch_size": answer.batch_size, "encode_ms": round(answer.encode_ms, 3),
                 "total_ms": round(1000 * (time.perf_counter() - t0), 3),
-                "results": [{"rank": r, "id": pid, "score": score, "image": f"/images/{ds}/0/{pid}"}
+                "results": [{"rank": r, "id": pid, "score": score, "image": image_url(ds, 0, pid)}
                             for r, (pid, score) in enumerate(answer.results, 1)]}
 
     return app

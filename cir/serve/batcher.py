@@ -36,10 +36,13 @@ class MicroBatcher(Generic[T, R]):
         self._queue: queue.Queue[tuple[T, Future[R]] | None] = queue.Queue(maxsize=max_queue)
         self.batches = self.items = 0
         self.largest = 0
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
         self._thread.start()
 
     def submit(self, item: T) -> Future[R]:
+        if self._closed:
+            raise QueueFull("the service is shutting down")
         future: Future[R] = Future()
         try:
             self._queue.put_nowait((item, future))
@@ -52,8 +55,13 @@ class MicroBatcher(Generic[T, R]):
         return await asyncio.wait_for(asyncio.wrap_future(self.submit(item)), timeout_s)
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        """Serve what is queued, refuse what comes after, stop the worker."""
+        self._closed = True
+        try:
+            self._queue.put(None, timeout=5)
+        except queue.Full:  # the worker drains the queue after its batch, then sees the marker
+            self._queue.put(None)
+        self._thread.join(timeout=30)
 
     @property
     def waiting(self) -> int:
@@ -64,7 +72,8 @@ class MicroBatcher(Generic[T, R]):
                 "mean_batch": self.items / self.batches if self.batches else 0.0, "waiting": self.waiting,
                 "max_batch": self.max_batch, "max_wait_ms": 1000 * self.max_wait_s}
 
-    def _collect(self, first: tuple[T, Future[R]]) -> list[tuple[T, Future[R]]]:
+    def _collect(self, first: tuple[T, Future[R]]) -> tuple[list[tuple[T, Future[R]]], bool]:
+        """The batch, and whether close() was called meanwhile (then this batch is the last)."""
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
@@ -73,32 +82,48 @@ class MicroBatcher(Generic[T, R]):
                 nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if nxt is None:  # close(): finish this batch, then stop
-                self._queue.put(None)
-                break
+            if nxt is None:
+                return batch, True
             batch.append(nxt)
-        return batch
+        return batch, False
+
+    def _refuse_waiting(self) -> None:
+        """After close(): whatever is still queued gets an answer (an error), not a wait for its timeout."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(QueueFull("the service is shutting down"))
 
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
             if first is None:
+                self._refuse_waiting()
                 return
+            collected, closing = self._collect(first)
             # A client that gave up (timeout) has cancelled its future: no work for it.
-            batch = [(i, f) for i, f in self._collect(first) if f.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            self.batches += 1
-            self.items += len(batch)
-            self.largest = max(self.largest, len(batch))
-            try:
-                results = list(self.run([item for item, _ in batch]))
-                if len(results) != len(batch):
-                    raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} items")
-            except BaseException as error:  # noqa: BLE001 - every waiting request must be answered
-                results = [error] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            batch = [(i, f) for i, f in collected if f.set_running_or_notify_cancel()]
+            if batch:
+                self._run_batch(batch)
+            if closing:
+                self._refuse_waiting()
+                return
+
+    def _run_batch(self, batch: list[tuple[T, Future[R]]]) -> None:
+        self.batches += 1
+        self.items += len(batch)
+        self.largest = max(self.largest, len(batch))
+        try:
+            results = list(self.run([item for item, _ in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} items")
+        except BaseException as error:  # noqa: BLE001 - every waiting request must be answered
+            results = [error] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)

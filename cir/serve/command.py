@@ -1,6 +1,6 @@
 """``cir serve``: a trained model behind an HTTP API and a web page, over its gallery.
 
-    cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt
+    cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/checkpoints/last.ckpt
     cir serve --config EXP --ckpt CKPT --index index/ [--split val] [--host 127.0.0.1 --port 8000]
 
 The model loads once. Its gallery is ``--index`` (built by ``cir search build`` on the same data
@@ -13,6 +13,7 @@ two-stage dialogue caches turn 1 of each source (``--cache-mb``, 0 turns it off)
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import uvicorn
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--index {args.index}: not a gallery index folder; build one with cir search build, or leave "
                 "--index out to embed the gallery at start-up")
 
+    if not args.ckpt:
+        print("cir serve: no --ckpt: serving the experiment's initial weights (untrained unless the config loads "
+              "some)", file=sys.stderr, flush=True)
     index = GalleryIndex.load(args.index) if args.index else None
     model, dm = load_model_and_data(args.config, args.ckpt, extra)
     engine = SearchEngine(model, dm, args.split, index, cache_mb=args.cache_mb)

@@ -90,7 +90,8 @@ class SearchEngine:
             self.gallery = Gallery(index=index)
         self._check_ids()
         self.interactive: InteractiveEncoder | None = None
-        if isinstance(model, ProCIR) and model.two_stage_dialogue and cache_mb > 0:
+        # The cache holds turn 1 of all views in one dialogue: the "joint" way to embed a source.
+        if isinstance(model, ProCIR) and model.two_stage_dialogue and model.view_strategy == "joint" and cache_mb > 0:
             self.interactive = InteractiveEncoder(model)
         self.cache: BytesLRU[SourceCache] = BytesLRU(int(cache_mb * 2**20))
 

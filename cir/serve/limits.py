@@ -2,7 +2,7 @@
 
 Every check raises ``BadInput`` with an HTTP status and a sentence that names the field or file and
 what is allowed; the app turns it into ``{"error": ...}``. Images are measured before their pixels
-are decoded, so a decompression bomb costs a header read, not gigabytes.
+are decoded, so a decompression bomb past the pixel limit costs a header read, not gigabytes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.schema import MAX_VIEWS
+
+FORMATS = ("JPEG", "PNG", "WEBP")  # what product photos come as; PIL's other readers stay closed
 
 
 class BadInput(ValueError):
@@ -27,6 +29,9 @@ class Limits:
     max_views: int = MAX_VIEWS
     max_image_bytes: int = 10 * 2**20
     max_pixels: int = 36_000_000  # a 6000 × 6000 photo
+    # Resizers keep the short side: a 100000 × 1 strip would become a 20 GB tensor (CLIP), or be refused
+    # by Qwen's resizer past 200:1 in the model thread. No product photo is that thin.
+    max_aspect: float = 20.0
     max_text_chars: int = 500
     max_k: int = 100
     timeout_s: float = 60.0
@@ -55,10 +60,13 @@ class Limits:
         if not data:
             raise BadInput(400, f"image {name!r} is empty")
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             w, h = img.size
             if w * h > self.max_pixels:
                 raise BadInput(413, f"image {name!r} is {w}x{h} pixels; at most {self.max_pixels} pixels are accepted")
+            if max(w, h) > self.max_aspect * max(1, min(w, h)):
+                raise BadInput(400, f"image {name!r} is {w}x{h} pixels; one side may be at most {self.max_aspect:g} "
+                                    "times the other")
             img.load()
             return img.convert("RGB")
         except BadInput:

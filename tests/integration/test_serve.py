@@ -255,6 +255,8 @@ def test_every_bad_input_gets_a_4xx_with_a_one_line_reason(service: Service) -> 
          "Content-Length"),
         ("POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\nConnection: close\r\n\r\n", 413,
          "at most"),
+        ("POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nTransfer-Encoding: chunked\r\n"
+         "Connection: close\r\n\r\n", 411, "no Transfer-Encoding"),
     ]:
         got, body = raw_http(url, head)
         assert got == status and words in body and "root:" not in body, (head, body)
@@ -340,9 +342,12 @@ def test_procir_service_runs_only_turn_2_for_a_cached_source(small_data: Path) -
     with in_process_server(engine) as url:
         pid = _first_product(url, "synth_street")
         answers = [post(url, {"text": t, "dataset": "synth_street", "k": 6, "source_id": pid}) for t in texts]
+        other = json.loads(get(f"{url}/products/synth_street?limit=2")[1])["ids"][1]
+        _, another = post(url, {"text": texts[0], "dataset": "synth_street", "k": 6, "source_id": other})
         health = json.loads(get(f"{url}/health")[1])["turn1_cache"]
-    assert [a["cached"] for _, a in answers] == [False, True, True]
-    assert health["entries"] == 1 and health["hits"] == 2 and health["misses"] == 1 and health["bytes"] > 0
+    assert [a["cached"] for _, a in answers] == [False, True, True] and not another["cached"]  # a cache per source
+    assert another["results"] != answers[0][1]["results"]
+    assert health["entries"] == 2 and health["hits"] == 2 and health["misses"] == 2 and health["bytes"] > 0
     # The reference: each text's full dialogue (turn 1 and turn 2 in one forward), no cache.
     full = SearchEngine(model, dm, "val", cache_mb=0)
     assert not full.caches_turn1

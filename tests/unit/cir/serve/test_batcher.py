@@ -108,3 +108,19 @@ def test_a_full_queue_refuses_at_once_and_a_timed_out_client_gets_timeout_error(
     slow.release.set()
     batcher.close()
     waiting.close()
+
+
+def test_close_serves_what_was_queued_and_refuses_what_comes_after() -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, max_batch=2, max_wait_s=0.01)
+    first = batcher.submit(0)
+    assert run.started.wait(5)
+    queued = [batcher.submit(1), batcher.submit(2)]
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    time.sleep(0.1)
+    with pytest.raises(QueueFull, match="shutting down"):
+        batcher.submit(3)
+    run.release.set()
+    closer.join(10)
+    assert not closer.is_alive() and [f.result(5) for f in [first, *queued]] == [0, 2, 4]

@@ -20,6 +20,12 @@ def _jpeg(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+def _gif(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h)).save(buf, "GIF")  # PIL reads GIFs, the service does not take them
+    return buf.getvalue()
+
+
 def test_a_valid_image_is_returned_as_rgb() -> None:
     img = Limits().image("front.png", _png(30, 40))
     assert img.mode == "RGB" and img.size == (30, 40)
@@ -31,6 +37,10 @@ def test_a_valid_image_is_returned_as_rgb() -> None:
     (b"", Limits(), 400, "'x' is empty"),
     (_jpeg(64, 64), Limits(max_image_bytes=100), 413, "at most 100 are accepted"),
     (_png(20, 20), Limits(max_pixels=399), 413, "20x20 pixels; at most 399"),
+    # Only the header is whole: refused by its size (413), never decoded (which would fail: 415).
+    (_png(3000, 3000)[:200], Limits(max_pixels=10**6), 413, "3000x3000 pixels"),
+    (_png(400, 10), Limits(), 400, "at most 20 times the other"),
+    (_gif(8, 8), Limits(), 415, "'x' is not an image (JPEG, PNG or WebP expected)"),
 ])
 def test_bad_images_are_refused_with_the_file_named(data: bytes, limits: Limits, status: int, words: str) -> None:
     with pytest.raises(BadInput) as caught:
