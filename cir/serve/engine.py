@@ -89,6 +89,8 @@ class SearchEngine:
         else:
             self.gallery = Gallery(index=index)
         self._check_ids()
+        # The gallery never changes while serving: its datasets and sizes are read once, not per request.
+        self.sizes = {d: len(ids) for d, ids in sorted(self.gallery.ids().items())}
         self.interactive: InteractiveEncoder | None = None
         # The cache holds turn 1 of all views in one dialogue: the "joint" way to embed a source.
         if isinstance(model, ProCIR) and model.two_stage_dialogue and model.view_strategy == "joint" and cache_mb > 0:
@@ -109,10 +111,10 @@ class SearchEngine:
 
     @property
     def datasets(self) -> list[str]:
-        return sorted(self.gallery.ids())
+        return list(self.sizes)
 
     def gallery_size(self, dataset: str) -> int:
-        return len(self.gallery.ids()[dataset])
+        return self.sizes[dataset]
 
     @property
     def caches_turn1(self) -> bool:

@@ -46,6 +46,7 @@ class GalleryStore:
                 self._shown[dataset].pop(pid, None)
                 self._shown[dataset][raw] = pid
                 self._raw_id.setdefault(dataset, {})[pid] = raw
+        self._sorted = {d: sorted(ids) for d, ids in self._shown.items()}  # listings page through these
         # One reader, one set of file offsets: a view request and a query's source must not interleave seeks.
         self._lock = threading.Lock()
 
@@ -54,7 +55,7 @@ class GalleryStore:
         return sorted(self._shown)
 
     def ids(self, dataset: str) -> list[str]:
-        return sorted(self._shown[dataset])
+        return self._sorted[dataset]
 
     def has(self, dataset: str, shown_id: str) -> bool:
         return shown_id in self._shown.get(dataset, {})

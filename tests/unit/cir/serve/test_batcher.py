@@ -25,11 +25,18 @@ class Recorder:
         return [ValueError(f"bad {i}") if i < 0 else 2 * i for i in items]
 
 
-def test_requests_waiting_behind_a_busy_model_are_run_together_up_to_max_batch() -> None:
+def busy(max_batch: int, max_wait_s: float, **options: float) -> tuple[Recorder, MicroBatcher, object]:
+    """A batcher whose worker is inside ``run([first])`` until ``run.release`` is set: what is
+    submitted meanwhile queues up behind it."""
     run = Recorder()
-    batcher = MicroBatcher(run, max_batch=4, max_wait_s=0.5)
+    batcher = MicroBatcher(run, max_batch=max_batch, max_wait_s=max_wait_s, **options)
     first = batcher.submit(0)
-    assert run.started.wait(5)  # the worker is inside run([0]); the next 8 queue up behind it
+    assert run.started.wait(5)
+    return run, batcher, first
+
+
+def test_requests_waiting_behind_a_busy_model_are_run_together_up_to_max_batch() -> None:
+    run, batcher, first = busy(max_batch=4, max_wait_s=0.5)  # the next 8 queue up behind run([0])
     rest = [batcher.submit(i) for i in range(1, 9)]
     run.release.set()
     assert [f.result(5) for f in [first, *rest]] == [2 * i for i in range(9)]
@@ -58,13 +65,10 @@ def test_a_lone_request_waits_at_most_max_wait() -> None:
 
 
 def test_errors_reach_only_their_own_requests_and_a_failing_batch_fails_all_of_it() -> None:
-    run = Recorder()
-    batcher = MicroBatcher(run, max_batch=4, max_wait_s=0.5)
-    first = batcher.submit(1)
-    assert run.started.wait(5)
+    run, batcher, first = busy(max_batch=4, max_wait_s=0.5)
     good, bad = batcher.submit(2), batcher.submit(-1)
     run.release.set()
-    assert first.result(5) == 2 and good.result(5) == 4
+    assert first.result(5) == 0 and good.result(5) == 4
     with pytest.raises(ValueError, match="bad -1"):
         bad.result(5)
 
@@ -81,10 +85,7 @@ def test_errors_reach_only_their_own_requests_and_a_failing_batch_fails_all_of_i
 
 
 def test_a_full_queue_refuses_at_once_and_a_timed_out_client_gets_timeout_error() -> None:
-    run = Recorder()
-    batcher = MicroBatcher(run, max_batch=1, max_wait_s=0.0, max_queue=2)
-    batcher.submit(0)
-    assert run.started.wait(5)
+    run, batcher, _ = busy(max_batch=1, max_wait_s=0.0, max_queue=2)
     batcher.submit(1), batcher.submit(2)
     with pytest.raises(QueueFull, match="2 requests already waiting"):
         batcher.submit(3)
@@ -111,10 +112,7 @@ def test_a_full_queue_refuses_at_once_and_a_timed_out_client_gets_timeout_error(
 
 
 def test_close_serves_what_was_queued_and_refuses_what_comes_after() -> None:
-    run = Recorder()
-    batcher = MicroBatcher(run, max_batch=2, max_wait_s=0.01)
-    first = batcher.submit(0)
-    assert run.started.wait(5)
+    run, batcher, first = busy(max_batch=2, max_wait_s=0.01)
     queued = [batcher.submit(1), batcher.submit(2)]
     closer = threading.Thread(target=batcher.close)
     closer.start()
