@@ -53,19 +53,18 @@ def similarities(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return queries @ gallery.T if queries.ndim == 2 else maxsim(queries, gallery)
 
 
-def pair_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """Score of each query with the gallery item in the same row."""
-    if queries.ndim == 2:
-        return (queries * gallery).sum(-1)
-    return torch.stack([maxsim(q[None], g[None])[0, 0] for q, g in zip(queries, gallery, strict=True)])
-
-
 def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor,
                  chunk_size: int = 4096, exclude_index: torch.Tensor | None = None) -> torch.Tensor:
-    """0-based rank of each query's target: how many gallery items score strictly higher.
+    """0-based pessimistic rank of each query's target: how many other gallery items score at least
+    as high as the target. A tie never favours the target, so a model whose embeddings are constant
+    or zero ranks every target last instead of first.
 
     ``target_index[i] < 0`` means the target is absent from the gallery: rank = len(gallery).
     ``exclude_index[i]`` (>= 0) is a gallery item not to count for query i (its own source).
+
+    The target's score is read from the same block computation as the items it is compared with
+    (a first pass over the blocks that hold targets), not from a separate dot product: a matmul and
+    a dot product may round the same pair differently, which would turn exact ties into wins.
     """
     n = queries.shape[0]
     chunk_size = block_size(queries, gallery, chunk_size)
@@ -73,23 +72,53 @@ def target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: tor
     present = target_index >= 0
     if n == 0 or gallery.shape[0] == 0 or not present.any():
         return ranks
-    target_scores = torch.zeros(n, dtype=queries.dtype, device=queries.device)
-    target_scores[present] = pair_scores(queries[present], gallery[target_index[present]])
     counts = torch.zeros(n, dtype=torch.long, device=queries.device)
     for qs in range(0, n, chunk_size):
         q = queries[qs : qs + chunk_size]
-        t = target_scores[qs : qs + chunk_size, None]
-        own = target_index[qs : qs + chunk_size, None]
+        own = target_index[qs : qs + chunk_size]
         skip = exclude_index[qs : qs + chunk_size, None] if exclude_index is not None else None
+        t = torch.full((q.shape[0],), torch.inf, dtype=q.dtype, device=q.device)
+        holding = torch.unique(own[own >= 0] // chunk_size).tolist()
+        for gs in (b * chunk_size for b in holding):
+            rows = (own >= gs) & (own < gs + chunk_size)
+            s = similarities(q, gallery[gs : gs + chunk_size])
+            t[rows] = s[rows, own[rows] - gs]
         for gs in range(0, gallery.shape[0], chunk_size):
             block = gallery[gs : gs + chunk_size]
             cols = torch.arange(gs, gs + block.shape[0], device=q.device)[None]
-            # The target's own column is excluded: a matmul and a dot product may round differently.
-            above = (similarities(q, block) > t) & (cols != own)
+            at_least = (similarities(q, block) >= t[:, None]) & (cols != own[:, None])
             if skip is not None:
-                above &= cols != skip
-            counts[qs : qs + chunk_size] += above.sum(1)
+                at_least &= cols != skip
+            counts[qs : qs + chunk_size] += at_least.sum(1)
     ranks[present] = counts[present]
+    return ranks
+
+
+def faiss_target_ranks(queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor, depth: int,
+                       exclude_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The pessimistic ranks of ``target_ranks`` from a faiss flat index's top list, exact below
+    ``depth``; a target ranked ``depth`` or lower (or absent) gets ``depth``.
+
+    The list is fetched one longer than ``depth`` (two with an excluded source), and the target's
+    score is the one faiss reports for it there, so ties are judged on faiss's own arithmetic: an
+    item missing from the list with a score equal to the target's implies that every listed item
+    scores at least that much, and the count then reaches ``depth`` anyway.
+    """
+    n = queries.shape[0]
+    ranks = torch.full((n,), depth, dtype=torch.long)
+    if n == 0 or gallery.shape[0] == 0:
+        return ranks
+    length = depth + 1 + (1 if exclude_index is not None else 0)
+    scores, idx = topk(queries, gallery, length, backend="faiss")
+    own = target_index.cpu()[:, None]
+    is_target = idx == own
+    found = is_target.any(1) & (own[:, 0] >= 0)
+    t = torch.where(is_target, scores, torch.full_like(scores, -torch.inf)).amax(1)
+    others = (idx >= 0) & ~is_target
+    if exclude_index is not None:
+        others &= idx != exclude_index.cpu()[:, None]
+    counted = (others & (scores >= t[:, None])).sum(1)
+    ranks[found] = counted[found].clamp(max=depth)
     return ranks
 
 

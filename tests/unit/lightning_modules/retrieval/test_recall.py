@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.schema import stable_id
-from lightning_modules.retrieval.recall import RecallAtK
+from lightning_modules.retrieval.recall import NonFiniteEmbeddings, RecallAtK, subset_tensor
 from lightning_modules.retrieval.search import target_ranks, topk
 
 
@@ -184,3 +184,154 @@ def test_maxsim_search_in_bounded_blocks_matches_the_full_score_matrix(monkeypat
     s, i = topk(q, g, 4)
     ref_s, ref_i = full.topk(4, dim=1)
     assert torch.equal(i, ref_i) and torch.allclose(s, ref_s, atol=1e-6)
+
+
+# -- ties, degenerate models, reference lines -------------------------------------------------------
+
+def _pessimistic_ranks(scores: torch.Tensor, target: torch.Tensor,
+                       excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Brute force: items other than the target (and the excluded one) scoring at least the target's."""
+    n, m = scores.shape
+    ranks = []
+    for i in range(n):
+        t = scores[i, target[i]]
+        others = [j for j in range(m) if j != target[i] and (excluded is None or j != excluded[i])]
+        ranks.append(sum(bool(scores[i, j] >= t) for j in others))
+    return torch.tensor(ranks)
+
+
+def _constant_and_zero(n: int, dim: int = 8) -> dict[str, torch.Tensor]:
+    return {"constant": F.normalize(torch.ones(n, dim), dim=-1), "zero": torch.zeros(n, dim)}
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("kind", ["constant", "zero"])
+@pytest.mark.parametrize("remove_source", [False, True])
+def test_a_collapsed_model_scores_zero_not_one(backend: str, kind: str, remove_source: bool) -> None:
+    """200 queries, 200 products, every embedding equal: every item ties with the target, so the
+    target ranks last. The old rule (only strictly higher items count) gave R@1 = R@10 = 1.0."""
+    emb = _constant_and_zero(200)[kind]
+    ids, ds = torch.arange(200), torch.zeros(200, dtype=torch.long)
+    metric = RecallAtK(top_k=(1, 5, 10), backend=backend, remove_source=remove_source)
+    metric.update(emb, ids, ds, gallery=True)
+    metric.update(emb, ids.roll(1), ds, gallery=False, source_ids=ids)
+    out = metric.compute()
+    for k in (1, 5, 10):
+        assert out[f"recall_at_{k}"] == 0.0 and out[f"text_blind/recall_at_{k}"] == 0.0
+    assert out["score"] == 0.0
+    assert out["chance/recall_at_10"] == pytest.approx(10 / (199 if remove_source else 200))
+
+
+def test_a_collapsed_multi_vector_model_scores_zero() -> None:
+    g = torch.ones(50, 3, 4)
+    g[::2, 2] = torch.nan  # padded views stay allowed
+    metric = RecallAtK(top_k=(1, 10))
+    metric.update(g, torch.arange(50), torch.zeros(50, dtype=torch.long), gallery=True)
+    metric.update(torch.ones(50, 2, 4), torch.arange(50), torch.zeros(50, dtype=torch.long), gallery=False)
+    assert metric.compute()["recall_at_10"] == 0.0
+
+
+@pytest.mark.parametrize("where", ["query", "gallery"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_embeddings_stop_the_evaluation_in_one_line(where: str, value: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    g, q = torch.randn(40, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    bad = q if where == "query" else g
+    bad[3:6, 1] = value
+    metric = RecallAtK(dataset_names=["shirts"], label="val")
+    metric.update(g, torch.arange(40), torch.zeros(40, dtype=torch.long), gallery=True)
+    metric.update(q, torch.arange(30), torch.zeros(30, dtype=torch.long), gallery=False)
+    with pytest.raises(NonFiniteEmbeddings) as err:
+        metric.compute()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("val: 3 of ") and f"{where} embeddings" in message
+    assert "'shirts'" in message
+
+
+def test_a_multi_vector_product_with_no_real_view_is_not_finite() -> None:
+    g = torch.randn(10, 3, 4)
+    g[4] = torch.nan
+    metric = RecallAtK()
+    metric.update(g, torch.arange(10), torch.zeros(10, dtype=torch.long), gallery=True)
+    metric.update(torch.randn(5, 2, 4), torch.arange(5), torch.zeros(5, dtype=torch.long), gallery=False)
+    with pytest.raises(NonFiniteEmbeddings, match="1 of 10 gallery"):
+        metric.compute()
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("remove_source", [False, True])
+def test_exact_ties_rank_above_the_target_as_brute_force_says(backend: str, remove_source: bool) -> None:
+    """Small-integer embeddings make exact ties common; ranks follow the pessimistic brute force."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randint(-1, 2, (60, 3), generator=gen).float()
+    q = torch.randint(-1, 2, (80, 3), generator=gen).float()
+    tgt, src = torch.randint(0, 60, (80,), generator=gen), torch.randint(0, 60, (80,), generator=gen)
+    src[tgt == src] = (src[tgt == src] + 1) % 60
+    metric = RecallAtK(top_k=(1, 3, 10), backend=backend, remove_source=remove_source, chunk_size=7)
+    metric.update(g, torch.arange(60), torch.zeros(60, dtype=torch.long), gallery=True)
+    metric.update(q, tgt, torch.zeros(80, dtype=torch.long), gallery=False, source_ids=src)
+    out = metric.compute()
+    ref = _pessimistic_ranks(q @ g.T, tgt, src if remove_source else None)
+    blind = _pessimistic_ranks(g[src] @ g.T, tgt, src if remove_source else None)
+    for k in (1, 3, 10):
+        assert out[f"recall_at_{k}"].item() == pytest.approx((ref < k).float().mean().item())
+        assert out[f"text_blind/recall_at_{k}"].item() == pytest.approx((blind < k).float().mean().item())
+    assert (ref == 0).float().mean() < out["recall_at_10"] < 1  # ties present, not degenerate
+
+
+@pytest.mark.parametrize("size", [3, 10, 11])
+def test_faiss_removing_the_source_from_a_gallery_smaller_than_k(size: int) -> None:
+    """A gallery holding at most max(K) products: every list is the whole gallery (was a crash)."""
+    gen = torch.Generator().manual_seed(1)
+    g = F.normalize(torch.randn(size, 6, generator=gen), dim=-1)
+    q = F.normalize(torch.randn(20, 6, generator=gen), dim=-1)
+    tgt, src = torch.randint(0, size, (20,), generator=gen), torch.randint(0, size, (20,), generator=gen)
+    outs = []
+    for backend in ("torch", "faiss"):
+        metric = RecallAtK(top_k=(1, 5, 10), backend=backend, remove_source=True)
+        metric.update(g, torch.arange(size), torch.zeros(size, dtype=torch.long), gallery=True)
+        metric.update(q, tgt, torch.zeros(20, dtype=torch.long), gallery=False, source_ids=src)
+        outs.append(metric.compute())
+    for key in ("recall_at_1", "recall_at_5", "recall_at_10", "text_blind/recall_at_1"):
+        assert outs[0][key] == outs[1][key]
+
+
+def test_ids_equal_modulo_two_to_the_forty_stay_two_products() -> None:
+    """Deduplication keys on the whole (dataset, id) pair: ids 5 and 5 + 2**40 are two products."""
+    metric = RecallAtK(top_k=(1,))
+    ids = torch.tensor([5, 5 + 2**40, 5])  # the third is a DDP duplicate of the first
+    metric.update(torch.eye(3), ids, torch.zeros(3, dtype=torch.long), gallery=True)
+    _, g_ids, _ = metric.gallery()
+    assert sorted(g_ids.tolist()) == [5, 5 + 2**40]
+
+
+def test_recall_subset_and_view_incomplete_lines_against_brute_force() -> None:
+    gen = torch.Generator().manual_seed(4)
+    g = F.normalize(torch.randn(40, 8, generator=gen), dim=-1)
+    groups = [list(range(s, s + 5)) for s in range(0, 40, 5)]  # 8 groups of near-duplicates
+    tgt = torch.tensor([groups[i % 8][(i * 3) % 5] for i in range(32)])
+    src = torch.tensor([groups[i % 8][(i * 3 + 1) % 5] for i in range(32)])
+    q = F.normalize(g[tgt] + 0.8 * torch.randn(32, 8, generator=gen), dim=-1)
+    subsets = subset_tensor([[m for m in groups[i % 8] if m != int(src[i])] for i in range(32)])
+    flags = (torch.arange(32) % 3 == 0).long()
+    metric = RecallAtK(top_k=(1, 5), remove_source=True)
+    metric.update(g, torch.arange(40), torch.zeros(40, dtype=torch.long), gallery=True)
+    metric.update(q, tgt, torch.zeros(32, dtype=torch.long), gallery=False, source_ids=src, subsets=subsets,
+                  flags=flags)
+    out = metric.compute()
+    for name, queries in (("", q), ("text_blind/", g[src])):
+        sub = []
+        for i in range(32):
+            members = [m for m in groups[i % 8] if m != int(src[i])]
+            s = queries[i] @ g[members].T
+            t = float(queries[i] @ g[tgt[i]])
+            sub.append(sum(float(x) >= t for m, x in zip(members, s, strict=True) if m != int(tgt[i])))
+        sub_t = torch.tensor(sub)
+        for k in (1, 2, 3):
+            assert out[f"{name}recall_subset_at_{k}"].item() == pytest.approx((sub_t < k).float().mean().item())
+        full = _pessimistic_ranks(queries @ g.T, tgt, src)
+        for k in (1, 5):
+            want = (full[flags.bool()] < k).float().mean().item()
+            assert out[f"view_incomplete/{name}recall_at_{k}"].item() == pytest.approx(want)
+    assert out["view_incomplete/queries"] == 11 and out["subset/queries"] == 32
+    assert out["text_blind/recall_subset_at_1"] < 0.5 < out["recall_subset_at_1"]
