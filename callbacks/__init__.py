@@ -1,5 +1,6 @@
 """Lightning callbacks and logging glue of fashion-cir."""
 
+from .best_checkpoint import BestCheckpoint
 from .cot_schedule import CoTSchedule
 from .data_health import SkippedSamplesLogger
 from .eval_artifacts import EvalArtifacts
@@ -10,6 +11,6 @@ from .speedups import Speedups
 from .stage_switch import StageSwitch
 from .submission import RetrievalSubmission
 
-__all__ = ["DEFAULT_TRACKING_URI", "CoTSchedule", "EvalArtifacts", "LogConfigToMLflow", "MLflowLogger", "MetricsTable",
-           "RetrievalSubmission", "RunTags", "SkippedSamplesLogger",
-           "Speedups", "StageSwitch"]
+__all__ = ["DEFAULT_TRACKING_URI", "BestCheckpoint", "CoTSchedule", "EvalArtifacts", "LogConfigToMLflow",
+           "MLflowLogger", "MetricsTable", "RetrievalSubmission", "RunTags", "SkippedSamplesLogger", "Speedups",
+           "StageSwitch"]

@@ -27,9 +27,14 @@ from datamodules.schema import stable_id
 from lightning_modules.core.checkpoints import checkpoint_metadata
 from lightning_modules.core.interfaces import Retriever
 from lightning_modules.retrieval import similarities
+from lightning_modules.retrieval.recall import REFERENCE_LINES
 
-_PER_DATASET = re.compile(r"^(?P<stage>val|test)/(?P<ds>[\w\-]+)/(?P<name>\w+)$")
-_OVERALL = re.compile(r"^(?P<stage>val|test)/(?P<name>(mean_)?recall_at_\d+|score|loss)$")
+_LINES = "|".join(REFERENCE_LINES)
+# ``val/<dataset>/recall_at_5``, ``val/<dataset>/text_blind/recall_at_5``: a reference line's prefix
+# is never read as a dataset name.
+_PER_DATASET = re.compile(rf"^(?P<stage>val|test)/(?P<ds>(?!(?:{_LINES})/)[\w\-]+)/(?P<name>(?:(?:{_LINES})/)?\w+)$")
+_OVERALL = re.compile(rf"^(?P<stage>val|test)/(?P<name>(?:(?:{_LINES})/)*(?:(?:mean_)?recall(?:_subset)?_at_\d+|score"
+                      r"|queries)|loss)$")
 
 
 def config_hash(pl_module: LightningModule, trainer: Trainer) -> str:
@@ -112,6 +117,35 @@ def retrieval_picture(rows: list[dict[str, Any]], thumb: int = 96, font_size: in
     return canvas
 
 
+def recall_curves_picture(curves: dict[str, dict[str, Any]], max_k: int, path: Path) -> None:
+    """Recall@K for K = 1..``max_k`` per dataset from 0-based target ranks: the model, its text-blind
+    line and chance (K / gallery), one panel per dataset, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    names = sorted(curves)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    ks = torch.arange(1, max_k + 1)
+    for ax, name in zip(axes[0], names, strict=True):
+        entry = curves[name]
+        for key, label, style in (("model", "model", "-"), ("text_blind", "text-blind (source only)", "--")):
+            ranks = entry[key].cpu()
+            if len(ranks):
+                ax.plot(ks, [(ranks < k).float().mean().item() for k in ks], style, label=label)
+        size = max(1, int(entry["gallery_size"]))
+        ax.plot(ks, [min(1.0, k / size) for k in ks.tolist()], ":", color="grey", label=f"chance (gallery {size})")
+        ax.set(title=name, xlabel="K", ylabel="Recall@K", ylim=(0, 1.02), xlim=(1, max_k))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 class EvalArtifacts(Callback):
     """Writes ``eval_results.json`` (and a retrieval PNG) after validate/test and at the end of fit.
 
@@ -144,6 +178,10 @@ class EvalArtifacts(Callback):
         tmp = files[0].with_suffix(".tmp")  # a killed job leaves the previous results whole
         tmp.write_text(json.dumps(results, indent=2))
         tmp.replace(files[0])
+        curves = getattr(pl_module, "last_ranks", None)
+        if curves and isinstance(pl_module, Retriever):
+            files.append(folder / "recall_curves.png")
+            recall_curves_picture(curves, max(pl_module.evaluation.top_k), files[-1])
         if picture and self.examples > 0:
             img = self.picture(trainer, pl_module, results["split"])
             if img is not None:

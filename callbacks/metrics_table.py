@@ -1,4 +1,5 @@
-"""Prints the final evaluation metrics as a small table, with the chance level next to each recall."""
+"""Prints the final evaluation metrics as a small table: each recall beside its reference lines,
+the model's own text-blind line (the query without its text) and chance."""
 
 from __future__ import annotations
 
@@ -7,12 +8,30 @@ import re
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-_RECALL = re.compile(r"^(?P<stage>\w+)/(?:(?P<ds>[\w\-]+)/)?recall_at_(?P<k>\d+)$")
+from lightning_modules.retrieval.recall import REFERENCE_LINES
+
+_LINES = "|".join(REFERENCE_LINES)
+_RECALL = re.compile(rf"^(?P<stage>\w+)/(?:(?P<ds>(?!(?:{_LINES})/)[\w\-]+)/)?recall_at_(?P<k>\d+)$")
 
 
 def chance_recall(k: int, gallery_size: float) -> float:
     """Expected hit rate of a random ranking: K / |gallery| (capped at 1)."""
     return min(1.0, k / gallery_size) if gallery_size > 0 else float("nan")
+
+
+def _chance(metrics: dict[str, float], stage: str, ds: str | None, k: int) -> float:
+    """The logged chance line where the evaluation wrote one (it knows about removed sources), else
+    K / gallery (query-weighted over datasets for the pooled row)."""
+    logged = metrics.get(f"{stage}/{ds}/chance/recall_at_{k}" if ds else f"{stage}/chance/recall_at_{k}")
+    if logged is not None:
+        return logged
+    if ds is not None:
+        return chance_recall(k, metrics.get(f"{stage}/{ds}/gallery_size", 0.0))
+    sizes = {n.split("/")[1]: v for n, v in metrics.items()
+             if n.startswith(f"{stage}/") and n.endswith("/gallery_size")}
+    counts = {d: metrics.get(f"{stage}/{d}/queries", 0.0) for d in sizes}
+    total = sum(counts.values())
+    return (sum(counts[d] * chance_recall(k, sizes[d]) for d in sizes) / total) if total else float("nan")
 
 
 def format_table(metrics: dict[str, float], stage: str = "val") -> str:
@@ -22,27 +41,25 @@ def format_table(metrics: dict[str, float], stage: str = "val") -> str:
         if not m or m["stage"] != stage:
             continue
         ds, k = m["ds"], int(m["k"])
-        if ds is not None:
-            chance = chance_recall(k, metrics.get(f"{stage}/{ds}/gallery_size", 0.0))
-        else:  # all queries: chance is the query-weighted mean over datasets
-            sizes = {n.split("/")[1]: v for n, v in metrics.items()
-                     if n.startswith(f"{stage}/") and n.endswith("/gallery_size")}
-            counts = {d: metrics.get(f"{stage}/{d}/queries", 0.0) for d in sizes}
-            total = sum(counts.values())
-            chance = (sum(counts[d] * chance_recall(k, sizes[d]) for d in sizes) / total) if total else float("nan")
-        rows.append((ds or "all", k, value, chance))
+        blind = metrics.get(f"{stage}/{ds}/text_blind/recall_at_{k}" if ds else f"{stage}/text_blind/recall_at_{k}",
+                            float("nan"))
+        rows.append((ds or "all", k, value, blind, _chance(metrics, stage, ds, k)))
     if not rows:
         return f"(no {stage} recall metrics were logged)"
     rows.sort(key=lambda r: (r[0] != "all", r[0], r[1]))
-    lines = [f"{'dataset':<16} {'K':>3} {'recall':>8} {'chance':>8} {'× chance':>9}", "-" * 48]
-    for ds, k, value, chance in rows:
-        ratio = value / chance if chance and chance == chance else float("nan")
-        lines.append(f"{ds:<16} {k:>3} {value:>8.4f} {chance:>8.4f} {ratio:>9.1f}")
+    lines = [f"{'dataset':<16} {'K':>3} {'recall':>8} {'text-blind':>10} {'chance':>8} {'gain':>8}", "-" * 58]
+    for ds, k, value, blind, chance in rows:
+        lines.append(f"{ds:<16} {k:>3} {value:>8.4f} {blind:>10.4f} {chance:>8.4f} {value - blind:>+8.4f}")
+    extra = [(n.split("/", 1)[1], v) for n, v in sorted(metrics.items())
+             if n.startswith(f"{stage}/") and ("recall_subset_at_" in n or n.startswith(f"{stage}/view_incomplete/"))]
+    if extra:
+        lines += ["", *(f"{n:<40} {v:>8.4f}" for n, v in extra)]
+    lines.append("(gain: recall minus the text-blind line, i.e. what reading the text adds)")
     return "\n".join(lines)
 
 
 class MetricsTable(Callback):
-    """At the end of fit/validate/test, prints Recall@K per dataset against chance."""
+    """At the end of fit/validate/test, prints Recall@K per dataset beside text-blind and chance."""
 
     def __init__(self, stage: str = "val") -> None:
         self.stage = stage

@@ -5,7 +5,9 @@
     cir compare --experiment fashioniq --layout fashioniq             # the LLaVA paper's Table 1
 
 ``--layout runs`` (the default, an ablation table): one row per run with its name, the variant
-switches (MLflow tags ``variant.*``, ✓ when on), Recall@K per dataset, their average, and wall time.
+switches (MLflow tags ``variant.*``, ✓ when on), Recall@K per dataset, their average, the same
+average of the run's own text-blind line (``val/<dataset>/text_blind/recall_at_K``: the query
+without its text), the gain over it (what reading the text adds, in points), and wall time.
 ``--layout table2``: model, parameters, multi-view strategy (the runs' ``model``, ``parameters``
 and ``strategy`` tags), R@5 and R@10 per dataset, their averages over datasets and the overall
 average. ``--layout fashioniq``: the same with R@10 and R@50 per category. The best value of each
@@ -21,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from callbacks.mlflow_logging import resolve_tracking_uri
+from lightning_modules.retrieval.recall import REFERENCE_LINES
 
 from .args import command_parser, parse
 from .reported import TABLE2, table2_recalls
 
-_RECALL = re.compile(r"^val/(?P<ds>[\w\-]+)/recall_at_(?P<k>\d+)$")
+_LINES = "|".join(REFERENCE_LINES)
+# ``val/<dataset>/recall_at_K``; ``val/text_blind/recall_at_K`` and the other reference lines are not datasets.
+_RECALL = re.compile(rf"^val/(?P<ds>(?!(?:{_LINES})/)[\w\-]+)/recall_at_(?P<k>\d+)$")
 
 
 def _switch(value: str) -> str:
@@ -96,18 +101,27 @@ def build_table(runs: list[Any], ks: list[int]) -> tuple[list[str], list[list[st
     switches = sorted({k.removeprefix("variant.") for r in runs for k in r.data.tags if k.startswith("variant.")})
     datasets = sorted({m["ds"] for r in runs for key in r.data.metrics if (m := _RECALL.match(key))})
     metric_cols = [f"{ds} R@{k}" for ds in datasets for k in ks]
-    header = ["run", "stage", "family", *switches, *metric_cols, "avg", "minutes"]
+    header = ["run", "stage", "family", *switches, *metric_cols, "avg", "text-blind avg", "gain", "minutes"]
     rows: list[list[Any]] = []
     for r in runs:
         values = [r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets for k in ks]
-        present = [v for v in values if v is not None]
-        avg = sum(present) / len(present) if present else None
+        avg = _mean(values)
+        # The gain is taken over the cells where both lines were logged (runs from before the
+        # text-blind line have none: blank, not a made-up zero).
+        pairs = [(v, r.data.metrics.get(f"val/{ds}/text_blind/recall_at_{k}"))
+                 for (ds, k), v in zip([(d, k) for d in datasets for k in ks], values, strict=True)]
+        pairs = [(v, b) for v, b in pairs if v is not None and b is not None]
+        blind = _mean([b for _, b in pairs])
+        gain = _mean([v for v, _ in pairs]) - blind if blind is not None else None
         minutes = (r.info.end_time - r.info.start_time) / 60000 if r.info.end_time else None
         rows.append([r.info.run_name or r.info.run_id[:8], r.data.tags.get("stage", ""), r.data.tags.get("family", ""),
-                     *(_switch(r.data.tags.get(f"variant.{s}", "")) for s in switches), *values, avg, minutes])
+                     *(_switch(r.data.tags.get(f"variant.{s}", "")) for s in switches), *values, avg, blind, gain,
+                     minutes])
     first_metric = 3 + len(switches)
     n_metrics = len(metric_cols) + 1
-    return header, _mark_best(rows, first_metric, n_metrics, first_metric + n_metrics), [*metric_cols, "avg"]
+    percent_until = first_metric + n_metrics + 2  # the text-blind average and the gain are recalls too
+    return (header, _mark_best(rows, first_metric, n_metrics, percent_until),
+            [*metric_cols, "avg"])
 
 
 def to_markdown(header: list[str], rows: list[list[str]]) -> str:

@@ -2,7 +2,11 @@
 
 Dataloader 0 of an evaluation is the gallery, dataloader 1 the queries. Gallery products are
 embedded with ``encode_target``, queries with the shared step; ``RecallAtK`` gathers both and
-scores each query in its own dataset's gallery at the end of the epoch.
+scores each query in its own dataset's gallery at the end of the epoch, beside the reference
+lines a sceptic asks for: ``text_blind/`` (the source product's own embedding as the query),
+``chance/``, and on generated data ``recall_subset_at_K`` and ``view_incomplete/``. A query's
+Recall_subset group and view-incompleteness come from its triplet (``subset_ids``,
+``view_incomplete``); real datasets have neither.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from torch import nn
 
 from datamodules.schema import stable_id
 
-from ..retrieval.recall import GalleryProtocol, RecallAtK
+from ..retrieval.recall import GalleryProtocol, RecallAtK, subset_tensor
 from ..retrieval.search import Backend
 from .contract import Products
 
@@ -30,11 +34,12 @@ class RetrievalEval:
         top_k: the K of Recall@K.
         score_k: K values whose dataset-averaged recalls are averaged into ``val/score``.
         gallery_protocol: ``all`` products of the query's dataset, or only those some query uses.
-        remove_source: exclude each query's source product from its ranking.
-        backend: ``torch``: exact rank counting (a tie goes to the target, the same on CPU and GPU);
-            ``faiss``: a flat index's top-k; ``auto``: faiss for single vectors on the CPU, torch
-            elsewhere. Measured at parity on the CPU (``benchmarks/search_backends.py``), so the
-            default is the one whose numbers do not depend on the device.
+        remove_source: exclude each query's source product from its ranking (CIRR's rule; the
+            generated data's default in ``configs/eval/generated.yaml``; FashionIQ and FashionMV keep it).
+        backend: ``torch``: exact rank counting (a tie never goes to the target, the same on CPU and
+            GPU); ``faiss``: a flat index's top list, same rule; ``auto``: faiss for single vectors on
+            the CPU, torch elsewhere. Measured at parity on the CPU (``benchmarks/search_backends.py``),
+            so the default is the one whose numbers do not depend on the device.
         examples: queries drawn in the retrieval picture logged after evaluation (0: none).
     """
 
@@ -56,9 +61,9 @@ class RetrievalEval:
         if problems:
             raise ValueError("model.init_args.evaluation: " + "; ".join(problems))
 
-    def metric(self) -> RecallAtK:
+    def metric(self, label: str = "evaluation") -> RecallAtK:
         return RecallAtK(top_k=self.top_k, score_k=self.score_k, gallery_protocol=self.gallery_protocol,
-                         remove_source=self.remove_source, backend=self.backend)
+                         remove_source=self.remove_source, backend=self.backend, label=label)
 
     def protocol(self) -> dict[str, Any]:
         """The settings that decide what a number means, for ``eval_results.json``."""
@@ -73,13 +78,16 @@ class GalleryEvaluation:
     recall: nn.ModuleDict
     dataset_names: list[str]
     last_gallery: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    last_ranks: dict[str, dict[str, Any]]
 
     def _init_evaluation(self, evaluation: RetrievalEval | None) -> None:
         self.evaluation = evaluation or RetrievalEval()
         self.dataset_names = []
-        self.recall = nn.ModuleDict({split: self.evaluation.metric() for split in ("val", "test")})
+        self.recall = nn.ModuleDict({split: self.evaluation.metric(split) for split in ("val", "test")})
         # The last evaluated gallery, kept for callbacks (retrieval pictures, indexes) until read.
         self.last_gallery = None
+        # Per dataset, the model's and the text-blind line's target ranks (Recall@K curves).
+        self.last_ranks = {}
 
     # -- hooks a family may extend --------------------------------------------------------------
     def after_gallery_batch(self, products: Products, embedding: torch.Tensor, split: Split,
@@ -110,8 +118,13 @@ class GalleryEvaluation:
             self.after_gallery_batch(products, emb, split, ids, datasets)
         else:
             emb, _ = self.model_step(batch, split)
+            triplets = [m.get("triplet", {}) if isinstance(m, dict) else {} for m in batch.get("meta") or []]
+            groups = [[stable_id(i) for i in t.get("subset_ids") or []] for t in triplets]
+            subsets = subset_tensor(groups, self.device) if any(groups) else None
+            flags = (torch.tensor([bool(t.get("view_incomplete")) for t in triplets], device=self.device)
+                     if triplets else None)
             metric.update(emb, self.id_tensor(batch["target_id"]), datasets, gallery=False,
-                          source_ids=self.id_tensor(batch["source_id"]))
+                          source_ids=self.id_tensor(batch["source_id"]), subsets=subsets, flags=flags)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self.evaluation_step(batch, "val")
@@ -127,6 +140,7 @@ class GalleryEvaluation:
                 self.log(f"{split}/{name}", value, prog_bar=name == "recall_at_10", sync_dist=False,
                          add_dataloader_idx=False, rank_zero_only=False)
             self.last_gallery = metric.gallery()
+            self.last_ranks = metric.last_ranks
             metric.reset()
         self.after_evaluation(split)
 

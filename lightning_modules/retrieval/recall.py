@@ -31,6 +31,8 @@ GalleryProtocol = Literal["all", "queries"]
 SUBSET_WIDTH = 16  # ids a query's Recall_subset group may hold (fixed so DDP can concatenate the state)
 SUBSET_K = (1, 2, 3)  # CIRR's K for Recall_subset
 MISS = torch.iinfo(torch.long).max  # the rank of a query that cannot be answered (no gallery, no source)
+# Metric-name prefixes of the reference lines: never dataset names in a ``{split}/{name}/...`` key.
+REFERENCE_LINES = ("text_blind", "chance", "view_incomplete", "subset")
 
 
 class NonFiniteEmbeddings(ValueError):
@@ -67,7 +69,8 @@ class RecallAtK(Metric):
       unweighted mean over datasets), and ``score``: the mean of ``mean_recall_at_{k}`` over
       ``score_k`` (FashionIQ: (R@10 + R@50) / 2; FashionMV: the average of R@5 and R@10);
     - the same under ``text_blind/`` (queries whose source product is in the gallery, embedded as a
-      gallery product: what ignoring the text achieves) and ``chance/`` (K / gallery, per query);
+      gallery product: what ignoring the text achieves) and ``chance/`` (K / gallery, per query),
+      ``text_blind/score`` and ``chance/score`` included;
     - ``recall_subset_at_{1,2,3}`` and ``text_blind/recall_subset_at_*`` for queries with a group;
     - ``view_incomplete/recall_at_{k}`` and its text-blind line for queries flagged view-incomplete;
     - gallery and query counts per dataset.
@@ -209,13 +212,15 @@ class RecallAtK(Metric):
         for key, values in pooled.items():
             flat = torch.cat(values)
             if key.endswith("queries"):
-                out[key] = flat.float().sum()
+                if key == "text_blind/queries" or flat.any():  # no subset or flag: the line does not exist
+                    out[key] = flat.float().sum()
             elif len(flat):
                 out[key] = flat.float().mean()
         for key, means in per_dataset.items():
             out[f"mean_{key}" if "/" not in key else f"{key.rsplit('/', 1)[0]}/mean_{key.rsplit('/', 1)[1]}"] = (
                 torch.stack(means).mean())
-        out["score"] = torch.stack([out[f"mean_recall_at_{k}"] for k in self.score_k]).mean()
+        for prefix in ("", "text_blind/", "chance/"):
+            out[f"{prefix}score"] = torch.stack([out[f"{prefix}mean_recall_at_{k}"] for k in self.score_k]).mean()
         return out
 
     def _ranks(self, queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor,

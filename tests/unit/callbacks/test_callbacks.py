@@ -24,15 +24,20 @@ def test_tracking_uri_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_tracking_uri("http://server:5000") == "http://server:5000"
 
 
-def test_metrics_table_reports_chance() -> None:
+def test_metrics_table_reports_text_blind_and_chance() -> None:
     metrics = {"val/recall_at_10": 0.5, "val/a/recall_at_10": 0.6, "val/a/gallery_size": 100.0,
                "val/a/queries": 30.0, "val/b/recall_at_10": 0.4, "val/b/gallery_size": 50.0,
-               "val/b/queries": 10.0}
+               "val/b/queries": 10.0, "val/a/text_blind/recall_at_10": 0.25, "val/text_blind/recall_at_10": 0.3,
+               "val/b/chance/recall_at_10": 10 / 49, "val/text_blind/recall_at_5": 0.1,
+               "val/recall_subset_at_1": 0.7}
     table = format_table(metrics)
-    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:]}
-    assert float(rows["a"][3]) == pytest.approx(0.1) and float(rows["b"][3]) == pytest.approx(0.2)
-    assert float(rows["all"][3]) == pytest.approx((30 * 0.1 + 10 * 0.2) / 40)
-    assert float(rows["a"][4]) == pytest.approx(6.0)
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:] if line and line[0] != "("}
+    # a: K / gallery; b: the logged chance line (its source removed); all: query-weighted K / gallery
+    assert float(rows["a"][4]) == pytest.approx(0.1) and float(rows["b"][4]) == pytest.approx(10 / 49, abs=1e-4)
+    assert float(rows["all"][4]) == pytest.approx((30 * 0.1 + 10 * 0.2) / 40)
+    assert float(rows["a"][3]) == 0.25 and float(rows["a"][5]) == pytest.approx(0.35)
+    assert float(rows["all"][5]) == pytest.approx(0.2)
+    assert "text_blind" not in rows and "recall_subset_at_1" in rows  # a reference line is not a dataset
 
 
 def test_cot_keep_ratio_schedule() -> None:
