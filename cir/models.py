@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
 from datamodules import SyntheticDataModule
 from datamodules.interfaces import RetrievalData
 from datamodules.shards import MANIFEST
+from lightning_modules.backbones.images import open_upright
 from lightning_modules.core import Products, Retriever, load_weights, state_dict_of
 from lightning_modules.core.adapters import LoraConfigured, apply_lora, has_lora_weights, merge_lora
 
@@ -92,8 +92,9 @@ def encode_gallery(model: Retriever, dm: RetrievalData, split: str) -> tuple[tor
 
 
 def query_batch(dm: RetrievalData, images: list[str], text: str) -> dict[str, Any]:
-    """A one-query triplet batch from image files, preprocessed as the model's data is."""
-    views = [dm.image_transform(Image.open(p).convert("RGB")) for p in images]
+    """A one-query triplet batch from image files (upright, as their EXIF orientation says),
+    preprocessed as the model's data is."""
+    views = [dm.image_transform(open_upright(p)) for p in images]
     # Tensor views stack into [1, V, 3, H, W]; Qwen's variable-size patch grids stay a list.
     return {"source_images": torch.stack(views)[None] if isinstance(views[0], torch.Tensor) else [views],
             "source_mask": torch.ones(1, len(images), dtype=torch.bool), "text": [text]}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.schema import MAX_VIEWS
+from lightning_modules.backbones.images import upright
 
 FORMATS = ("JPEG", "PNG", "WEBP")  # what product photos come as; PIL's other readers stay closed
 
@@ -54,13 +55,18 @@ class Limits:
         return k
 
     def image(self, name: str, data: bytes) -> Image.Image:
-        """An uploaded view as RGB, or a ``BadInput`` naming the file."""
+        """An uploaded view as upright RGB (its EXIF orientation applied, as a phone's viewer shows
+        it), or a ``BadInput`` naming the file."""
         if len(data) > self.max_image_bytes:
             raise BadInput(413, f"image {name!r} has {len(data)} bytes; at most {self.max_image_bytes} are accepted")
         if not data:
             raise BadInput(400, f"image {name!r} is empty")
         try:
             img = Image.open(io.BytesIO(data), formats=FORMATS)
+            # The stored size, from the header: a quarter turn swaps width and height, which changes
+            # neither the pixel count nor the long/short ratio, so these checks hold for the upright
+            # image too, and they run before anything is decoded (the orientation of a PNG is not
+            # known until it is).
             w, h = img.size
             if w * h > self.max_pixels:
                 raise BadInput(413, f"image {name!r} is {w}x{h} pixels; at most {self.max_pixels} pixels are accepted")
@@ -68,7 +74,7 @@ class Limits:
                 raise BadInput(400, f"image {name!r} is {w}x{h} pixels; one side may be at most {self.max_aspect:g} "
                                     "times the other")
             img.load()
-            return img.convert("RGB")
+            return upright(img).convert("RGB")
         except BadInput:
             raise
         except Image.DecompressionBombError:

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, Blip2Config, Blip2ForImageTextRetrieval,
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from .clip import HFImageTransform
+from .fast_transforms import BACKBONE_KEY, Preprocessing, check_preprocessing
 from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import BOS, EOS, build_word_tokenizer
 from .vocabulary import clip_words
@@ -95,11 +96,15 @@ class Blip2Backbone(nn.Module):
             written by ``save_pretrained``.
         max_text_length: texts are truncated and padded to this many tokens (SPRC: 32).
         trust_remote_code: passed to ``from_pretrained``; off unless you trust the source.
+        preprocessing: how ``image_transform`` turns views into pixels: ``fast`` (the default, for
+            training throughput) or ``exact`` (the processor's own values, for reproducing reported numbers).
     """
 
-    def __init__(self, name_or_path: str = "tiny", max_text_length: int = 32, trust_remote_code: bool = False) -> None:
+    def __init__(self, name_or_path: str = "tiny", max_text_length: int = 32, trust_remote_code: bool = False,
+                 preprocessing: Preprocessing = "fast") -> None:
         super().__init__()
         self.name_or_path = name_or_path
+        self.preprocessing = check_preprocessing(preprocessing, BACKBONE_KEY)
         self.max_text_length = max_text_length
         preset = get_preset("blip2", name_or_path)
         if preset is not None and preset.random_init:
@@ -162,7 +167,7 @@ class Blip2Backbone(nn.Module):
 
     @property
     def image_transform(self) -> HFImageTransform:
-        return HFImageTransform(self.processor)
+        return HFImageTransform(self.processor, self.preprocessing)
 
     @property
     def device(self) -> torch.device:

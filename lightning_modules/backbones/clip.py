@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from ..components.multiview import masked_mean
-from .fast_transforms import Preprocessing, clip_pixels
+from .fast_transforms import BACKBONE_KEY, Preprocessing, check_preprocessing, clip_pixels
 from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import build_word_tokenizer
 from .vocabulary import clip_words
@@ -28,7 +28,7 @@ class HFImageTransform:
 
     def __init__(self, processor: CLIPImageProcessorPil, preprocessing: Preprocessing = "fast") -> None:
         self.processor = processor
-        self.preprocessing = preprocessing
+        self.preprocessing = check_preprocessing(preprocessing)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         pixels = clip_pixels(img, self.processor, self.preprocessing)
@@ -43,11 +43,15 @@ class CLIPBackbone(nn.Module):
     Args:
         name_or_path: a preset name (``tiny``, ``clip-vit-b32``), a hub id or a local folder.
         trust_remote_code: passed to ``from_pretrained``; off unless you trust the source.
+        preprocessing: how ``image_transform`` turns views into pixels: ``fast`` (the default, for
+            training throughput) or ``exact`` (the processor's own values, for reproducing reported numbers).
     """
 
-    def __init__(self, name_or_path: str = "tiny", trust_remote_code: bool = False) -> None:
+    def __init__(self, name_or_path: str = "tiny", trust_remote_code: bool = False,
+                 preprocessing: Preprocessing = "fast") -> None:
         super().__init__()
         self.name_or_path = name_or_path
+        self.preprocessing = check_preprocessing(preprocessing, BACKBONE_KEY)
         preset = get_preset("clip", name_or_path)
         if preset is not None and preset.random_init:
             cfg = preset.config
@@ -79,7 +83,7 @@ class CLIPBackbone(nn.Module):
 
     @property
     def image_transform(self) -> HFImageTransform:
-        return HFImageTransform(self.processor)
+        return HFImageTransform(self.processor, self.preprocessing)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixel_values).pooler_output

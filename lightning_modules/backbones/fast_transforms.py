@@ -26,7 +26,7 @@ callers fall back to the processor itself.
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -36,12 +36,23 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from datamodules.fast_decode import Decoded, decode_at_least
 
 Preprocessing = Literal["fast", "exact"]
+PREPROCESSING: tuple[Preprocessing, ...] = ("fast", "exact")
+BACKBONE_KEY = "backbone.init_args.preprocessing"  # where a config sets it, whichever model holds the backbone
 
 # torch's antialiased kernels for PIL's filters (both use PIL's support and, for bicubic, a = -0.5).
 _TORCH_FILTERS = {
     Image.Resampling.BICUBIC: torch.ops.aten._upsample_bicubic2d_aa,
     Image.Resampling.BILINEAR: torch.ops.aten._upsample_bilinear2d_aa,
 }
+
+
+def check_preprocessing(value: object, where: str = "preprocessing") -> Preprocessing:
+    """``value`` when it names a mode, else a one-line error: any other string would otherwise fall
+    through to the ``fast`` branches silently (``Exact`` would not be exact)."""
+    if value not in PREPROCESSING:
+        raise ValueError(f"{where}={value!r}: choose 'fast' (uint8, reduced JPEG decoding; the default) "
+                         "or 'exact' (equal to the Hugging Face processor, for reproducing reported numbers)")
+    return cast(Preprocessing, value)
 
 
 def pixel_affine(processor: Any) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .fast_transforms import Preprocessing, qwen_patches
+from .fast_transforms import BACKBONE_KEY, Preprocessing, check_preprocessing, qwen_patches
 from .kernels import warn_if_slow
 from .registry import checkpoint_source, get_preset, hub_kwargs, load_error
 from .tokenizer import build_word_tokenizer
@@ -62,7 +62,7 @@ class QwenImageTransform:
 
     def __init__(self, processor: Qwen2VLImageProcessorPil, preprocessing: Preprocessing = "fast") -> None:
         self.processor = processor
-        self.preprocessing = preprocessing
+        self.preprocessing = check_preprocessing(preprocessing)
 
     def __call__(self, img: Image.Image) -> PatchedImage:
         img = img if img.mode == "RGB" else img.convert("RGB")  # alpha dropped, not composited, as before
@@ -120,13 +120,17 @@ class QwenBackbone(nn.Module):
         seed: seed of a random-init preset's weights.
         min_pixels, max_pixels: the range a view is resized into (default: the paper's 128² to 512²);
             fewer pixels, fewer image tokens (a view takes pixels / 32² of them).
+        preprocessing: how ``image_transform`` turns views into patches: ``fast`` (the default, for
+            training throughput; 1-2 uint8 levels off the processor) or ``exact`` (the processor's own
+            values, for reproducing reported numbers).
     """
 
     def __init__(self, name_or_path: str = "tiny", dtype: Dtype = "auto", trust_remote_code: bool = False,
                  gradient_checkpointing: bool = False, seed: int = 0, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> None:
+                 max_pixels: int = MAX_PIXELS, preprocessing: Preprocessing = "fast") -> None:
         super().__init__()
         self.name_or_path = name_or_path
+        self.preprocessing = check_preprocessing(preprocessing, BACKBONE_KEY)
         preset = get_preset("qwen3.5", name_or_path)
         if preset is not None and preset.random_init:
             self.tokenizer = tiny_tokenizer()
@@ -175,7 +179,7 @@ class QwenBackbone(nn.Module):
 
     @property
     def image_transform(self) -> QwenImageTransform:
-        return QwenImageTransform(self.processor)
+        return QwenImageTransform(self.processor, self.preprocessing)
 
     @property
     def vision_dtype(self) -> torch.dtype:

@@ -38,6 +38,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from .fast_transforms import BACKBONE_KEY, Preprocessing, check_preprocessing
 from .qwen import (
     IM_END,
     IM_START,
@@ -151,15 +152,18 @@ class VLEmbedderBackbone(nn.Module):
         seed: seed of a random-init preset's weights.
         init_device: where a random-weight preset is built (``cuda`` builds the 8B architecture in
             seconds, where the CPU takes minutes); its dtype is ``dtype`` (``auto``: float32).
+        preprocessing: how ``image_transform`` turns views into patches: ``fast`` (the default, for
+            training throughput) or ``exact`` (the processor's own values, for reproducing reported numbers).
     """
 
     def __init__(self, name_or_path: str = "tiny", family: Literal["qwen3-vl-embedding", "gme"] = "qwen3-vl-embedding",
                  card: str | None = None, dtype: Dtype = "auto", max_batch_tokens: int = 16384,
                  min_pixels: int | None = None, max_pixels: int | None = None, trust_remote_code: bool = False,
-                 seed: int = 0, init_device: str = "cpu") -> None:
+                 seed: int = 0, init_device: str = "cpu", preprocessing: Preprocessing = "fast") -> None:
         super().__init__()
         if max_batch_tokens < 1:
             raise ValueError(f"model.init_args.backbone.init_args.max_batch_tokens={max_batch_tokens}: must be >= 1")
+        self.preprocessing = check_preprocessing(preprocessing, BACKBONE_KEY)
         self.name_or_path = name_or_path
         self.family = family
         self.card = card_of(family, name_or_path, card)
@@ -226,7 +230,7 @@ class VLEmbedderBackbone(nn.Module):
 
     @property
     def image_transform(self) -> QwenImageTransform:
-        return QwenImageTransform(self.processor)
+        return QwenImageTransform(self.processor, self.preprocessing)
 
     def instruction(self, role: Role, override: str | None = None) -> str:
         if override is not None:

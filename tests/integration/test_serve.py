@@ -390,3 +390,49 @@ def test_llava_caption_service_queries_with_the_source_caption_against_brute_for
     answers = engine.run([good, Query("synth_studio", "x", 8, [Image.new("RGB", (0, 0))], None, ""), good])
     assert isinstance(answers[1], Exception) and isinstance(answers[0], Answer) and isinstance(answers[2], Answer)
     assert [pid for pid, _ in answers[0].results] == [r["id"] for r in got["results"]] and answers[0].batch_size == 2
+
+
+def _phone_photo(view: Image.Image) -> tuple[bytes, bytes, bytes]:
+    """``view`` as a phone stores a portrait: landscape pixels plus EXIF Orientation=6 (turn 90°
+    clockwise to show). Returns that JPEG, its own decode turned upright by hand and the same decode
+    left on its side, both as lossless PNGs that carry no orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the orientation tag
+    buf = io.BytesIO()
+    view.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    stored = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    pngs = []
+    for img in (stored.transpose(Image.Transpose.ROTATE_270), stored):
+        png = io.BytesIO()
+        img.save(png, "PNG")
+        pngs.append(png.getvalue())
+    return buf.getvalue(), pngs[0], pngs[1]
+
+
+@pytest.mark.slow
+def test_a_phone_photo_is_searched_upright_by_serve_and_cir_search_query(service: Service, small_data: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from cir.search import main as search_main
+
+    pid = _first_product(service.url, "synth_studio")
+    view = Image.open(io.BytesIO(get(f"{service.url}/images/synth_studio/0/{pid}")[1])).convert("RGB")
+    phone, upright, sideways = _phone_photo(view)
+    fields = {"text": "make it green with a long hem", "dataset": "synth_studio", "k": 7}
+    answers = {name: post(service.url, fields, [(f"{name}.img", data)])
+               for name, data in (("phone", phone), ("upright", upright), ("sideways", sideways))}
+    assert {status for status, _ in answers.values()} == {200}
+    results = {name: [(r["id"], r["score"]) for r in body["results"]] for name, (_, body) in answers.items()}
+    assert [i for i, _ in results["phone"]] == [i for i, _ in results["upright"]]
+    assert all(abs(a - b) <= 1e-5 for (_, a), (_, b) in zip(results["phone"], results["upright"], strict=True))
+    assert results["sideways"] != results["upright"]  # the turn matters to this model: the check is not vacuous
+
+    rows = {}
+    for name, data in (("phone", phone), ("upright", upright)):
+        path = service.folder / f"{name}.{'jpg' if name == 'phone' else 'png'}"
+        path.write_bytes(data)
+        capsys.readouterr()
+        search_main(["query", "--config", str(DEMO), "--ckpt", str(service.ckpt), "--index", str(service.index),
+                     "--images", str(path), "--text", fields["text"], "--dataset", "synth_studio", "-k", "7",
+                     "--", *data_args(small_data)])
+        rows[name] = [line.split()[1:] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert rows["phone"] == rows["upright"] and [r[1] for r in rows["phone"]] == [i for i, _ in results["upright"]]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ...backbones.images import open_upright
 from ...backbones.qwen import PatchedImage, QwenBackbone
 from ...backbones.qwen_chat import Dialogue
 from ...core.checkpoints import submodule_weights
@@ -67,13 +68,15 @@ class InteractiveEncoder:
         return self.model.device
 
     def views(self, source: Source) -> list[PatchedImage]:
+        """``source``'s views as patches; files are read upright (their EXIF orientation applied),
+        images given as PIL images are taken as they are."""
         transform = self.backbone.image_transform
         out = []
         for v in source:
             if isinstance(v, PatchedImage):
                 out.append(v)
             else:
-                out.append(transform(Image.open(v) if isinstance(v, str | Path) else v))
+                out.append(transform(open_upright(v) if isinstance(v, str | Path) else v))
         return out
 
     def _run(self, seq: Dialogue, cached: bool = False, **kw: Any) -> Any:
