@@ -2,21 +2,31 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch. Where pip would otherwise resolve a CUDA build (plain PyPI on Linux),
-# point TORCH_INDEX at a CPU wheel index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
-TORCH_SPEC ?= torch==2.13.0
+# The environment: every package pinned, resolved by `make lock` for Linux x86_64 and Python 3.11.
+# pyproject.toml keeps the library's ranges; an upstream release changes nothing here until the lock
+# is re-resolved on purpose.
+LOCK := requirements/lock.txt
+TORCH_PIN := requirements/torch.in
+# torch is installed before the lock so its build can be chosen: the lock pins the version only.
+# Where pip would otherwise resolve a CUDA build (plain PyPI on Linux), point TORCH_INDEX at a CPU
+# wheel index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu; `make lock` needs it there too.
+TORCH_SPEC ?= $(shell sed -n 's/^\(torch==[^ ;]*\).*/\1/p' $(LOCK))
 TORCH_INDEX ?=
+PIP_SPEC := $(shell sed -n 's/^\(pip==[^ ;]*\).*/\1/p' $(LOCK))
 STAMP := $(VENV)/.installed
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile
 
-.PHONY: install demo serve test lint clean
+.PHONY: install demo serve check test lint lock upgrade-lock clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(PIP_SPEC)"
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check  # a lock that no longer meets pyproject.toml's ranges fails here
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -29,10 +39,34 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Two workers (pytest-xdist), one file each at a time so module fixtures are built once.
+# The inner loop: lint and the unit tests (about 2 minutes on two cores). `make test` is what CI runs.
+# CHECK_ARGS='-m "not slow"' also leaves out the unit tests marked slow (about 1 minute).
+CHECK_ARGS ?=
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(PYTEST) tests/unit $(CHECK_ARGS)
+
+# The whole suite. Two workers (pytest-xdist), one file each at a time so module fixtures are built once.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(PYTEST)
+
+# Re-resolve the lock after a change to pyproject.toml or requirements/torch.in, keeping every pin
+# that still fits; `make upgrade-lock` moves everything to the newest allowed versions, and
+# `make upgrade-lock PACKAGES="transformers kernels"` only those. Review the diff, then `make test`.
+LOCK_ARGS ?=
+lock: $(STAMP)
+	@$(BIN)/python -c 'import platform, sys; sys.exit(None if (sys.platform, platform.machine(), sys.version_info[:2]) == ("linux", "x86_64", (3, 11)) else "make lock resolves for Linux x86_64 and Python 3.11; run it there")'
+	cp $(LOCK) $(LOCK).new  # pip-compile keeps the pins it finds in its output file
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --extra dev --strip-extras --allow-unsafe \
+		--no-emit-index-url --no-emit-find-links $(if $(TORCH_INDEX),--pip-args "--extra-index-url $(TORCH_INDEX)") \
+		$(LOCK_ARGS) --output-file $(LOCK).new pyproject.toml $(TORCH_PIN)
+	sed -i 's/^torch==\([^+ ;]*\)+[^ ;]*/torch==\1/' $(LOCK).new
+	@! grep -nE '^(nvidia-|cuda-|triton==)' $(LOCK).new || { rm $(LOCK).new; echo "not written: the lock would pull CUDA packages (torch resolved from a CUDA build's metadata); set TORCH_INDEX to a CPU wheel index" >&2; exit 1; }
+	mv $(LOCK).new $(LOCK)
+
+upgrade-lock: LOCK_ARGS = $(if $(PACKAGES),$(foreach p,$(PACKAGES),--upgrade-package $(p)),--upgrade)
+upgrade-lock: lock
 
 clean:
-	rm -rf $(VENV) data outputs mlflow.db mlartifacts lightning_logs
+	rm -rf $(VENV) data outputs mlflow.db mlartifacts lightning_logs $(LOCK).new

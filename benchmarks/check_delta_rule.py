@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -83,7 +82,8 @@ def main() -> int:
     name = "fla"
     if args.self_check:
         from transformers.models.qwen3_5 import modeling_qwen3_5
-        fast, name = inspect.unwrap(modeling_qwen3_5.torch_recurrent_gated_delta_rule), "recurrence"
+        fast = kernels.reference_implementation(modeling_qwen3_5.torch_recurrent_gated_delta_rule)
+        name = "recurrence"
     elif not (args.device.startswith("cuda") and torch.cuda.is_available()) or not kernels.fast_kernels_status(
     ).packages["fla"].importable:
         print("\nskipped: the check needs a CUDA GPU and flash-linear-attention (or --self-check)")
@@ -92,7 +92,7 @@ def main() -> int:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fast
 
     from transformers.models.qwen3_5 import modeling_qwen3_5
-    reference = inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+    reference = kernels.reference_implementation(modeling_qwen3_5.torch_chunk_gated_delta_rule)
     print(f"\nQwen3.5-0.8B linear attention: {text['linear_num_key_heads']} key / {text['linear_num_value_heads']} "
           f"value heads of {text['linear_key_head_dim']}/{text['linear_value_head_dim']}, batch {args.batch}; "
           f"relative error of {name} vs the fp32 reference\n")

@@ -7,7 +7,8 @@ transformers (5.x) decides once, when ``modeling_qwen3_5`` is imported, whether
 ``causal_conv1d_fn`` from ``causal_conv1d``; without them it runs its own PyTorch versions (an
 fp32 loop over 64-token chunks and a grouped ``conv1d``), correct but slow. Installing a package
 after that import changes nothing for the running process, so the status below reads the choice
-transformers made (the ``implementation`` its wrapper closed over), not just what can be imported.
+transformers made (the ``implementation`` its wrapper closed over, found through whatever layers
+transformers and the ``kernels`` package put around the wrapper), not just what can be imported.
 
 The backward check exists because the Triton backward of the gated delta rule has had silent
 errors on some GPUs: wrong ``dbeta``/``dg`` on Hopper with Triton 3.4 to 3.7.0
@@ -18,10 +19,12 @@ layer shapes; ``benchmarks/check_delta_rule.py`` prints it, and a test runs it w
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
 import math
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,17 +94,100 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+# How many layers (decorators, modules, closures) to look through for transformers' fallback wrapper:
+# transformers 5.25 adds one (kernels' ``Func`` module over the wrapper); the bound keeps an unknown
+# layout from turning the search into a walk over everything a closure can reach.
+_SEARCH_DEPTH = 6
+
+
+def _callable_attributes(obj: Any) -> list[Any]:
+    """Callables an object stores on itself (``self.func = func``; kernels' ``kernelize`` rebinding
+    ``forward`` on the instance)."""
+    try:
+        values = list(vars(obj).values())
+    except TypeError:  # no __dict__ (slots, C types)
+        return []
+    return [v for v in values if callable(v) and not inspect.isclass(v)]
+
+
+def _layers_below(layer: Any) -> list[Any]:
+    """The callables ``layer`` may hand a call to: its ``__wrapped__``, a bound method's function and
+    object, a partial's function, a function's closure, or a callable object's attributes and its
+    class's ``forward``/``__call__``."""
+    found: list[Any] = []
+    # getattr_static: an nn.Module's __getattr__ or a mock must not run, nor invent attributes.
+    wrapped = inspect.getattr_static(layer, "__wrapped__", None)
+    if callable(wrapped):
+        found.append(wrapped)
+    if isinstance(layer, types.MethodType):
+        found += [layer.__func__, *_callable_attributes(layer.__self__)]
+    elif isinstance(layer, functools.partial):
+        found.append(layer.func)
+    elif isinstance(layer, types.FunctionType):
+        for cell in layer.__closure__ or ():
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # a cell whose variable is not assigned yet
+                continue
+            if callable(contents) and not inspect.isclass(contents):
+                found.append(contents)
+    elif callable(layer) and not inspect.isclass(layer) and not isinstance(layer, types.BuiltinFunctionType):
+        found += _callable_attributes(layer)
+        for name in ("forward", "__call__"):
+            method = inspect.getattr_static(type(layer), name, None)
+            # nn.Module's own __call__ only dispatches to forward, which is already on the list.
+            if isinstance(method, types.FunctionType) and method.__module__ != torch.nn.Module.__module__:
+                found.append(method)
+    return found
+
+
+def _fallback_wrapper(function: Callable[..., Any]) -> types.FunctionType | None:
+    """The transformers ``use_kernel_func_from_hub_with_fallback`` wrapper under ``function``: the
+    nearest layer that is a function closing over ``implementation`` (its dispatch target).
+
+    transformers 5.24 returns that wrapper itself; 5.25 passes it through kernels'
+    ``use_kernel_forward_from_hub``, which turns a function into an instance of an nn.Module whose
+    ``forward`` closes over it. Breadth-first, so the layer nearest to ``function`` wins."""
+    frontier, seen = [function], set()
+    for _ in range(_SEARCH_DEPTH + 1):
+        below: list[Any] = []
+        for layer in frontier:
+            if id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            if isinstance(layer, types.FunctionType) and "implementation" in layer.__code__.co_freevars:
+                return layer
+            below.extend(_layers_below(layer))
+        frontier = below
+    return None
+
+
+def _closure_variable(function: types.FunctionType, name: str) -> Any:
+    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or (), strict=True))
+    return cells[name].cell_contents
+
+
 def resolved_implementation(function: Callable[..., Any]) -> Callable[..., Any] | None:
     """The function a transformers ``use_kernel_func_from_hub_with_fallback`` wrapper dispatches to
-    (the package's kernel or the PyTorch reference), read from the wrapper's closure; None when no
-    layer of ``function`` is such a wrapper."""
-    layer: Any = function
-    while layer is not None:
-        code, cells = getattr(layer, "__code__", None), getattr(layer, "__closure__", None) or ()
-        if code is not None and "implementation" in code.co_freevars:
-            return dict(zip(code.co_freevars, cells, strict=True))["implementation"].cell_contents
-        layer = getattr(layer, "__wrapped__", None)
-    return None
+    (the package's kernel or the PyTorch reference), read from the wrapper's closure through any
+    layers around it; None when no layer of ``function`` is such a wrapper."""
+    wrapper = _fallback_wrapper(function)
+    return None if wrapper is None else _closure_variable(wrapper, "implementation")
+
+
+def reference_implementation(function: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' PyTorch reference behind ``function``: what its fallback wrapper calls when the
+    package is missing or the inputs are on a device the package does not run on. A plain function
+    that is not wrapped at all is its own reference."""
+    wrapper = _fallback_wrapper(function)
+    if wrapper is not None:
+        if "torch_function" in wrapper.__code__.co_freevars:
+            return _closure_variable(wrapper, "torch_function")
+        return inspect.unwrap(wrapper)  # the wrapper is functools.wraps(torch_function)
+    if isinstance(function, types.FunctionType):
+        return inspect.unwrap(function)
+    raise LookupError(f"no PyTorch reference found behind {function!r}: not a transformers fallback wrapper "
+                      f"within {_SEARCH_DEPTH} layers, nor a plain function")
 
 
 def _uses(module: str, functions: tuple[str, ...]) -> bool | None:
@@ -236,7 +322,7 @@ def check_delta_rule(shape: DeltaRuleShape, dtype: torch.dtype, device: torch.de
 
     if fast is None:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fast
-    reference = inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+    reference = reference_implementation(modeling_qwen3_5.torch_chunk_gated_delta_rule)
     inputs = delta_rule_inputs(shape, dtype, device, seed)
     got = _run(fast, inputs, dtype)
     want = _run(reference, inputs, torch.float32)

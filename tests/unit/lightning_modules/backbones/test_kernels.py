@@ -4,8 +4,9 @@ token-by-token recurrence; fla's kernel against the reference where a GPU and fl
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
-import inspect
 import sys
 import types
 import warnings
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers.integrations import hub_kernels
 from transformers.integrations.hub_kernels import use_kernel_func_from_hub_with_fallback
 from transformers.models.qwen3_5 import modeling_qwen3_5
 
@@ -22,11 +24,63 @@ from lightning_modules.backbones.registry import get_preset
 
 FUNCTIONS = {"fla": ("torch_chunk_gated_delta_rule", "fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
              "causal_conv1d": ("causal_conv1d_fn", "causal_conv1d", "causal_conv1d_fn")}
+Decorator = Callable[[Callable[..., Any]], Any]
 
 
-def install_fake_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[..., Any]]:
+def plain_function_fallback(kernel_name: str, package: str, module_path: str) -> Decorator:
+    """transformers 5.24's layout, rebuilt by hand so the test does not depend on the installed
+    version: the fallback wrapper is returned as it is (no ``kernels`` module around it), a
+    ``functools.wraps`` of the reference closing over ``implementation`` and ``torch_function``."""
+
+    def decorator(torch_function: Callable[..., Any]) -> Callable[..., Any]:
+        try:
+            importlib.import_module(package)
+            implementation = getattr(importlib.import_module(module_path), kernel_name)
+        except Exception:
+            implementation = torch_function
+
+        @functools.wraps(torch_function)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if implementation is torch_function:
+                return torch_function(*args, **kwargs)
+            return implementation(*args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
+def installed_fallback(kernel_name: str, package: str, module_path: str) -> Decorator:
+    """The installed transformers' own decorator (5.25: the wrapper inside a ``kernels`` ``Func`` module)."""
+    return use_kernel_func_from_hub_with_fallback(kernel_name, package)
+
+
+def installed_fallback_without_kernels(kernel_name: str, package: str, module_path: str) -> Decorator:
+    """The installed decorator with ``kernels``' layer replaced by the pass-through transformers uses
+    when ``kernels`` is absent: transformers' own code producing the 5.24 layout."""
+    if not hasattr(hub_kernels, "use_kernel_forward_from_hub"):
+        pytest.skip("this transformers has no kernels layer to take out")
+    layer = hub_kernels.use_kernel_forward_from_hub
+    hub_kernels.use_kernel_forward_from_hub = lambda *args, **kwargs: (lambda function: function)
+    try:
+        return use_kernel_func_from_hub_with_fallback(kernel_name, package)
+    finally:
+        hub_kernels.use_kernel_forward_from_hub = layer
+
+
+LAYOUTS = {"installed-transformers": installed_fallback, "transformers-5.24": plain_function_fallback,
+           "installed-transformers-without-kernels": installed_fallback_without_kernels}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def fallback(request: pytest.FixtureRequest) -> Callable[[str, str, str], Decorator]:
+    return LAYOUTS[request.param]
+
+
+def install_fake_kernels(monkeypatch: pytest.MonkeyPatch,
+                         fallback: Callable[[str, str, str], Decorator]) -> dict[str, Callable[..., Any]]:
     """Importable stand-ins for fla and causal_conv1d, and transformers' Qwen3.5 functions rebuilt
-    with transformers' own fallback decorator while they are importable, as at a real import."""
+    with ``fallback`` while they are importable, as at a real import."""
     fakes = {}
     for package, (name, module_path, kernel_name) in FUNCTIONS.items():
         parts = module_path.split(".")
@@ -40,12 +94,17 @@ def install_fake_kernels(monkeypatch: pytest.MonkeyPatch) -> dict[str, Callable[
 
         kernel.__module__ = module_path
         setattr(sys.modules[module_path], kernel_name, kernel)
-        reference = inspect.unwrap(getattr(modeling_qwen3_5, name))
-        wrapped = use_kernel_func_from_hub_with_fallback(kernel_name, package)(reference)
-        monkeypatch.setattr(modeling_qwen3_5, name, wrapped)
+        reference = kernels.reference_implementation(getattr(modeling_qwen3_5, name))
+        monkeypatch.setattr(modeling_qwen3_5, name, fallback(kernel_name, package, module_path)(reference))
         fakes[package] = kernel
     monkeypatch.setattr(kernels, "_version", lambda distribution: "9.9")
     return fakes
+
+
+def is_transformers_reference(function: Any, name: str) -> bool:
+    """Checked without the module under test: the plain function defined in modeling_qwen3_5."""
+    return (isinstance(function, types.FunctionType) and function.__module__ == modeling_qwen3_5.__name__
+            and function.__qualname__ == name)
 
 
 def test_on_this_machine_transformers_runs_the_pytorch_reference() -> None:
@@ -54,27 +113,114 @@ def test_on_this_machine_transformers_runs_the_pytorch_reference() -> None:
     status = kernels.fast_kernels_status()
     assert not status.fast
     assert all(p.used is False and p.version is None and not p.importable for p in status.packages.values())
-    chunk = kernels.resolved_implementation(modeling_qwen3_5.torch_chunk_gated_delta_rule)
-    assert chunk is inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)  # the reference itself
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn"):
+        reference = kernels.reference_implementation(getattr(modeling_qwen3_5, name))
+        assert is_transformers_reference(reference, name)
+        assert kernels.resolved_implementation(getattr(modeling_qwen3_5, name)) is reference
 
 
-def test_the_status_reads_the_kernel_transformers_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    fakes = install_fake_kernels(monkeypatch)
-    assert kernels.resolved_implementation(modeling_qwen3_5.torch_chunk_gated_delta_rule) is fakes["fla"]
+def test_the_status_reads_the_kernel_transformers_chose(monkeypatch: pytest.MonkeyPatch, fallback: Any) -> None:
+    fakes = install_fake_kernels(monkeypatch, fallback)
+    chunk = modeling_qwen3_5.torch_chunk_gated_delta_rule
+    assert kernels.resolved_implementation(chunk) is fakes["fla"]
+    assert is_transformers_reference(kernels.reference_implementation(chunk), "torch_chunk_gated_delta_rule")
     status = kernels.fast_kernels_status()
     assert status.fast and status.describe() == "flash-linear-attention 9.9: used; causal-conv1d 9.9: used"
 
 
-def test_an_importable_package_transformers_did_not_pick_up_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_importable_package_transformers_did_not_pick_up_is_not_used(monkeypatch: pytest.MonkeyPatch,
+                                                                       fallback: Any) -> None:
     """Installed after transformers imported Qwen3.5: importable, yet the reference still runs."""
-    install_fake_kernels(monkeypatch)
-    reference = inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
+    install_fake_kernels(monkeypatch, fallback)
+    reference = kernels.reference_implementation(modeling_qwen3_5.torch_chunk_gated_delta_rule)
     monkeypatch.setitem(sys.modules, "fla", None)
     monkeypatch.setattr(modeling_qwen3_5, "torch_chunk_gated_delta_rule",
-                        use_kernel_func_from_hub_with_fallback("chunk_gated_delta_rule", "fla")(reference))
+                        fallback("chunk_gated_delta_rule", "fla", FUNCTIONS["fla"][1])(reference))
     monkeypatch.setitem(sys.modules, "fla", types.ModuleType("fla"))
+    assert kernels.resolved_implementation(modeling_qwen3_5.torch_chunk_gated_delta_rule) is reference
     fla = kernels.fast_kernels_status().packages["fla"]
     assert fla.importable and fla.used is False and "does not call it" in fla.describe()
+
+
+def reference(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def kernel(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def outer_decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def logged(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return logged
+
+
+def callable_object(function: Callable[..., Any]) -> Any:
+    class Dispatch:
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs)
+
+    return Dispatch()
+
+
+def module_layer(function: Callable[..., Any]) -> Any:
+    """kernels' function-to-module layer as transformers 5.25 applies it (identity without kernels)."""
+    return hub_kernels.use_kernel_forward_from_hub("chunk_gated_delta_rule")(function)
+
+
+class Holder:
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+
+# Each builds a layering around a 5.24-style wrapper; the search must see through all of them.
+LAYERINGS: dict[str, Callable[[Callable[..., Any]], Any]] = {
+    "bare wrapper": lambda w: w,
+    "kernels module": module_layer,
+    "decorator over the kernels module": lambda w: outer_decorator(module_layer(w)),
+    "callable object": callable_object,
+    "partial of a callable object": lambda w: functools.partial(callable_object(outer_decorator(w))),
+    "bound method": lambda w: Holder(w).call,
+}
+
+
+@pytest.mark.parametrize("layering", list(LAYERINGS))
+@pytest.mark.parametrize("installed", [True, False], ids=["kernel-installed", "reference-only"])
+def test_the_wrapper_is_found_through_any_layering(monkeypatch: pytest.MonkeyPatch, layering: str,
+                                                   installed: bool) -> None:
+    fake = types.ModuleType("fake_kernel_pkg")
+    fake.kernel = kernel  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fake_kernel_pkg", fake if installed else None)
+    wrapper = plain_function_fallback("kernel", "fake_kernel_pkg", "fake_kernel_pkg")(reference)
+    layered = LAYERINGS[layering](wrapper)
+    assert kernels.resolved_implementation(layered) is (kernel if installed else reference)
+    assert kernels.reference_implementation(layered) is reference
+    assert layered(torch.ones(1)).item() == 1.0  # the layering still calls through
+
+
+def test_a_function_without_a_wrapper_resolves_to_none_and_is_its_own_reference() -> None:
+    assert kernels.resolved_implementation(reference) is None
+    assert kernels.reference_implementation(outer_decorator(reference)) is reference
+    with pytest.raises(LookupError):
+        kernels.reference_implementation(torch.nn.Linear(2, 2))
+
+
+def test_the_search_stops_on_cycles_and_at_its_depth() -> None:
+    def cycle(*args: Any) -> Any:
+        return cycle(*args)
+
+    assert kernels.resolved_implementation(cycle) is None
+    deep: Callable[..., Any] = plain_function_fallback("kernel", "missing_pkg", "missing_pkg")(reference)
+    for _ in range(kernels._SEARCH_DEPTH):
+        deep = outer_decorator(deep)
+    assert kernels.resolved_implementation(deep) is reference
+    assert kernels.resolved_implementation(outer_decorator(deep)) is None
 
 
 def test_the_slow_path_warning_comes_once_per_process_and_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -95,8 +241,8 @@ def test_the_slow_path_warning_comes_once_per_process_and_only_on_cuda(monkeypat
     assert "huggingface/transformers#48718" in message and "'flash-linear-attention==0.6.0'" in message
 
 
-def test_a_fast_setup_does_not_warn(monkeypatch: pytest.MonkeyPatch) -> None:
-    install_fake_kernels(monkeypatch)
+def test_a_fast_setup_does_not_warn(monkeypatch: pytest.MonkeyPatch, fallback: Any) -> None:
+    install_fake_kernels(monkeypatch, fallback)
     monkeypatch.setattr(kernels, "_checked_cuda", False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -110,7 +256,7 @@ def test_the_check_agrees_for_two_exact_algorithms_and_catches_a_wrong_one() -> 
     """The chunked reference against transformers' token-by-token recurrence (an independent exact
     algorithm; 80 tokens leave a partial chunk): equal to fp32 rounding. A kernel with beta off by
     3% must fail the check's tolerance on the output and on dbeta."""
-    recurrent = inspect.unwrap(modeling_qwen3_5.torch_recurrent_gated_delta_rule)
+    recurrent = kernels.reference_implementation(modeling_qwen3_5.torch_recurrent_gated_delta_rule)
     errors = kernels.check_delta_rule(SMALL, torch.float32, "cpu", fast=recurrent)
     assert set(errors) == set(kernels.CHECKED) and max(errors.values()) < 1e-4
 
