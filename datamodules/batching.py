@@ -23,6 +23,7 @@ from .schema import MAX_VIEWS
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 TextMode = Literal["short", "long", "mixed", "fashioniq"]
+QueryViews = Literal["all", "first"]
 
 
 class ResizeToTensor:
@@ -122,15 +123,21 @@ class TripletExample:
     caption and a triplet sample's key to a synthesised modified text. The random text choice
     (long or short, FashionIQ's caption order) is keyed by seed, epoch and sample key, so it does
     not depend on which samples a worker processed before (a resumed epoch skips some).
+
+    ``query_views="first"`` keeps only the source's first view (``src0``), as a query photographed
+    from one side; ``source_caption`` is then that view's own caption (empty when the dataset has no
+    per-view captions), since a product caption would describe the views that were dropped.
+    ``meta`` stays whole: it still names every view of the source.
     """
 
     def __init__(self, transform: ImageTransform, text_mode: TextMode, with_target: bool = True,
-                 seed: int = 0, captions: dict[str, str] | None = None) -> None:
+                 seed: int = 0, captions: dict[str, str] | None = None, query_views: QueryViews = "all") -> None:
         self.transform = transform
         self.text_mode = text_mode
         self.with_target = with_target
         self.seed, self.epoch = seed, 0
         self.captions = captions
+        self.query_views = query_views
 
     def for_epoch(self, epoch: int) -> TripletExample:
         out = copy.copy(self)
@@ -141,13 +148,18 @@ class TripletExample:
         meta = sample["json"]
         t = meta["triplet"]
         rng = random.Random(f"{self.seed}|{self.epoch}|{sample.get('__key__')}")
+        source_views = views_of(sample, "src")
+        source_caption = caption_of(meta["source"], self.captions)
+        if self.query_views == "first":
+            source_views = source_views[:1]
+            source_caption = ((meta["source"] or {}).get("view_captions") or [""])[0]
         out = {
-            "source_images": stack_views(views_of(sample, "src"), self.transform),
+            "source_images": stack_views(source_views, self.transform),
             "text": pick_text(t, self.text_mode, rng),
             "source_id": t["source_id"],
             "target_id": t["target_id"] or "",
             "dataset": t["dataset"],
-            "source_caption": caption_of(meta["source"], self.captions),
+            "source_caption": source_caption,
             "target_caption": caption_of(meta.get("target"), self.captions),
             "modified_text": (self.captions or {}).get(sample["__key__"], ""),
             "meta": meta,

@@ -20,7 +20,16 @@ import lightning as L
 import torch
 import webdataset as wds
 
-from .batching import GalleryExample, ImageTransform, ResizeToTensor, TargetPad, TextMode, TripletExample, collate
+from .batching import (
+    GalleryExample,
+    ImageTransform,
+    QueryViews,
+    ResizeToTensor,
+    TargetPad,
+    TextMode,
+    TripletExample,
+    collate,
+)
 from .negatives import GalleryReader, WithNegatives, read_negatives
 from .resumable import ResumableLoader, TrainStream
 from .schema import stable_id
@@ -86,6 +95,10 @@ class ShardDataModule(L.LightningDataModule):
         hard_negatives: K > 0 adds the views of each training triplet's first K mined negatives
             (``negative_images``, ``negative_mask``, ``negative_ids``), read from
             ``negatives-train.json`` next to the shards, which ``cir mine-negatives`` writes.
+        query_views: ``all``: evaluation queries (validate, test, predict) carry every view of their
+            source; ``first``: only the source's first view (the first one stored), to measure how
+            much a model relies on the other views (``benchmarks/view_incompleteness.py``). The
+            gallery and training are unchanged.
     """
 
     def __init__(self, data_dir: str = "data/synthetic", batch_size: int = 32, eval_batch_size: int = 64,
@@ -93,7 +106,7 @@ class ShardDataModule(L.LightningDataModule):
                  shuffle_buffer: int = 500, val_split: str = "val", test_split: str | None = None,
                  predict_split: str | None = None, target_pad_ratio: float | None = None,
                  captions_file: str | None = None, seed: int = 0, bucket_batches: int = 0,
-                 hard_negatives: int = 0) -> None:
+                 hard_negatives: int = 0, query_views: QueryViews = "all") -> None:
         super().__init__()
         problems = [f"{key}={value}: must be >= 1" for key, value in
                     (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
@@ -101,6 +114,8 @@ class ShardDataModule(L.LightningDataModule):
         problems += [f"{key}={value}: must be >= 0 (0 = off)" for key, value in
                      (("bucket_batches", bucket_batches), ("hard_negatives", hard_negatives)) if value < 0]
         problems += [f"shuffle_buffer={shuffle_buffer}: must be >= 1"] if shuffle_buffer < 1 else []
+        if query_views not in ("all", "first"):
+            problems.append(f"query_views={query_views!r}: must be 'all' or 'first'")
         if problems:
             raise ValueError("data.init_args: " + "; ".join(problems))
         self.save_hyperparameters()
@@ -239,7 +254,8 @@ class ShardDataModule(L.LightningDataModule):
             self._loader(self._eval_pipeline(gallery, f"{split}-gallery",
                                              GalleryExample(self.image_transform, self.captions)), len(gallery)),
             self._loader(self._eval_pipeline(queries, f"{split}-queries",
-                                             TripletExample(self.image_transform, "short", captions=self.captions)),
+                                             TripletExample(self.image_transform, "short", captions=self.captions,
+                                                            query_views=self.hparams.query_views)),
                          len(queries)),
         ]
 
@@ -290,7 +306,9 @@ class ShardDataModule(L.LightningDataModule):
 
 
 class SyntheticDataModule(ShardDataModule):
-    """The generated multi-view dataset; ``prepare_data`` writes its shards when they are missing.
+    """The generated multi-view dataset; ``prepare_data`` writes its shards when they are missing, and
+    refuses a folder written with other settings or by another version of the generator
+    (``synthetic.GENERATOR_VERSION``: version 4 added the query groups and view-incomplete queries).
 
     Args:
         products: products to generate (train and val together).

@@ -90,6 +90,16 @@ class Triplet:
 
     ``target_id`` is None for query-only test splits (FashionIQ test). ``relative_captions`` keeps a
     dataset's raw captions when the modification text is built from several (FashionIQ: two).
+
+    ``subset_ids``: the products among which CIRR's Recall_subset ranks this query: the target and its
+    siblings (products equal to the target except in the changed attributes; in generated data each
+    differs from the source in every changed attribute, as the target does), never the source. Empty
+    when a dataset has no such groups (FashionIQ, FashionMV); such queries have no Recall_subset.
+
+    ``view_incomplete``: True when the source's first view (``view_names[0]``) cannot show any of the
+    changed attributes, old value or new (``synthetic.attributes.change_views``): the change can only be
+    seen in the source's other views (FashionMV's view incompleteness). False for datasets that do not
+    record it. Shards written before these fields existed lack them: read them with ``.get``.
     """
 
     source_id: str
@@ -100,6 +110,8 @@ class Triplet:
     views_involved: list[str] = field(default_factory=list)
     changes: dict[str, list[str]] = field(default_factory=dict)  # attribute -> [old, new]
     relative_captions: list[str] = field(default_factory=list)
+    subset_ids: list[str] = field(default_factory=list)
+    view_incomplete: bool = False
 
     def __post_init__(self) -> None:
         check_key(self.source_id, "source_id")
@@ -110,6 +122,14 @@ class Triplet:
             raise SchemaError(f"triplet {self.source_id}->{self.target_id}: source and target are the same")
         if not self.modification_short.strip():
             raise SchemaError(f"triplet {self.source_id}->{self.target_id}: empty modification_short")
+        for pid in self.subset_ids:
+            check_key(pid, "subset_ids member")
+        # A subset holding the source would let Recall_subset rank the query against itself; one
+        # without the target would make the query unanswerable.
+        if self.subset_ids and (self.source_id in self.subset_ids or
+                                (self.target_id is not None and self.target_id not in self.subset_ids)):
+            raise SchemaError(f"triplet {self.source_id}->{self.target_id}: subset_ids must hold the target and not "
+                              f"the source, got {self.subset_ids}")
 
     @property
     def key(self) -> str:

@@ -8,23 +8,30 @@ from pathlib import Path
 from typing import Any
 
 from ..shards import ShardSetWriter, encode_product, write_manifest
-from .generate import DEFAULT_STYLES, DatasetStyle, ProductSpec, SyntheticData, generate
+from .generate import DEFAULT_STYLES, DatasetStyle, Group, ProductSpec, SyntheticData, generate
 
 # Bump when a change to the generator changes its output for the same seed: DataModules then refuse
 # folders written by an older generator instead of silently training on different data.
-GENERATOR_VERSION = 3  # 3: captions describe only what the product's views show
+# 3: captions describe only what the product's views show.
+# 4: CIRR-style groups of near-duplicates (two sources and their candidates, differing only in the
+#    changed attributes; each triplet carries the rest of its group as ``subset_ids``), pairs of groups
+#    with the same changes on other bases (text twins), and a share of view-incomplete triplets
+#    (``view_incomplete``). See generate.py.
+GENERATOR_VERSION = 4
 
-__all__ = ["DEFAULT_STYLES", "GENERATOR_VERSION", "DatasetStyle", "ProductSpec", "SyntheticData", "generate",
-           "write_synthetic"]
+__all__ = ["DEFAULT_STYLES", "GENERATOR_VERSION", "DatasetStyle", "Group", "ProductSpec", "SyntheticData",
+           "generate", "write_synthetic"]
 
 
 def write_synthetic(out_dir: str | Path, products: int = 1500, seed: int = 0, val_fraction: float = 0.2,
-                    maxcount: int = 256, styles: dict[str, DatasetStyle] | None = None) -> dict[str, Any]:
+                    maxcount: int = 256, styles: dict[str, DatasetStyle] | None = None,
+                    view_incomplete_share: float = 0.3) -> dict[str, Any]:
     """Generate the dataset and write it as shards plus a manifest; returns the manifest's splits.
     ``styles``: sub-datasets other than the default two (view counts, resolutions), recorded in the
-    manifest's source."""
+    manifest's source. ``view_incomplete_share``: see ``generate``."""
     start = time.perf_counter()
-    data = generate(products, seed=seed, val_fraction=val_fraction, styles=styles)
+    data = generate(products, seed=seed, val_fraction=val_fraction, styles=styles,
+                    view_incomplete_share=view_incomplete_share)
     splits: dict[str, dict[str, Any]] = {}
     for split in ("train", "val"):
         writer = ShardSetWriter(out_dir, split, maxcount=maxcount)
@@ -36,7 +43,8 @@ def write_synthetic(out_dir: str | Path, products: int = 1500, seed: int = 0, va
             writer.write_triplet(t, encoded[t.source_id], encoded[t.target_id])
         splits[split] = writer.close()
     source = {"generator": "synthetic", "version": GENERATOR_VERSION, "products": products, "seed": seed,
-              "val_fraction": val_fraction, "seconds": round(time.perf_counter() - start, 2)}
+              "val_fraction": val_fraction, "view_incomplete_share": view_incomplete_share,
+              "seconds": round(time.perf_counter() - start, 2)}
     if styles is not None:
         source["styles"] = {name: asdict(style) for name, style in styles.items()}
     write_manifest(out_dir, splits, data.styles, source)

@@ -65,6 +65,10 @@ VISIBLE_IN: dict[str, tuple[str, ...]] = {
     "side_detail": ("side_left", "side_right"),
     "hem": ("front", "back", "side_left", "side_right"),
 }
+# Attributes the front view never shows: changing only these is a view-incomplete query for a
+# source whose first view is the front.
+FRONT_HIDDEN: tuple[str, ...] = tuple(a for a, views in VISIBLE_IN.items() if "front" not in views)
+UPPER_CATEGORIES: tuple[str, ...] = tuple(c for c in CATEGORIES if set(FRONT_HIDDEN) <= set(CATEGORY_ATTRIBUTES[c]))
 # A logo is printed on the chest and repeated as a small tag on the back shoulder of the same
 # side of the wearer, so it is the one front detail also visible from the back.
 LOGO_VISIBLE_IN = ("front", "back", "detail")

@@ -110,3 +110,77 @@ def test_synthetic_prepare_data_generates_once_and_checks_settings(tmp_path: Pat
 def test_bad_loader_sizes_are_refused_naming_the_key(small_data: Path, key: str, value: int) -> None:
     with pytest.raises(ValueError, match=rf"data\.init_args: {key}={value}: must be"):
         ShardDataModule(str(small_data), **{key: value})
+
+
+def test_eval_query_batches_carry_the_subset_and_view_incompleteness(small_data: Path) -> None:
+    from datamodules.synthetic import generate
+
+    data = generate(120, seed=3, val_fraction=0.25)  # what small_data holds
+    expected = {(t.source_id, t.target_id): t for t in data.triplets["val"]}
+    dm = ShardDataModule(str(small_data), eval_batch_size=8, num_workers=0)
+    seen = 0
+    for batch in dm.val_dataloader()[1]:
+        for meta in batch["meta"]:
+            t = meta["triplet"]
+            truth = expected[(t["source_id"], t["target_id"])]
+            assert t["subset_ids"] == truth.subset_ids and t["target_id"] in t["subset_ids"]
+            assert t["view_incomplete"] is truth.view_incomplete
+            seen += 1
+    assert seen == len(expected) and any(t.view_incomplete for t in expected.values())
+
+
+def test_first_view_queries_keep_only_the_sources_first_view(small_data: Path) -> None:
+    whole = ShardDataModule(str(small_data), eval_batch_size=8, num_workers=0)
+    first = ShardDataModule(str(small_data), eval_batch_size=8, num_workers=0, query_views="first")
+    for a, b in zip(whole.val_dataloader()[1], first.val_dataloader()[1], strict=True):
+        assert a["source_id"] == b["source_id"] and a["text"] == b["text"]
+        assert b["source_mask"].shape[1] == 1 and bool(b["source_mask"].all())
+        assert torch.equal(b["source_images"][:, 0], a["source_images"][:, 0])
+        assert b["source_caption"] == [m["source"]["view_captions"][0] for m in b["meta"]]
+        assert torch.equal(a["target_mask"], b["target_mask"])
+    assert max(int(b["source_mask"].sum(1).max()) for b in whole.val_dataloader()[1]) > 1
+    # The gallery is whole either way.
+    for a, b in zip(whole.val_dataloader()[0], first.val_dataloader()[0], strict=True):
+        assert torch.equal(a["mask"], b["mask"])
+    with pytest.raises(ValueError, match="query_views='front'"):
+        ShardDataModule(str(small_data), query_views="front")  # type: ignore[arg-type]
+
+
+def test_a_folder_from_an_older_generator_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from datamodules.synthetic import GENERATOR_VERSION
+
+    SyntheticDataModule(str(tmp_path / "d"), products=40, num_workers=0).prepare_data()
+    manifest = tmp_path / "d" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    old["source"]["version"] = GENERATOR_VERSION - 1
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="delete") as err:
+        SyntheticDataModule(str(tmp_path / "d"), products=40, num_workers=0).prepare_data()
+    message = str(err.value)
+    assert f"generator version: folder {GENERATOR_VERSION - 1}, this code {GENERATOR_VERSION}" in message
+    assert "--data.init_args.products" not in message  # the settings match: only regenerating helps
+
+
+def test_shards_written_before_the_group_fields_still_read(small_data: Path, tmp_path: Path) -> None:
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    manifest = read_manifest(data)
+
+    def strip(name: str, payload: bytes) -> bytes:
+        if not name.endswith(".json"):
+            return payload
+        meta = json.loads(payload)
+        for key in ("subset_ids", "view_incomplete"):
+            meta["triplet"].pop(key)
+        return json.dumps(meta).encode()
+
+    for shard in shard_urls(data, manifest, "val", "triplets"):
+        rewrite_shard(Path(shard), strip)
+    dm = ShardDataModule(str(data), eval_batch_size=16, num_workers=0, query_views="first")
+    metas = [m["triplet"] for b in dm.val_dataloader()[1] for m in b["meta"]]
+    assert len(metas) == manifest["splits"]["val"]["triplets"] and dm.skipped_total == 0
+    assert all(t.get("subset_ids", []) == [] and t.get("view_incomplete", False) is False for t in metas)

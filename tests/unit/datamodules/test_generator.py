@@ -149,4 +149,6 @@ def test_captions_describe_only_what_the_products_views_show() -> None:
         for view in shown:  # every side view the product has is described in the long caption
             assert {"front": "front", "back": "back", "side_left": "left side",
                     "side_right": "right side"}[view] in product.long_caption
-    assert checked > 50  # plenty of products lack the view of one of their details
+    # Many products lack the view of one of their details (fewer than before version 4: every member
+    # of a group has the views that show its group's changes).
+    assert checked > 25

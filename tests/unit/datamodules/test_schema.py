@@ -35,3 +35,20 @@ def test_triplet_validation() -> None:
         Triplet("a", "b", "ds", "   ")
     t = Triplet("a", "b", "ds", "make it red", views_involved=["front"])
     assert t.key == "a--b" and "." not in t.key
+
+
+def test_triplet_groups_and_view_incompleteness_default_to_absent() -> None:
+    t = Triplet("a", "b", "ds", "make it red")
+    assert t.subset_ids == [] and t.view_incomplete is False
+    assert {"subset_ids", "view_incomplete"} <= set(t.meta())
+    # A triplet as shards written before these fields existed hold it.
+    old = {k: v for k, v in t.meta().items() if k not in ("subset_ids", "view_incomplete")}
+    assert Triplet(**old).meta() == t.meta()
+    grouped = Triplet("a", "b", "ds", "make it red", subset_ids=["b", "c"], view_incomplete=True)
+    assert grouped.meta()["subset_ids"] == ["b", "c"] and grouped.meta()["view_incomplete"] is True
+
+
+@pytest.mark.parametrize("subset", [["a", "b"], ["c", "d"], ["b", "c.1"]])
+def test_a_subset_must_hold_the_target_and_not_the_source(subset: list[str]) -> None:
+    with pytest.raises(SchemaError, match="subset_ids"):
+        Triplet("a", "b", "ds", "make it red", subset_ids=subset)
