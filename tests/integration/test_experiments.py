@@ -250,13 +250,16 @@ def test_train_from_a_saved_backbone_folder_and_log_to_mlflow(datasets, tiny_fol
     assert 0.0 <= run.data.metrics["val/recall_at_10"] <= 1.0
     assert "val/synth_studio/recall_at_10" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(logger.run_id)}
-    assert {"config.yaml", "eval_results.json", "retrieval_examples.png"} <= artifacts
+    assert {"config.yaml", "eval_results.json", "retrieval_examples.png", "recall_curves.png"} <= artifacts
     config = Path(client.download_artifacts(logger.run_id, "config.yaml", str(tmp_path))).read_text()
     assert str(tiny_folder) in config and "class_path: lightning_modules.CLIP4CIR" in config
     results = json.loads(Path(client.download_artifacts(logger.run_id, "eval_results.json", str(tmp_path)))
                          .read_text())
     assert results["overall"]["recall_at_10"] == pytest.approx(run.data.metrics["val/recall_at_10"])
     assert set(results["datasets"]) == {"synth_studio", "synth_street"}
+    for line in ("text_blind/recall_at_10", "chance/recall_at_10", "recall_subset_at_1", "text_blind/score"):
+        assert results["overall"][line] == pytest.approx(run.data.metrics[f"val/{line}"])
+    assert 0 < results["datasets"]["synth_studio"]["chance/recall_at_10"] < 1
     assert results["datasets"]["synth_studio"]["gallery_size"] > 0 and len(results["config_hash"]) == 16
     assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
 
@@ -352,7 +355,8 @@ def test_procir_per_view_strategies_evaluate_over_several_batches(strategy: str,
                      "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=3",
                      f"--trainer.default_root_dir={tmp_path}"])
     metrics = cli.trainer.callback_metrics
-    queries = sum(float(v) for k, v in metrics.items() if k.endswith("/queries"))
+    queries = sum(float(v) for k, v in metrics.items()
+                  if k.endswith("/queries") and k.count("/") == 2 and k.split("/")[1] not in REFERENCE_LINES)
     assert 0.0 <= float(metrics["val/recall_at_10"]) <= 1.0 and queries == 12  # 3 query batches of 4
 
 

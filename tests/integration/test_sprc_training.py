@@ -1,5 +1,12 @@
-"""Tiny SPRC learns on the generated data: a shortened version of experiments/demos/sprc_demo.yaml ends
-well above chance."""
+"""Tiny SPRC learns to read the text on the generated data: a shortened version of
+experiments/demos/sprc_demo.yaml beats its own text-blind line on the query groups, and the same
+source with two texts finds each text's own target more often than a text-blind model (never).
+
+SPRC's tiny BLIP-2 learns slowest of the families: after 8 epochs it does not yet beat its
+text-blind line at R@1 over the whole gallery (0.055-0.076 against 0.068-0.071 over three seeds),
+only within the groups (see the measurements below); the README's demo table says how far the full
+demo gets.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from support.quality import two_text_agreement
 
 from datamodules import ShardDataModule
-from lightning_modules import SPRC
+from lightning_modules import SPRC, RetrievalEval
 from lightning_modules.backbones import Blip2Backbone
 from lightning_modules.families.sprc import OneCycleSchedule
 
@@ -20,26 +28,30 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from datamodules.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("sprc-quality")
-    write_synthetic(out, products=600, seed=0)
+    write_synthetic(out, products=1500, seed=0)
     return out
 
 
 @pytest.mark.slow
-def test_sprc_learns(data: Path, tmp_path: Path) -> None:
+def test_sprc_reads_the_text(data: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     L.seed_everything(0)
-    # configs/model/sprc/tiny.yaml's settings at twice its peak LR, for a run of three epochs
+    # configs/model/sprc/tiny.yaml's settings at twice its peak LR, for a run of eight epochs
     model = SPRC(Blip2Backbone("tiny"), freeze_vision=False,
                  optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.01),
-                 scheduler=lambda o: OneCycleSchedule(o, pct_start=0.1, div_factor=10.0, final_div_factor=100.0))
+                 scheduler=lambda o: OneCycleSchedule(o, pct_start=0.1, div_factor=10.0, final_div_factor=100.0),
+                 evaluation=RetrievalEval(remove_source=True, score_k=(1, 5, 10)))
     dm = ShardDataModule(str(data), batch_size=16, eval_batch_size=64, num_workers=0)
-    trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0, check_val_every_n_epoch=3)
+    trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0, check_val_every_n_epoch=8,
+                        enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    for ds in ("synth_studio", "synth_street"):
-        size = metrics[f"val/{ds}/gallery_size"]  # ~60 products: chance R@10 = 10 / 60
-        print(ds, size, {k: round(metrics[f"val/{ds}/recall_at_{k}"], 3) for k in (1, 5, 10)})
-        # Measured 2.4× and 2.5× chance with the old data order, 1.75× (one sub-dataset) with the
-        # resumable stream's; an untrained model sits at 1×, the full demo reaches 7.9×.
-        assert metrics[f"val/{ds}/recall_at_10"] > 1.4 * (10 / size)
+    share, pairs = two_text_agreement(model, dm)
+    print({k: round(metrics[f"val/{k}"], 3) for k in ("recall_at_1", "text_blind/recall_at_1", "recall_subset_at_1",
+                                                       "text_blind/recall_subset_at_1")}, share, pairs)
+    # Seeds 0/1/2: Recall_subset@1 0.266/0.248/0.380 vs text-blind 0.197/0.186/0.200 (1.33-1.90x);
+    # two texts 0.223/0.265/0.332 (text-blind: 0; a random scorer: 0.25).
+    assert pairs > 100
+    assert metrics["val/recall_subset_at_1"] > 1.15 * metrics["val/text_blind/recall_subset_at_1"]
+    assert share > 0.12

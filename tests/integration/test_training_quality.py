@@ -1,5 +1,15 @@
-"""Both single-image families learn on the generated data: two-stage runs (stage switch inside)
-end well above chance. Shortened versions of the demos, so CI can afford them."""
+"""Every family learns to compose on the generated data: after a shortened demo run, each trained
+model beats its own text-blind line (each query replaced by the model's embedding of its source
+product, the text ignored) by a clear margin, and the same source with two different texts finds
+each text's own target.
+
+The generated benchmark is built so that ignoring the text cannot score (groups of siblings that
+differ only in the changed attributes, the source removed from the ranking, CIRR's protocol):
+text-blind Recall_subset@1 is about 1 / group size (≈ 0.19 here), and it satisfies the two-text
+check never (one query embedding cannot order two targets both ways; a random scorer would 25 % of
+the time). Thresholds come from three seeds (data and training seed 0, 1, 2) measured on this
+2-core machine, written beside each assertion; CI runs seed 0.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +18,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from support.quality import two_text_agreement
 
 from callbacks.stage_switch import StageSwitch
 from datamodules import ShardDataModule
-from lightning_modules import CLIP4CIR, Combiner, LLaVACaptionCIR, StaticBankLoss, TransformerFusion
+from lightning_modules import CLIP4CIR, Combiner, LLaVACaptionCIR, RetrievalEval, StaticBankLoss, TransformerFusion
 from lightning_modules.backbones import CLIPBackbone
+
+PRODUCTS = 1500  # as the demos: a smaller split leaves too few steps for the tiny models to read the text
+CIRR = RetrievalEval(remove_source=True, score_k=(1, 5, 10))  # configs/eval/generated.yaml
 
 
 @pytest.fixture(scope="module")
@@ -20,63 +34,86 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from datamodules.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("quality")
-    write_synthetic(out, products=600, seed=0)
+    write_synthetic(out, products=PRODUCTS, seed=0)
     return out
 
 
-def _fit(module: L.LightningModule, data: Path, tmp_path: Path) -> dict[str, float]:
-    L.seed_everything(0)
-    dm = ShardDataModule(str(data), batch_size=32, eval_batch_size=64, num_workers=0)
-    trainer = L.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        callbacks=[StageSwitch(switch_epoch=3)], default_root_dir=tmp_path, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=dm)
-    assert module.training_stage == 2 and module.bank is not None
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+def fit(module: L.LightningModule, dm: ShardDataModule, tmp_path: Path, epochs: int,
+        callbacks: list[L.Callback] | None = None, **trainer: object) -> dict[str, float]:
+    trainer_ = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=callbacks or [], default_root_dir=tmp_path, num_sanity_val_steps=0,
+                         check_val_every_n_epoch=epochs, enable_model_summary=False, **trainer)
+    trainer_.fit(module, datamodule=dm)
+    return {k: float(v) for k, v in trainer_.callback_metrics.items()}
 
 
-def _assert_well_above_chance(metrics: dict[str, float]) -> None:
-    # Val galleries here hold ~60 products per sub-dataset: chance R@5 = 5/60, R@10 = 10/60.
-    for ds in ("synth_studio", "synth_street"):
-        size = metrics[f"val/{ds}/gallery_size"]
-        print(ds, size, {k: round(metrics[f"val/{ds}/recall_at_{k}"], 3) for k in (1, 5, 10)})
-        # R@1 is left out: the source product stays in the gallery and often ranks first. 3x, not 4x:
-        # the resumable stream's seeds and CI's one thread per worker give another (equally valid)
-        # data order and rounding, with which two-stage CLIP4CIR measured 3.8x (the others above 4x).
-        assert metrics[f"val/{ds}/recall_at_5"] > 3 * (5 / size)
-        assert metrics[f"val/{ds}/recall_at_10"] > 3 * (10 / size)
+def assert_reads_the_text(metrics: dict[str, float], module: L.LightningModule, dm: ShardDataModule,
+                          subset_ratio: float, r10_gain: float, two_text: float) -> None:
+    """Recall_subset@1 at least ``subset_ratio`` × its text-blind line, R@10 at least ``r10_gain``
+    above its text-blind line, and the two-text share above ``two_text``."""
+    share, pairs = two_text_agreement(module, dm)
+    lines = {k: round(metrics[f"val/{k}"], 3) for k in (
+        "recall_at_1", "text_blind/recall_at_1", "recall_at_10", "text_blind/recall_at_10", "recall_subset_at_1",
+        "text_blind/recall_subset_at_1", "chance/recall_at_1")}
+    print(lines, {"two_text": round(share, 3), "pairs": pairs})
+    assert pairs > 100
+    assert metrics["val/recall_subset_at_1"] > subset_ratio * metrics["val/text_blind/recall_subset_at_1"]
+    assert metrics["val/recall_at_10"] > metrics["val/text_blind/recall_at_10"] + r10_gain
+    assert share > two_text
 
 
-def _clip4cir() -> L.LightningModule:
-    return CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), stage2_loss=StaticBankLoss(),
-                    optimizer=lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.01))
+def _dm(data: Path, batch_size: int = 32, **kwargs: object) -> ShardDataModule:
+    return ShardDataModule(str(data), batch_size=batch_size, eval_batch_size=64, num_workers=0, **kwargs)
 
 
-def _llava_caption_cir() -> L.LightningModule:
-    return LLaVACaptionCIR(CLIPBackbone("tiny"), TransformerFusion(48), stage2_loss=StaticBankLoss(),
-                           optimizer=lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.01))
+def _opt(lr: float):  # noqa: ANN202
+    return lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.01)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [_clip4cir, _llava_caption_cir], ids=["clip4cir", "llava_caption_cir"])
-def test_two_stage_run_learns(build, data: Path, tmp_path: Path) -> None:
+def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
+    # Seeds 0/1/2: Recall_subset@1 0.348/0.274/0.432 vs text-blind 0.197/0.186/0.200 (1.47-2.16x);
+    # R@10 0.622/0.623/0.612 vs 0.510/0.530/0.420 (+0.09 to +0.19); two texts 0.267/0.263/0.353.
     torch.manual_seed(0)
-    _assert_well_above_chance(_fit(build(), data, tmp_path))
+    L.seed_everything(0)
+    module = CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), stage2_loss=StaticBankLoss(), optimizer=_opt(5e-4),
+                      evaluation=CIRR)
+    dm = _dm(data)
+    metrics = fit(module, dm, tmp_path, 12, [StageSwitch(switch_epoch=3)])
+    assert module.training_stage == 2 and module.bank is not None
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.25, r10_gain=0.04, two_text=0.15)
 
 
 @pytest.mark.slow
-def test_procir_mt_align_learns(data: Path, tmp_path: Path) -> None:
+def test_llava_caption_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
+    # Seeds 0/1/2 (oracle captions): Recall_subset@1 0.380/0.369/0.386 vs text-blind 0.197/0.186/0.200
+    # (1.93-1.98x); R@10 0.675/0.657/0.588 vs 0.516/0.482/0.368 (+0.16 to +0.22); two texts
+    # 0.432/0.389/0.387; R@1 0.169/0.210/0.124 vs 0.097/0.123/0.078 (1.59-1.75x).
+    torch.manual_seed(0)
+    L.seed_everything(0)
+    module = LLaVACaptionCIR(CLIPBackbone("tiny"), TransformerFusion(48), stage2_loss=StaticBankLoss(),
+                             optimizer=_opt(5e-4), evaluation=CIRR)
+    dm = _dm(data)
+    metrics = fit(module, dm, tmp_path, 12, [StageSwitch(switch_epoch=3)])
+    assert module.training_stage == 2
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.6, r10_gain=0.08, two_text=0.28)
+    assert metrics["val/recall_at_1"] > 1.3 * metrics["val/text_blind/recall_at_1"]
+
+
+@pytest.mark.slow
+def test_procir_mt_align_reads_the_text(data: Path, tmp_path: Path) -> None:
     """ProCIR (MT + Align) on the tiny Qwen3.5, as experiments/demos/procir.yaml but shorter."""
     from lightning_modules import CosineSchedule, ProCIR
     from lightning_modules.backbones import QwenBackbone
 
+    # Seeds 0/1/2: Recall_subset@1 0.350/0.311/0.462 vs text-blind 0.197/0.186/0.200 (1.67-2.31x);
+    # R@10 0.567/0.665/0.644 vs 0.478/0.514/0.444 (+0.09 to +0.20); two texts 0.310/0.285/0.353.
     torch.manual_seed(0)
     L.seed_everything(0)
-    module = ProCIR(QwenBackbone("tiny"), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01),
-                    scheduler=lambda o: CosineSchedule(o, warmup_steps=30))
-    dm = ShardDataModule(str(data), batch_size=32, eval_batch_size=32, num_workers=0, train_text="mixed")
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        gradient_clip_val=1.0, default_root_dir=tmp_path, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=dm)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    _assert_well_above_chance(metrics)
+    module = ProCIR(QwenBackbone("tiny"), optimizer=_opt(1e-3), scheduler=lambda o: CosineSchedule(o, warmup_steps=30),
+                    evaluation=CIRR)
+    dm = _dm(data, train_text="mixed")
+    metrics = fit(module, dm, tmp_path, 2, gradient_clip_val=1.0)
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.4, r10_gain=0.04, two_text=0.2)
+    # image-text retrieval of the product's own caption: chance is 5 / gallery
     assert metrics["val/t2i_recall_at_5"] > 2 * 5 / metrics["val/synth_studio/gallery_size"]
