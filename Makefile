@@ -10,9 +10,13 @@ TORCH_PIN := requirements/torch.in
 # torch is installed before the lock so its build can be chosen: the lock pins the version only.
 # Where pip would otherwise resolve a CUDA build (plain PyPI on Linux), point TORCH_INDEX at a CPU
 # wheel index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu; `make lock` needs it there too.
-TORCH_SPEC ?= $(shell sed -n 's/^\(torch==[^ ;]*\).*/\1/p' $(LOCK))
+TORCH_SPEC ?= $(or $(shell sed -n 's/^\(torch==[^ ;]*\).*/\1/p' $(LOCK) 2>/dev/null),torch==2.13.0)
 TORCH_INDEX ?=
-PIP_SPEC := $(shell sed -n 's/^\(pip==[^ ;]*\).*/\1/p' $(LOCK))
+PIP_SPEC := $(or $(shell sed -n 's/^\(pip==[^ ;]*\).*/\1/p' $(LOCK) 2>/dev/null),pip)
+PIP_TOOLS_SPEC := $(or $(shell sed -n 's/^\(pip-tools==[^ ;]*\).*/\1/p' $(LOCK) 2>/dev/null),pip-tools>=7.4)
+# make lock resolves in a venv of its own: the project's venv installs from the lock being replaced,
+# and its pip check would refuse a pyproject.toml that asks for more than that lock holds.
+LOCK_VENV := .venv-lock
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile
 
@@ -55,10 +59,14 @@ test: $(STAMP)
 # that still fits; `make upgrade-lock` moves everything to the newest allowed versions, and
 # `make upgrade-lock PACKAGES="transformers kernels"` only those. Review the diff, then `make test`.
 LOCK_ARGS ?=
-lock: $(STAMP)
-	@$(BIN)/python -c 'import platform, sys; sys.exit(None if (sys.platform, platform.machine(), sys.version_info[:2]) == ("linux", "x86_64", (3, 11)) else "make lock resolves for Linux x86_64 and Python 3.11; run it there")'
-	cp $(LOCK) $(LOCK).new  # pip-compile keeps the pins it finds in its output file
-	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --extra dev --strip-extras --allow-unsafe \
+$(LOCK_VENV)/bin/pip-compile:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q "$(PIP_SPEC)" "$(PIP_TOOLS_SPEC)"
+
+lock: $(LOCK_VENV)/bin/pip-compile
+	@$(LOCK_VENV)/bin/python -c 'import platform, sys; sys.exit(None if (sys.platform, platform.machine(), sys.version_info[:2]) == ("linux", "x86_64", (3, 11)) else "make lock resolves for Linux x86_64 and Python 3.11; run it there")'
+	cp $(LOCK) $(LOCK).new 2>/dev/null || true  # pip-compile keeps the pins it finds in its output file
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --extra dev --strip-extras --allow-unsafe \
 		--no-emit-index-url --no-emit-find-links $(if $(TORCH_INDEX),--pip-args "--extra-index-url $(TORCH_INDEX)") \
 		$(LOCK_ARGS) --output-file $(LOCK).new pyproject.toml $(TORCH_PIN)
 	sed -i 's/^torch==\([^+ ;]*\)+[^ ;]*/torch==\1/' $(LOCK).new
@@ -69,4 +77,4 @@ upgrade-lock: LOCK_ARGS = $(if $(PACKAGES),$(foreach p,$(PACKAGES),--upgrade-pac
 upgrade-lock: lock
 
 clean:
-	rm -rf $(VENV) data outputs mlflow.db mlartifacts lightning_logs $(LOCK).new
+	rm -rf $(VENV) $(LOCK_VENV) data outputs mlflow.db mlartifacts lightning_logs $(LOCK).new

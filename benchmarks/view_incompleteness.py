@@ -26,8 +26,10 @@ import sys
 import time
 from typing import Any
 
+from lightning_modules.retrieval.recall import REFERENCE_LINES
+
 _QUERIES = re.compile(r"^val/(?P<name>[\w\-]+)/queries$")
-_NOT_DATASETS = {"text_blind", "subset", "view_incomplete"}
+_NOT_DATASETS = set(REFERENCE_LINES)
 
 
 def evaluate(model: Any, dm: Any, query_views: str, accelerator: str, precision: str | None,

@@ -7,6 +7,10 @@ Lightning, whatever its score. A collapsed first epoch (ProCIR without warm-up, 
 checkpoint enters the top-k only when its monitored score is finite and above the floor metric of
 the same evaluation (by default its own chance line), so a model that ranks no better than chance
 is never called best; ``last.ckpt`` is written as before.
+
+The check sits in ``_save_topk_checkpoint``, Lightning's own (private) step between the monitored
+value and the top-k bookkeeping, so the rest of ModelCheckpoint's behaviour is untouched; the
+tests run it through a real Trainer, so a Lightning release that renames it fails them loudly.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import math
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 
@@ -26,12 +30,17 @@ class BestCheckpoint(ModelCheckpoint):
     def __init__(self, *args: object, floor: str | None = "val/chance/score", **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.floor = floor
-        self.refused: list[str] = []  # why each refused evaluation was refused, for the run's logs and tests
+        self.refused: list[str] = []
+        self._warned = False  # why each refused evaluation was refused, for the run's logs and tests
 
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         if self.monitor is not None and self.monitor in monitor_candidates:
             value = float(monitor_candidates[self.monitor])
             floor = monitor_candidates.get(self.floor) if self.floor else None
+            if self.floor and floor is None and not self._warned:
+                self._warned = True
+                rank_zero_warn(f"BestCheckpoint: the floor metric {self.floor!r} was not logged; checkpoints are kept "
+                               "on a finite score alone (set floor to a logged metric, or floor: null)")
             reason = ""
             if not math.isfinite(value):
                 reason = f"{self.monitor} = {value} is not finite"

@@ -152,7 +152,11 @@ class RecallAtK(Metric):
         return g_emb[first], g_ids[first], g_ds[first]
 
     def _name(self, d: int) -> str:
-        return self.dataset_names[d] if d < len(self.dataset_names) else str(d)
+        name = self.dataset_names[d] if d < len(self.dataset_names) else str(d)
+        if name in REFERENCE_LINES:  # its keys would be read as a reference line's
+            raise ValueError(f"a dataset named {name!r}: the names {list(REFERENCE_LINES)} are reserved for the "
+                             "evaluation's reference lines; rename the dataset")
+        return name
 
     def _check_finite(self, emb: torch.Tensor, ds: torch.Tensor, kind: str) -> None:
         bad = ~finite_rows(emb)
@@ -179,10 +183,9 @@ class RecallAtK(Metric):
 
         def add(key: str, values: torch.Tensor, name: str | None = None) -> None:
             pooled.setdefault(key, []).append(values)
-            if name is not None:
-                mean = values.float().mean() if len(values) else torch.tensor(0.0)
-                out[f"{name}/{key}"] = mean
-                per_dataset.setdefault(key, []).append(mean)
+            if name is not None and len(values):  # a line with no query (no source in the gallery) is not 0
+                out[f"{name}/{key}"] = values.float().mean()
+                per_dataset.setdefault(key, []).append(out[f"{name}/{key}"])
 
         for d in torch.unique(q_ds).tolist():
             q_sel = q_ds == d
@@ -220,7 +223,9 @@ class RecallAtK(Metric):
             out[f"mean_{key}" if "/" not in key else f"{key.rsplit('/', 1)[0]}/mean_{key.rsplit('/', 1)[1]}"] = (
                 torch.stack(means).mean())
         for prefix in ("", "text_blind/", "chance/"):
-            out[f"{prefix}score"] = torch.stack([out[f"{prefix}mean_recall_at_{k}"] for k in self.score_k]).mean()
+            parts = [out.get(f"{prefix}mean_recall_at_{k}") for k in self.score_k]
+            if all(p is not None for p in parts):
+                out[f"{prefix}score"] = torch.stack(parts).mean()
         return out
 
     def _ranks(self, queries: torch.Tensor, gallery: torch.Tensor, target_index: torch.Tensor,

@@ -1,6 +1,5 @@
 """Tiny SPRC learns to read the text on the generated data: a shortened version of
-experiments/demos/sprc_demo.yaml beats its own text-blind line on the query groups, and the same
-source with two texts finds each text's own target more often than a text-blind model (never).
+experiments/demos/sprc_demo.yaml beats its own text-blind line on the query groups.
 
 SPRC's tiny BLIP-2 learns slowest of the families: after 8 epochs it does not yet beat its
 text-blind line at R@1 over the whole gallery (0.055-0.076 against 0.068-0.071 over three seeds),
@@ -52,6 +51,6 @@ def test_sprc_reads_the_text(data: Path, tmp_path: Path) -> None:
                                                        "text_blind/recall_subset_at_1")}, share, pairs)
     # Seeds 0/1/2: Recall_subset@1 0.266/0.248/0.380 vs text-blind 0.197/0.186/0.200 (1.33-1.90x);
     # two texts 0.223/0.265/0.332 (text-blind: 0; a random scorer: 0.25).
+    # The two-text share is printed, not asserted: at a random scorer's level (0.25), it would say nothing.
     assert pairs > 100
     assert metrics["val/recall_subset_at_1"] > 1.15 * metrics["val/text_blind/recall_subset_at_1"]
-    assert share > 0.12

@@ -7,7 +7,8 @@ The generated benchmark is built so that ignoring the text cannot score (groups 
 differ only in the changed attributes, the source removed from the ranking, CIRR's protocol):
 text-blind Recall_subset@1 is about 1 / group size (≈ 0.19 here), and it satisfies the two-text
 check never (one query embedding cannot order two targets both ways; a random scorer would 25 % of
-the time). Thresholds come from three seeds (data and training seed 0, 1, 2) measured on this
+the time; only LLaVA-caption's oracle captions lift it clearly above that in these short runs).
+Thresholds come from three seeds (data and training seed 0, 1, 2) measured on this
 2-core machine, written beside each assertion; CI runs seed 0.
 """
 
@@ -48,9 +49,11 @@ def fit(module: L.LightningModule, dm: ShardDataModule, tmp_path: Path, epochs: 
 
 
 def assert_reads_the_text(metrics: dict[str, float], module: L.LightningModule, dm: ShardDataModule,
-                          subset_ratio: float, r10_gain: float, two_text: float) -> None:
+                          subset_ratio: float, r10_gain: float, two_text: float | None) -> None:
     """Recall_subset@1 at least ``subset_ratio`` × its text-blind line, R@10 at least ``r10_gain``
-    above its text-blind line, and the two-text share above ``two_text``."""
+    above its text-blind line, and the two-text share above ``two_text``, which must then exceed a
+    random scorer's 0.25 (``None``: the family's measured shares are near that level, so the check
+    would say nothing; the share is printed)."""
     share, pairs = two_text_agreement(module, dm)
     lines = {k: round(metrics[f"val/{k}"], 3) for k in (
         "recall_at_1", "text_blind/recall_at_1", "recall_at_10", "text_blind/recall_at_10", "recall_subset_at_1",
@@ -59,7 +62,8 @@ def assert_reads_the_text(metrics: dict[str, float], module: L.LightningModule, 
     assert pairs > 100
     assert metrics["val/recall_subset_at_1"] > subset_ratio * metrics["val/text_blind/recall_subset_at_1"]
     assert metrics["val/recall_at_10"] > metrics["val/text_blind/recall_at_10"] + r10_gain
-    assert share > two_text
+    if two_text is not None:
+        assert two_text > 0.25 and share > two_text
 
 
 def _dm(data: Path, batch_size: int = 32, **kwargs: object) -> ShardDataModule:
@@ -81,7 +85,8 @@ def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
     dm = _dm(data)
     metrics = fit(module, dm, tmp_path, 12, [StageSwitch(switch_epoch=3)])
     assert module.training_stage == 2 and module.bank is not None
-    assert_reads_the_text(metrics, module, dm, subset_ratio=1.25, r10_gain=0.04, two_text=0.15)
+    # The two-text share is at a random scorer's level (0.26-0.35): not asserted, see assert_reads_the_text.
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.25, r10_gain=0.04, two_text=None)
 
 
 @pytest.mark.slow
@@ -96,7 +101,7 @@ def test_llava_caption_two_stage_reads_the_text(data: Path, tmp_path: Path) -> N
     dm = _dm(data)
     metrics = fit(module, dm, tmp_path, 12, [StageSwitch(switch_epoch=3)])
     assert module.training_stage == 2
-    assert_reads_the_text(metrics, module, dm, subset_ratio=1.6, r10_gain=0.08, two_text=0.28)
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.6, r10_gain=0.08, two_text=0.3)
     assert metrics["val/recall_at_1"] > 1.3 * metrics["val/text_blind/recall_at_1"]
 
 
@@ -114,6 +119,6 @@ def test_procir_mt_align_reads_the_text(data: Path, tmp_path: Path) -> None:
                     evaluation=CIRR)
     dm = _dm(data, train_text="mixed")
     metrics = fit(module, dm, tmp_path, 2, gradient_clip_val=1.0)
-    assert_reads_the_text(metrics, module, dm, subset_ratio=1.4, r10_gain=0.04, two_text=0.2)
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.4, r10_gain=0.04, two_text=None)  # two texts: 0.29-0.35
     # image-text retrieval of the product's own caption: chance is 5 / gallery
     assert metrics["val/t2i_recall_at_5"] > 2 * 5 / metrics["val/synth_studio/gallery_size"]

@@ -335,3 +335,28 @@ def test_recall_subset_and_view_incomplete_lines_against_brute_force() -> None:
             assert out[f"view_incomplete/{name}recall_at_{k}"].item() == pytest.approx(want)
     assert out["view_incomplete/queries"] == 11 and out["subset/queries"] == 32
     assert out["text_blind/recall_subset_at_1"] < 0.5 < out["recall_subset_at_1"]
+
+
+def test_a_dataset_without_text_blind_queries_logs_no_text_blind_line() -> None:
+    """Dataset b's sources are not in its gallery: it has no text-blind line (not a made-up 0), and
+    the averages over datasets take only the datasets that have one."""
+    gen = torch.Generator().manual_seed(5)
+    g = F.normalize(torch.randn(20, 4, generator=gen), dim=-1)
+    ds = torch.tensor([0] * 10 + [1] * 10)
+    metric = RecallAtK(["a", "b"], top_k=(1, 5))
+    metric.update(g, torch.arange(20), ds, gallery=True)
+    src = torch.tensor([1, 2, 3, 90, 91])  # b's sources 90 and 91 are nowhere
+    metric.update(g[[0, 1, 12, 13, 14]], torch.tensor([0, 1, 12, 13, 14]), torch.tensor([0, 0, 1, 1, 1]),
+                  gallery=False, source_ids=torch.tensor([src[0], src[1], 90, 91, 92]))
+    out = metric.compute()
+    assert "b/text_blind/recall_at_5" not in out and "a/text_blind/recall_at_5" in out
+    assert out["text_blind/mean_recall_at_5"] == out["a/text_blind/recall_at_5"]
+    assert out["text_blind/queries"] == 2
+
+
+def test_a_dataset_named_like_a_reference_line_is_refused() -> None:
+    metric = RecallAtK(["text_blind"])
+    metric.update(torch.eye(3), torch.arange(3), torch.zeros(3, dtype=torch.long), gallery=True)
+    metric.update(torch.eye(3), torch.arange(3), torch.zeros(3, dtype=torch.long), gallery=False)
+    with pytest.raises(ValueError, match="reserved"):
+        metric.compute()
