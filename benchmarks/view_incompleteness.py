@@ -26,10 +26,9 @@ import sys
 import time
 from typing import Any
 
-from lightning_modules.retrieval.recall import REFERENCE_LINES
+from lightning_modules.retrieval.recall import DATASET_PATTERN
 
-_QUERIES = re.compile(r"^val/(?P<name>[\w\-]+)/queries$")
-_NOT_DATASETS = set(REFERENCE_LINES)
+_QUERIES = re.compile(rf"^val/(?P<name>{DATASET_PATTERN})/queries$")
 
 
 def evaluate(model: Any, dm: Any, query_views: str, accelerator: str, precision: str | None,
@@ -49,7 +48,7 @@ def split_rows(metrics: dict[str, float], ks: list[int], prefix: str = "") -> di
     """R@K of the view-incomplete queries, the rest, and all, from the pooled and flagged lines.
     ``prefix``: ``text_blind/`` for the text-blind line, whose queries are those with their source in
     the gallery; its "rest" assumes every flagged query is one (true of generated data)."""
-    total = sum(v for k, v in metrics.items() if (m := _QUERIES.match(k)) and m["name"] not in _NOT_DATASETS)
+    total = sum(v for k, v in metrics.items() if _QUERIES.match(k))
     if prefix:
         total = metrics.get("val/text_blind/queries", 0.0)
     flagged = metrics.get("val/view_incomplete/queries", 0.0)
@@ -104,7 +103,7 @@ def main() -> None:
 
     ks = list(model.evaluation.top_k)
     metrics = runs["all"]
-    total = sum(v for k, v in metrics.items() if (m := _QUERIES.match(k)) and m["name"] not in _NOT_DATASETS)
+    total = sum(v for k, v in metrics.items() if _QUERIES.match(k))
     flagged = int(metrics.get("val/view_incomplete/queries", 0))
     print(f"experiment: {' '.join(args.config)}; weights: {args.ckpt or 'initial (--untrained)'}; "
           f"split: {dm.hparams.val_split}; source removed: {model.evaluation.remove_source}")

@@ -27,14 +27,14 @@ from datamodules.schema import stable_id
 from lightning_modules.core.checkpoints import checkpoint_metadata
 from lightning_modules.core.interfaces import Retriever
 from lightning_modules.retrieval import similarities
-from lightning_modules.retrieval.recall import REFERENCE_LINES
+from lightning_modules.retrieval.recall import DATASET_PATTERN, REFERENCE_PATTERN
 
-_LINES = "|".join(REFERENCE_LINES)
 # ``val/<dataset>/recall_at_5``, ``val/<dataset>/text_blind/recall_at_5``: a reference line's prefix
 # is never read as a dataset name.
-_PER_DATASET = re.compile(rf"^(?P<stage>val|test)/(?P<ds>(?!(?:{_LINES})/)[\w\-]+)/(?P<name>(?:(?:{_LINES})/)?\w+)$")
-_OVERALL = re.compile(rf"^(?P<stage>val|test)/(?P<name>(?:(?:{_LINES})/)*(?:(?:mean_)?recall(?:_subset)?_at_\d+|score"
-                      r"|queries)|loss)$")
+_PER_DATASET = re.compile(rf"^(?P<stage>val|test)/(?P<ds>{DATASET_PATTERN})/"
+                          rf"(?P<name>(?:(?:{REFERENCE_PATTERN})/)?\w+)$")
+_OVERALL = re.compile(rf"^(?P<stage>val|test)/(?P<name>(?:(?:{REFERENCE_PATTERN})/)*"
+                      r"(?:(?:mean_)?recall(?:_subset)?_at_\d+|score|queries)|loss)$")
 
 
 def config_hash(pl_module: LightningModule, trainer: Trainer) -> str:

@@ -8,10 +8,9 @@ import re
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_modules.retrieval.recall import REFERENCE_LINES
+from lightning_modules.retrieval.recall import DATASET_PATTERN
 
-_LINES = "|".join(REFERENCE_LINES)
-_RECALL = re.compile(rf"^(?P<stage>\w+)/(?:(?P<ds>(?!(?:{_LINES})/)[\w\-]+)/)?recall_at_(?P<k>\d+)$")
+_RECALL = re.compile(rf"^(?P<stage>\w+)/(?:(?P<ds>{DATASET_PATTERN})/)?recall_at_(?P<k>\d+)$")
 
 
 def chance_recall(k: int, gallery_size: float) -> float:

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from callbacks.mlflow_logging import resolve_tracking_uri
-from lightning_modules.retrieval.recall import REFERENCE_LINES
+from lightning_modules.retrieval.recall import DATASET_PATTERN
 
 from .args import command_parser, parse
 from .reported import TABLE2, table2_recalls
 
-_LINES = "|".join(REFERENCE_LINES)
 # ``val/<dataset>/recall_at_K``; ``val/text_blind/recall_at_K`` and the other reference lines are not datasets.
-_RECALL = re.compile(rf"^val/(?P<ds>(?!(?:{_LINES})/)[\w\-]+)/recall_at_(?P<k>\d+)$")
+_RECALL = re.compile(rf"^val/(?P<ds>{DATASET_PATTERN})/recall_at_(?P<k>\d+)$")
 
 
 def _switch(value: str) -> str:

@@ -132,7 +132,7 @@ def embed_gallery(model: Retriever, dm: RetrievalData, split: str,
 def embed_queries(model: Retriever, dm: RetrievalData, split: str, device: torch.device, batch_size: int,
                   workers: int) -> tuple[torch.Tensor, list[dict[str, str]]]:
     """Every triplet of ``split`` as the query encoder sees it (short text, as in evaluation):
-    embeddings and, per row, the sample key, dataset and target id."""
+    embeddings and, per row, the sample key, dataset, source and target ids."""
     urls = shard_urls(dm.data_dir, read_manifest(dm.data_dir), split, "triplets")
     counter = SkipCounter(f"{split}-mining")
     example = TripletExample(dm.image_transform, "short", with_target=False, captions=dm.captions)
@@ -144,8 +144,9 @@ def embed_queries(model: Retriever, dm: RetrievalData, split: str, device: torch
     embs, rows = [], []
     for batch in wds.WebLoader(pipeline, batch_size=None, num_workers=min(workers, len(urls))):
         embs.append(model.encode_query(move_data_to_device(batch, device)).float().cpu())
-        rows += [{"key": k, "dataset": d, "target_id": t}
-                 for k, d, t in zip(batch["key"], batch["dataset"], batch["target_id"], strict=True)]
+        rows += [{"key": k, "dataset": d, "source_id": s, "target_id": t}
+                 for k, d, s, t in zip(batch["key"], batch["dataset"], batch["source_id"], batch["target_id"],
+                                       strict=True)]
     return torch.cat(embs), rows
 
 

@@ -33,6 +33,10 @@ SUBSET_K = (1, 2, 3)  # CIRR's K for Recall_subset
 MISS = torch.iinfo(torch.long).max  # the rank of a query that cannot be answered (no gallery, no source)
 # Metric-name prefixes of the reference lines: never dataset names in a ``{split}/{name}/...`` key.
 REFERENCE_LINES = ("text_blind", "chance", "view_incomplete", "subset")
+# Regex fragments for readers of logged keys: a reference line's prefix, and a dataset name (any
+# ``{split}/{name}/...`` segment that is not a reference line).
+REFERENCE_PATTERN = "|".join(REFERENCE_LINES)
+DATASET_PATTERN = rf"(?!(?:{REFERENCE_PATTERN})/)[\w\-]+"
 
 
 class NonFiniteEmbeddings(ValueError):
@@ -197,11 +201,11 @@ class RecallAtK(Metric):
             flags = q_flag[q_sel].bool()
             for k in self.top_k:
                 add(f"recall_at_{k}", r["model"] < k, name)
-                add(f"text_blind/recall_at_{k}", r["text_blind"] < k, name)
+                add(f"text_blind/recall_at_{k}", r["text_blind"][r["blind_ok"]] < k, name)
                 chance = torch.where(r["pool"] > 0, (k / r["pool"].clamp(min=1)).clamp(max=1.0), 0.0)
                 add(f"chance/recall_at_{k}", chance, name)
                 add(f"view_incomplete/recall_at_{k}", r["model"][flags] < k)
-                add(f"view_incomplete/text_blind/recall_at_{k}", r["text_blind_all"][flags & r["blind_ok"]] < k)
+                add(f"view_incomplete/text_blind/recall_at_{k}", r["text_blind"][flags & r["blind_ok"]] < k)
             for k in SUBSET_K:
                 add(f"recall_subset_at_{k}", r["subset"][r["subset"] >= 0] < k)
                 add(f"text_blind/recall_subset_at_{k}", r["subset_blind"][r["subset_blind"] >= 0] < k)
@@ -210,7 +214,7 @@ class RecallAtK(Metric):
             add("text_blind/queries", r["blind_ok"])
             add("subset/queries", r["subset"] >= 0)
             add("view_incomplete/queries", flags)
-            self.last_ranks[name] = {"model": r["model"], "text_blind": r["text_blind"],
+            self.last_ranks[name] = {"model": r["model"], "text_blind": r["text_blind"][r["blind_ok"]],
                                      "gallery_size": int(r["pool"].max()) if len(r["pool"]) else 0}
         for key, values in pooled.items():
             flat = torch.cat(values)
@@ -245,7 +249,7 @@ class RecallAtK(Metric):
         missing = torch.full((n,), MISS, dtype=torch.long, device=device)
         none = torch.full((n,), -1, dtype=torch.long, device=device)
         if gallery.shape[0] == 0:  # nothing of this dataset was evaluated (limit_val_batches, say)
-            return {"model": missing, "text_blind": missing[:0], "text_blind_all": missing,
+            return {"model": missing, "text_blind": missing,
                     "blind_ok": torch.zeros(n, dtype=torch.bool, device=device), "pool": torch.zeros(n, device=device),
                     "subset": none, "subset_blind": none}
         order = torch.argsort(gallery_ids)  # sorted once, searched for targets, sources and groups
@@ -276,7 +280,7 @@ class RecallAtK(Metric):
         if blind_ok.any():
             subset_blind[blind_ok] = subset_ranks(gallery[source_index[blind_ok]], gallery, target_index[blind_ok],
                                                   members[blind_ok])
-        return {"model": model, "text_blind": blind_all[blind_ok], "text_blind_all": blind_all, "blind_ok": blind_ok,
+        return {"model": model, "text_blind": blind_all, "blind_ok": blind_ok,
                 "pool": pool, "subset": subset_ranks(queries, gallery, target_index, members),
                 "subset_blind": subset_blind}
 
