@@ -1,8 +1,9 @@
 """Streams a shard folder (see ``shards.py``) for training and evaluation.
 
-Training: resampled shards with a fixed number of batches per worker so every DDP rank runs the
-same number of full batches and none waits forever in a collective, as a schedule a resumed run
-continues exactly (``resumable.py``, ``train_epochs.py``). Evaluation:
+Training: each epoch one pass over the training triplets in a seeded global permutation, dealt out
+so every DDP rank runs the same number of full batches and none waits forever in a collective
+(``epoch_plan.py``); or, with ``sampling="resampled"``, an endless stream of resampled shards. Either
+is a schedule a resumed run continues exactly (``resumable.py``, ``train_epochs.py``). Evaluation:
 every sample exactly once, split over workers by shard and over ranks by sample (so no rank is
 left without data, whatever the shard count); the validation step sees the gallery (dataloader 0)
 before the queries (dataloader 1).
@@ -30,13 +31,15 @@ from .batching import (
     TripletExample,
     collate,
 )
+from .epoch_plan import EpochPlan
 from .negatives import GalleryReader, WithNegatives, read_negatives
 from .resumable import ResumableLoader, TrainStream
+from .sample_index import SampleIndex, SampleReader
 from .schema import stable_id
 from .shards import SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls
 from .sidecar import read_sidecar
 from .synthetic import GENERATOR_VERSION, write_synthetic
-from .train_epochs import TrainEpochs
+from .train_epochs import Sampling, TrainEpochs
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,14 @@ class ShardDataModule(L.LightningDataModule):
         image_size: side of the default square resize; a model replaces the transform with its
             backbone's own preprocessing through ``set_image_transform``.
         train_text: which modification text training uses (evaluation always uses the short one).
-        shuffle_buffer: samples held for shuffling in each training worker.
+        sampling: ``permutation`` (default): an epoch is one pass over the training triplets in a
+            seeded permutation of the whole split, shared by every rank and worker, so each triplet
+            is trained on exactly once per epoch; the ``n mod (batch_size × ranks)`` triplets that
+            cannot fill an equal batch on every rank are left out of that epoch (logged; different
+            ones each epoch). ``resampled``: shards drawn with replacement per worker and shuffled
+            through ``shuffle_buffer`` (an endless stream: about 63% of the shards are read in an
+            "epoch" of S shard draws, and batches come from a window of neighbouring records).
+        shuffle_buffer: samples held for shuffling in each training worker (``resampled`` only).
         val_split: the split of ``validate`` and of validation during ``fit``.
         test_split: the split of ``test`` (default: ``val_split``).
         predict_split: the split of ``predict`` (default: ``test_split``); may be query-only.
@@ -106,7 +116,8 @@ class ShardDataModule(L.LightningDataModule):
                  shuffle_buffer: int = 500, val_split: str = "val", test_split: str | None = None,
                  predict_split: str | None = None, target_pad_ratio: float | None = None,
                  captions_file: str | None = None, seed: int = 0, bucket_batches: int = 0,
-                 hard_negatives: int = 0, query_views: QueryViews = "all") -> None:
+                 hard_negatives: int = 0, query_views: QueryViews = "all",
+                 sampling: Sampling = "permutation") -> None:
         super().__init__()
         problems = [f"{key}={value}: must be >= 1" for key, value in
                     (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
@@ -114,6 +125,8 @@ class ShardDataModule(L.LightningDataModule):
         problems += [f"{key}={value}: must be >= 0 (0 = off)" for key, value in
                      (("bucket_batches", bucket_batches), ("hard_negatives", hard_negatives)) if value < 0]
         problems += [f"shuffle_buffer={shuffle_buffer}: must be >= 1"] if shuffle_buffer < 1 else []
+        if sampling not in ("permutation", "resampled"):
+            problems.append(f"sampling={sampling!r}: must be 'permutation' or 'resampled'")
         if query_views not in ("all", "first"):
             problems.append(f"query_views={query_views!r}: must be 'all' or 'first'")
         if problems:
@@ -184,17 +197,44 @@ class ShardDataModule(L.LightningDataModule):
         return wds.WebLoader(pipeline, batch_size=None, num_workers=workers,
                              persistent_workers=workers > 0)
 
-    def train_batches_per_worker(self) -> tuple[int, int]:
-        """(batches per worker, workers): equal on every rank whatever the shard count."""
+    def train_batches_per_rank(self) -> int:
+        """Training steps of one epoch on every rank, whatever the shard count."""
         _, world = self._world()
         n = self.manifest["splits"]["train"]["triplets"]
-        batches = max(1, n // (self.hparams.batch_size * world))
+        if self.hparams.sampling == "resampled":
+            per_worker, workers = self.train_batches_per_worker()
+            return per_worker * workers
+        per_rank = EpochPlan(n, self.hparams.batch_size, world, self.hparams.seed, 0).batches_per_rank
+        if per_rank == 0:
+            raise ValueError(f"{self.data_dir}: the train split has {n} triplets, fewer than one batch on every rank "
+                             f"(data.init_args.batch_size={self.hparams.batch_size} x {world} ranks); lower the batch "
+                             "size")
+        return per_rank
+
+    def train_batches_per_worker(self) -> tuple[int, int]:
+        """(the most batches any worker runs, workers); with ``resampled`` every worker runs exactly that many."""
+        _, world = self._world()
         workers = max(1, self.hparams.num_workers)
+        if self.hparams.sampling == "permutation":
+            return math.ceil(self.train_batches_per_rank() / workers), workers
+        n = self.manifest["splits"]["train"]["triplets"]
+        batches = max(1, n // (self.hparams.batch_size * world))
         return math.ceil(batches / workers), workers
 
     def train_dataloader(self) -> ResumableLoader:
         hp = self.hparams
         per_worker, workers = self.train_batches_per_worker()
+        rank, world = self._world()
+        length = self.train_batches_per_rank()
+        reader = None
+        if hp.sampling == "permutation":
+            index = SampleIndex.load(self.data_dir, "train")  # here: every worker shares it, none rescans
+            reader = SampleReader(index)
+            plan = EpochPlan(len(index), hp.batch_size, world, hp.seed, 0)
+            if rank == 0:
+                log.info("training epochs: %d triplets in %d steps of %d x %d ranks; %d left out of each epoch "
+                         "(a different %d each time)", len(index), plan.batches_per_rank, hp.batch_size, world,
+                         plan.remainder, plan.remainder)
         counter = SkipCounter("train")
         example: Any = TripletExample(self.image_transform, hp.train_text, seed=hp.seed, captions=self.captions)
         if hp.hard_negatives:
@@ -203,13 +243,13 @@ class ShardDataModule(L.LightningDataModule):
                                                                                   hp.hard_negatives),
                                     GalleryReader(self.data_dir, "train"), hp.hard_negatives)
         epochs = TrainEpochs(shard_urls(self.data_dir, self.manifest, "train", "triplets"), example, hp.batch_size,
-                             per_worker, hp.shuffle_buffer, hp.bucket_batches, hp.seed, self._world()[0], counter,
-                             TagSkipped("train", counter))
+                             per_worker, hp.shuffle_buffer, hp.bucket_batches, hp.seed, rank, counter,
+                             TagSkipped("train", counter), hp.sampling, reader, world, workers)
         stream = TrainStream(epochs)
-        # Resampled shards make the stream endless, so every worker may read every shard.
+        # Every worker may read every shard: the plan (or resampling) decides which samples it reads.
         loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers)
         # The epoch's length, so the Trainer knows the run's number of steps (schedules need it).
-        resumable = ResumableLoader(loader.with_length(per_worker * workers, silent=True), stream, self._train_progress)
+        resumable = ResumableLoader(loader.with_length(length, silent=True), stream, self._train_progress)
         if self._resume_stream:
             resumable.load_state_dict(self._resume_stream)
         return resumable

@@ -1,20 +1,30 @@
 """One worker's training batches of one epoch, as an explicit list of WebDataset stages whose seeds
-name the epoch and the worker (``resumable.py`` explains why): resampled shards, tar members,
-deterministic shuffle, a skip of the samples of already-consumed batches (before decoding), decode,
-the per-sample transform, batching (plain or by cost), and the tags the main process reads."""
+name the epoch and the worker (``resumable.py`` explains why).
+
+``sampling="permutation"`` (the default): the worker's share of the epoch's permutation
+(``epoch_plan.py``), read sample by sample through the byte-range index (``sample_index.py``), from
+the first sample of its first unconsumed batch (a resumed epoch reads nothing it already trained on).
+``sampling="resampled"``: an endless stream, as WebDataset's examples train: shards drawn with
+replacement per worker, tar members, a shuffle buffer, and a skip of the samples of consumed batches
+before decoding. Then, for both: decode, the per-sample transform, batching (plain or by cost), the
+worker's batch count, and the tags the main process reads."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
 import webdataset as wds
 
 from .batching import collate
 from .bucketing import BucketBatches, TagPadding
+from .epoch_plan import EpochPlan, PlannedSamples
+from .sample_index import SampleReader
 from .shards import SkipCounter, decode_sample
+
+Sampling = Literal["permutation", "resampled"]
 
 
 def stream_seed(seed: int, rank: int, worker: int, epoch: int) -> int:
@@ -58,6 +68,9 @@ class TrainEpochs:
 
     ``example`` builds one training example from a decoded sample and takes the epoch (its random
     text choice is keyed by seed, epoch and sample); ``tag`` attaches the worker's skip count.
+    ``reader`` (permutation sampling) reads samples by number; ``world`` and ``workers`` are the
+    ranks and the DataLoader workers per rank the epoch is dealt to. ``batches_per_worker`` is the
+    most any worker runs (resampled: every worker runs exactly that many).
     """
 
     urls: list[str]
@@ -70,26 +83,41 @@ class TrainEpochs:
     rank: int
     counter: SkipCounter
     tag: Callable[[dict[str, Any]], dict[str, Any]]
+    sampling: Sampling = "permutation"
+    reader: SampleReader | None = None
+    world: int = 1
+    workers: int = 1
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if self.reader is None:
+            raise ValueError("permutation sampling needs the split's sample index (reader)")
+        return EpochPlan(len(self.reader.index), self.batch_size, self.world, self.seed, epoch)
 
     def stages(self, epoch: int, worker: int, done: int) -> list[Any]:
         seed = stream_seed(self.seed, self.rank, worker, epoch)
         per_buffer = self.bucket_batches or 1
         whole = done // per_buffer * per_buffer  # batches skippable before decoding (whole buffers)
+        if self.sampling == "permutation":
+            planned = self.plan(epoch).worker_batches(self.rank, worker, self.workers)
+            owed = len(planned)
+            source: list[Any] = [PlannedSamples(self.reader, planned.reshape(-1), whole * self.batch_size)]
+        else:
+            owed = self.batches_per_worker
+            source = [wds.ResampledShards(self.urls, deterministic=True, worker_seed=FixedSeed(seed)),
+                      wds.tarfile_to_samples(handler=self.counter),
+                      wds.detshuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, seed=seed),
+                      SkipSamples(whole * self.batch_size)]
         if self.bucket_batches:
-            batching: Any = BucketBatches(self.batch_size, self.bucket_batches, self.batches_per_worker - whole,
-                                          seed=seed, rank=self.rank, first_buffer=whole // per_buffer,
-                                          skip=done - whole)
+            batching: Any = BucketBatches(self.batch_size, self.bucket_batches, owed - whole, seed=seed,
+                                          rank=self.rank, first_buffer=whole // per_buffer, skip=done - whole)
         else:
             batching = wds.batched(self.batch_size, collation_fn=collate, partial=False)
         return [
-            wds.ResampledShards(self.urls, deterministic=True, worker_seed=FixedSeed(seed)),
-            wds.tarfile_to_samples(handler=self.counter),
-            wds.detshuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, seed=seed),
-            SkipSamples(whole * self.batch_size),
+            *source,
             wds.map(decode_sample, handler=self.counter),
             wds.map(self.example.for_epoch(epoch), handler=self.counter),
             batching,
-            TakeBatches(self.batches_per_worker - done),
+            TakeBatches(owed - done),
             wds.map(TagPadding()),
             wds.map(self.tag),
         ]

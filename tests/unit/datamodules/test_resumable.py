@@ -41,11 +41,13 @@ def test_worker_roles_continue_the_round_robin() -> None:
                 assert owner[k + w] == role and done == sum(1 for i in range(k + w) if owner[i] == role)
 
 
+@pytest.mark.parametrize("sampling", ["permutation", "resampled"])
 @pytest.mark.parametrize("bucket_batches", [0, 3])
-def test_a_resumed_stream_yields_the_rest_of_the_epoch_then_the_next(small_data: Path, bucket_batches: int) -> None:
+def test_a_resumed_stream_yields_the_rest_of_the_epoch_then_the_next(small_data: Path, bucket_batches: int,
+                                                                     sampling: str) -> None:
     def dm() -> ShardDataModule:
         return ShardDataModule(str(small_data), batch_size=4, num_workers=2, bucket_batches=bucket_batches,
-                               train_text="mixed")
+                               train_text="mixed", sampling=sampling)  # type: ignore[arg-type]
 
     reference = _epochs(dm(), 2)
     n = len(reference[0])
