@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .fast_decode import CorruptSample, sample_where
 from .schema import MAX_VIEWS
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -77,9 +78,27 @@ def views_of(sample: dict[str, Any], prefix: str) -> list[Image.Image]:
             break
         views.append(img)
     if not views:
-        raise ValueError(f"sample {sample.get('__key__', '?')} in {sample.get('__url__', '?')} has no "
-                         f"'{prefix}0.jpg' member: not a {'gallery' if prefix == 'view' else 'triplet'} sample")
+        raise CorruptSample(f"{sample_where(sample)}: no '{prefix}0.jpg' member: not a "
+                            f"{'gallery' if prefix == 'view' else 'triplet'} sample")
     return views
+
+
+# Metadata keys the example classes read unconditionally: a shard sample without one is damaged.
+TRIPLET_SAMPLE_KEYS = ("triplet", "source")
+TRIPLET_KEYS = ("source_id", "target_id", "dataset", "modification_short")
+PRODUCT_KEYS = ("product_id", "dataset")
+
+
+def require_keys(mapping: Any, keys: tuple[str, ...], what: str, sample: dict[str, Any]) -> dict[str, Any]:
+    """``mapping`` when it is a dict holding every one of ``keys``; else ``CorruptSample`` naming the
+    sample and the first missing key (a bare KeyError deep in an example would look like a bug)."""
+    if not isinstance(mapping, dict):
+        raise CorruptSample(f"{sample_where(sample)}: {what} is a {type(mapping).__name__}, not a JSON object")
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise CorruptSample(f"{sample_where(sample)}: {what} has no {missing[0]!r} key"
+                            + (f" (nor {', '.join(map(repr, missing[1:]))})" if len(missing) > 1 else ""))
+    return mapping
 
 
 def fashioniq_text(captions: list[str], rng: random.Random | None) -> str:
@@ -145,8 +164,12 @@ class TripletExample:
         return out
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        meta = sample["json"]
-        t = meta["triplet"]
+        meta = require_keys(sample.get("json"), TRIPLET_SAMPLE_KEYS, "its json", sample)
+        t = require_keys(meta["triplet"], TRIPLET_KEYS, "its json's 'triplet'", sample)
+        if self.captions:  # caption_of looks products up by dataset and id
+            for role in ("source", "target"):
+                if meta.get(role) is not None:
+                    require_keys(meta[role], PRODUCT_KEYS, f"its json's {role!r}", sample)
         rng = random.Random(f"{self.seed}|{self.epoch}|{sample.get('__key__')}")
         source_views = views_of(sample, "src")
         source_caption = caption_of(meta["source"], self.captions)
@@ -175,7 +198,7 @@ class GalleryExample:
         self.captions = captions
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        meta = sample["json"]
+        meta = require_keys(sample.get("json"), PRODUCT_KEYS, "its json", sample)
         return {"images": stack_views(views_of(sample, "view"), self.transform),
                 "product_id": meta["product_id"], "dataset": meta["dataset"],
                 "caption": caption_of(meta, self.captions), "meta": meta}

@@ -36,7 +36,7 @@ from .negatives import GalleryReader, WithNegatives, read_negatives
 from .resumable import ResumableLoader, TrainStream
 from .sample_index import SampleIndex, SampleReader
 from .schema import stable_id
-from .shards import SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls
+from .shards import KeyedStage, SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls, skip_budget
 from .sidecar import read_sidecar
 from .synthetic import GENERATOR_VERSION, write_synthetic
 from .train_epochs import Sampling, TrainEpochs
@@ -90,6 +90,11 @@ class ShardDataModule(L.LightningDataModule):
             through ``shuffle_buffer`` (an endless stream: about 63% of the shards are read in an
             "epoch" of S shard draws, and batches come from a window of neighbouring records).
         shuffle_buffer: samples held for shuffling in each training worker (``resampled`` only).
+        max_skip_rate: the share of a stream's samples (an epoch's training samples, a split's
+            gallery or queries; each DataLoader worker gets its share) that may be skipped as corrupt
+            (an image that does not decode, bad JSON, a missing member) before the run stops naming
+            the first errors. Any other error in reading or transforming a sample is a bug and stops
+            the run at once, naming the sample.
         val_split: the split of ``validate`` and of validation during ``fit``.
         test_split: the split of ``test`` (default: ``val_split``).
         predict_split: the split of ``predict`` (default: ``test_split``); may be query-only.
@@ -117,7 +122,7 @@ class ShardDataModule(L.LightningDataModule):
                  predict_split: str | None = None, target_pad_ratio: float | None = None,
                  captions_file: str | None = None, seed: int = 0, bucket_batches: int = 0,
                  hard_negatives: int = 0, query_views: QueryViews = "all",
-                 sampling: Sampling = "permutation") -> None:
+                 sampling: Sampling = "permutation", max_skip_rate: float = 0.01) -> None:
         super().__init__()
         problems = [f"{key}={value}: must be >= 1" for key, value in
                     (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
@@ -125,6 +130,8 @@ class ShardDataModule(L.LightningDataModule):
         problems += [f"{key}={value}: must be >= 0 (0 = off)" for key, value in
                      (("bucket_batches", bucket_batches), ("hard_negatives", hard_negatives)) if value < 0]
         problems += [f"shuffle_buffer={shuffle_buffer}: must be >= 1"] if shuffle_buffer < 1 else []
+        if not 0 <= max_skip_rate <= 1:
+            problems.append(f"max_skip_rate={max_skip_rate}: a share of the samples, from 0 to 1")
         if sampling not in ("permutation", "resampled"):
             problems.append(f"sampling={sampling!r}: must be 'permutation' or 'resampled'")
         if query_views not in ("all", "first"):
@@ -235,7 +242,7 @@ class ShardDataModule(L.LightningDataModule):
                 log.info("training epochs: %d triplets in %d steps of %d x %d ranks; %d left out of each epoch "
                          "(a different %d each time)", len(index), plan.batches_per_rank, hp.batch_size, world,
                          plan.remainder, plan.remainder)
-        counter = SkipCounter("train")
+        counter = SkipCounter("train", skip_budget(per_worker * hp.batch_size, hp.max_skip_rate))
         example: Any = TripletExample(self.image_transform, hp.train_text, seed=hp.seed, captions=self.captions)
         if hp.hard_negatives:
             # Read (and checked) here, in the main process: a bad sidecar fails before any worker starts.
@@ -274,15 +281,17 @@ class ShardDataModule(L.LightningDataModule):
         return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
                 trainer.limit_train_batches)
 
-    def _eval_pipeline(self, urls: list[str], name: str, example: Any) -> wds.DataPipeline:
-        counter = SkipCounter(name)
+    def _eval_pipeline(self, urls: list[str], name: str, example: Any, samples: int) -> wds.DataPipeline:
+        rank, world = self._world()
+        workers = max(1, min(self.hparams.num_workers, len(urls)))
+        counter = SkipCounter(name, skip_budget(math.ceil(samples / (world * workers)), self.hparams.max_skip_rate))
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=counter),
-            SplitSamplesByRank(*self._world()),
+            SplitSamplesByRank(rank, world),
             wds.map(decode_sample, handler=counter),
-            wds.map(example, handler=counter),
+            wds.map(KeyedStage(example), handler=counter),
             wds.batched(self.hparams.eval_batch_size, collation_fn=collate, partial=True),
             wds.map(TagSkipped(name, counter)),
         )
@@ -290,12 +299,15 @@ class ShardDataModule(L.LightningDataModule):
     def eval_dataloaders(self, split: str) -> list[wds.WebLoader]:
         gallery = shard_urls(self.data_dir, self.manifest, split, "gallery")
         queries = shard_urls(self.data_dir, self.manifest, split, "triplets")
+        counts = self.manifest["splits"][split]
         return [
             self._loader(self._eval_pipeline(gallery, f"{split}-gallery",
-                                             GalleryExample(self.image_transform, self.captions)), len(gallery)),
+                                             GalleryExample(self.image_transform, self.captions),
+                                             counts.get("products", 0)), len(gallery)),
             self._loader(self._eval_pipeline(queries, f"{split}-queries",
                                              TripletExample(self.image_transform, "short", captions=self.captions,
-                                                            query_views=self.hparams.query_views)),
+                                                            query_views=self.hparams.query_views),
+                                             counts.get("triplets", 0)),
                          len(queries)),
         ]
 

@@ -15,7 +15,7 @@ last batch from the start of its own list again, so the step count stays equal o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +64,21 @@ class PlannedSamples:
     """First pipeline stage of a worker: its planned samples from number ``skip`` on, read through the
     sample index, then (if the pipeline asks for more, because corrupt samples were dropped) the same
     list once more from its start. The pipeline's ``TakeBatches`` stops it at the worker's batch count.
-    (A stream that runs short even so has lost more samples than any skip budget allows.)"""
+    (A stream that runs short even so has lost more samples than any skip budget allows.) A sample
+    whose bytes cannot be split into tar members goes to ``handler``, as WebDataset's tar reader
+    hands it its errors: skipped when it returns True, else raised."""
 
-    def __init__(self, reader: SampleReader, samples: np.ndarray, skip: int) -> None:
-        self.reader, self.samples, self.skip = reader, samples, skip
+    def __init__(self, reader: SampleReader, samples: np.ndarray, skip: int,
+                 handler: Callable[[Exception], bool] | None = None) -> None:
+        self.reader, self.samples, self.skip, self.handler = reader, samples, skip, handler
 
     def __call__(self) -> Iterator[dict[str, Any]]:
         # A callable, not an iterable: the form WebDataset's ``DataPipeline`` takes as a source.
         for i in (*self.samples[self.skip:], *self.samples):
-            yield self.reader(int(i))
+            try:
+                sample = self.reader(int(i))
+            except Exception as exn:
+                if self.handler is not None and self.handler(exn):
+                    continue
+                raise
+            yield sample

@@ -9,11 +9,16 @@ size it will resize to, and resizes that instead of the full-size image.
 the full-size picture on first pixel access) that also offers ``decode_at_least``, which decodes a
 fresh reduced copy and never changes the view itself. The pixels of a view are always those of its
 bytes, whatever was read from it before.
+
+Bytes that do not decode raise ``CorruptSample`` wherever the decode happens: when the view is
+opened, or later, inside a model's transform, when a lazy view's pixels are first read. The data
+pipelines skip and count those (``shards.SkipCounter``) and stop on any other error.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +27,34 @@ from PIL.JpegImagePlugin import JpegImageFile
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 Box = tuple[float, float, float, float]
+
+
+class CorruptSample(ValueError):
+    """A shard sample that is damaged data, not a bug: an image that does not decode, JSON or text
+    that does not parse, a missing member or metadata key, a damaged tar stream.
+
+    The data pipelines skip and count these (``shards.SkipCounter``, up to a budget); every other
+    exception stops the run. Defined here, the lowest layer, so the lazy decode can raise it;
+    ``datamodules.shards`` re-exports it.
+    """
+
+
+def sample_where(sample: object) -> str:
+    """``url:key`` of a WebDataset sample (``?`` for what it lacks): how errors name a sample."""
+    if not isinstance(sample, dict):
+        return "?:?"
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+# What PIL raises for bytes that are not a decodable image: UnidentifiedImageError and "image file
+# is truncated" are OSErrors, an unparsable header a SyntaxError, damaged tables struct.error,
+# ValueError or EOFError; a huge declared size DecompressionBombError.
+IMAGE_DECODE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, EOFError, struct.error,
+                                                    Image.DecompressionBombError)
+
+
+def _undecodable(exn: Exception, nbytes: int) -> CorruptSample:
+    return CorruptSample(f"image of {nbytes} bytes does not decode: {type(exn).__name__}: {exn}")
 
 
 @dataclass(frozen=True)
@@ -57,28 +90,44 @@ class LazyJpeg(JpegImageFile):
     """
 
     def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data))
+        try:
+            super().__init__(io.BytesIO(data))
+        except IMAGE_DECODE_ERRORS as exn:  # the header alone does not parse
+            raise _undecodable(exn, len(data)) from exn
         self.jpeg_bytes = data
         limit = Image.MAX_IMAGE_PIXELS
         # Image.open refuses decompression bombs; this class is built without it, so check here.
         if limit is not None and self.width * self.height > 2 * limit:
-            raise Image.DecompressionBombError(
+            bomb = Image.DecompressionBombError(
                 f"JPEG of {self.width}x{self.height} pixels exceeds twice PIL's MAX_IMAGE_PIXELS ({limit})")
+            raise _undecodable(bomb, len(data)) from bomb
 
     def __reduce__(self) -> tuple[type[LazyJpeg], tuple[bytes]]:
         return LazyJpeg, (self.jpeg_bytes,)
 
+    def load(self) -> Image.core.PixelAccess | None:
+        """PIL's full decode (every pixel access goes through it), with a damaged scan raised as
+        ``CorruptSample``: this runs inside a model's transform, long after the sample was opened."""
+        try:
+            return super().load()
+        except IMAGE_DECODE_ERRORS as exn:
+            raise _undecodable(exn, len(self.jpeg_bytes)) from exn
+
     def decode_at_least(self, width: int, height: int) -> Decoded:
-        img = JpegImageFile(io.BytesIO(self.jpeg_bytes))
-        drafted = img.draft("RGB", (max(width, 1), max(height, 1)))
-        img.load()
+        try:
+            img = JpegImageFile(io.BytesIO(self.jpeg_bytes))
+            drafted = img.draft("RGB", (max(width, 1), max(height, 1)))
+            img.load()
+        except IMAGE_DECODE_ERRORS as exn:
+            raise _undecodable(exn, len(self.jpeg_bytes)) from exn
         box: Box = drafted[1] if drafted is not None else (0.0, 0.0, float(img.width), float(img.height))
         return Decoded(img if img.mode == "RGB" else img.convert("RGB"), box)
 
 
 def open_view(data: bytes) -> Image.Image:
     """An image member of a shard: a ``LazyJpeg`` for a colour JPEG, any other image decoded now as
-    RGB (PNG, WebP, greyscale or CMYK JPEG: nothing to gain from deferring them)."""
+    RGB (PNG, WebP, greyscale or CMYK JPEG: nothing to gain from deferring them). Raises
+    ``CorruptSample`` for bytes that do not decode (a lazy view: its header only, until used)."""
     if data.startswith(JPEG_MAGIC):
         view = LazyJpeg(data)
         if view.mode == "RGB":
@@ -87,9 +136,13 @@ def open_view(data: bytes) -> Image.Image:
 
 
 def decode_now(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()  # the full decode, so a truncated file fails here and not later
-    return img.convert("RGB")
+    """``data`` fully decoded as RGB; bytes that do not decode raise ``CorruptSample``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # the full decode, so a truncated file fails here and not later
+        return img.convert("RGB")
+    except IMAGE_DECODE_ERRORS as exn:
+        raise _undecodable(exn, len(data)) from exn
 
 
 def decode_at_least(image: Image.Image | ScalableView, width: int, height: int) -> Decoded:

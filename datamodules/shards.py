@@ -8,6 +8,11 @@ Decoding is done here, not with ``webdataset.decode``: its default handlers unpi
 ``.pickle`` members, and shards are data from elsewhere. Only image, JSON and text members are ever
 decoded; anything else is dropped unread. In the training and evaluation pipelines a colour JPEG view
 stays undecoded (``fast_decode.LazyJpeg``) until the model's transform knows the size it needs.
+
+Skip what is corrupt, stop on what is broken: damaged data (an image that does not decode, bad JSON
+or UTF-8, a missing member or metadata key, a damaged tar stream) raises ``CorruptSample`` (or
+tarfile's ``TarError``), which ``SkipCounter`` skips and counts up to a budget (``skip_budget``);
+any other exception is a bug and stops the run at once, naming the sample (``KeyedStage``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
+import tarfile
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -24,8 +31,13 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-from .fast_decode import decode_now, open_view
+from .fast_decode import CorruptSample, decode_now, open_view, sample_where
 from .schema import Product, Triplet, safe_key
+
+__all__ = ["MANIFEST", "CorruptSample", "KeyedStage", "ShardSetWriter", "SkipCounter", "StageError",
+           "TooManyCorruptSamples", "decode_sample", "encode_image", "encode_product", "gallery_key",
+           "is_corrupt", "iterate_shards", "read_manifest", "sample_where", "shard_urls", "skip_budget",
+           "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +141,125 @@ def shard_urls(data_dir: str | Path, manifest: dict[str, Any], split: str, kind:
 # --- reading ------------------------------------------------------------------------------------
 
 
-class SkipCounter:
-    """WebDataset error handler that skips a bad sample, counts it and warns with its origin.
+# The config key that sets the budget, named in the error that enforces it.
+SKIP_RATE_KEY = "data.init_args.max_skip_rate"
+# How many skipped errors a TooManyCorruptSamples message quotes.
+FIRST_ERRORS = 3
 
-    One instance lives in each DataLoader worker; the count travels with every batch (see
-    ``tag_skipped``) so the main process can total it across workers.
+
+def is_corrupt(exn: BaseException) -> bool:
+    """Whether ``exn`` is damaged data (skip it) rather than a bug (stop). Only ``CorruptSample``,
+    which this package's decoders and example classes raise for a sample's decode and format errors,
+    and tarfile's errors, which WebDataset's tar reader raises for a damaged stream and which cannot
+    be wrapped there. Raw ``KeyError``/``JSONDecodeError``/PIL errors are deliberately not in this
+    list: decoding wraps the ones the data causes, so one that reaches a handler unwrapped comes
+    from code, not data."""
+    return isinstance(exn, CorruptSample | tarfile.TarError)
+
+
+class TooManyCorruptSamples(RuntimeError):
+    """More corrupt samples than a stream's budget: the data (or its reader) is damaged beyond what
+    skipping may hide. Takes one message argument, so it survives DataLoader workers' re-raise."""
+
+
+class StageError(RuntimeError):
+    """A per-sample stage failed with an error that is not damaged data (see ``KeyedStage``)."""
+
+
+def skip_budget(samples: int, rate: float) -> int:
+    """How many corrupt samples a stream of ``samples`` may skip at a skip rate of ``rate`` (a
+    fraction: 0.01 is 1%): ``floor(rate × samples)``, at least 0. A budget of 0 stops at the first
+    corrupt sample. The tiny epsilon keeps binary rounding (0.29 × 100 = 28.999…) from costing one."""
+    if rate < 0 or math.isnan(rate):
+        raise ValueError(f"{SKIP_RATE_KEY}={rate}: a skip rate is a fraction of the samples, at least 0")
+    return max(0, math.floor(rate * max(samples, 0) + 1e-9))
+
+
+def _describe(exn: BaseException, limit: int = 400) -> str:
+    text = f"{type(exn).__name__}: {exn}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class SkipCounter:
+    """WebDataset error handler: skips and counts corrupt samples, stops on everything else.
+
+    - A corrupt-sample error (``is_corrupt``: ``CorruptSample``, tarfile's errors) is skipped
+      (returns True), counted in ``count`` and logged, its description kept among the first
+      ``FIRST_ERRORS`` in ``first_errors``.
+    - Any other exception is re-raised at once: a deterministic bug in a transform fails every
+      sample, and counting it as corrupt data would hide it (the training stream would loop on
+      warnings, evaluation would end with empty metrics).
+    - Once ``count`` exceeds ``budget`` (None: no limit), raises ``TooManyCorruptSamples`` naming
+      the stream, the count, the budget and the first errors.
+
+    One instance lives in each DataLoader worker, so ``count`` and ``budget`` are per worker (give
+    each its share, e.g. ``skip_budget(samples_of_this_worker, rate)``); the count also travels with
+    every batch (see ``tag_skipped``) so the main process can total it across workers. Picklable.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, budget: int | None = None) -> None:
+        if budget is not None and budget < 0:
+            raise ValueError(f"SkipCounter({name!r}): budget={budget}, expected None or at least 0")
         self.name = name
+        self.budget = budget
         self.count = 0
+        self.first_errors: list[str] = []
 
     def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, TooManyCorruptSamples):
+            raise exn  # raised by this handler in an inner stage (tar members), seen again by an outer one
+        if not is_corrupt(exn):
+            note = f"(in data stream {self.name!r}: not a corrupt-sample error, so the run stops)"
+            if note not in getattr(exn, "__notes__", ()):  # nested tar stages hand it over twice
+                exn.add_note(note)
+            raise exn
         self.count += 1
-        log.warning("skipping a corrupt sample in %s (%d skipped so far): %r", self.name, self.count, exn)
+        if len(self.first_errors) < FIRST_ERRORS:
+            self.first_errors.append(_describe(exn))
+        log.warning("skipping a corrupt sample in %s (%d skipped so far%s): %s", self.name, self.count,
+                    "" if self.budget is None else f", budget {self.budget}", _describe(exn))
+        if self.budget is not None and self.count > self.budget:
+            raise TooManyCorruptSamples(self.message()) from exn
         return True
+
+    def message(self) -> str:
+        """Why the stream stops: the count against the budget, the first errors, the remedy."""
+        errors = "\n".join(f"  {i}. {e}" for i, e in enumerate(self.first_errors, 1))
+        return (f"data stream {self.name!r}: {self.count} corrupt samples skipped, more than its budget of "
+                f"{self.budget}. The first {len(self.first_errors)}:\n{errors}\n"
+                f"Repair or regenerate the shards; if this much damage is expected, raise the limit with "
+                f"{SKIP_RATE_KEY} (the share of an epoch's samples that may be skipped; 0.01 by default).")
+
+
+class KeyedStage:
+    """A per-sample map function (e.g. ``TripletExample``) whose errors name their sample.
+
+    Calls ``fn(sample)``. A corrupt-sample error (``is_corrupt``) comes out as ``CorruptSample``
+    starting with the sample's ``url:key``, so ``SkipCounter.first_errors`` names keys; any other
+    exception as ``StageError``, its message starting with the sample's ``url:key`` and chained to
+    the original (``raise … from``), so a planted bug in a transform stops the run naming the first
+    sample it failed on. A class, not a closure, so DataLoader workers can pickle it (``fn`` must
+    pickle too).
+    """
+
+    def __init__(self, fn: Callable[[dict[str, Any]], Any]) -> None:
+        self.fn = fn
+
+    def for_epoch(self, epoch: int) -> KeyedStage:
+        """The same stage around ``fn.for_epoch(epoch)`` (``TripletExample`` and its wrappers)."""
+        return KeyedStage(self.fn.for_epoch(epoch))  # type: ignore[attr-defined]
+
+    def __call__(self, sample: dict[str, Any]) -> Any:
+        try:
+            return self.fn(sample)
+        except Exception as exn:
+            where = sample_where(sample)
+            if is_corrupt(exn):
+                if isinstance(exn, CorruptSample) and str(exn).startswith(where):
+                    raise  # already names its sample (decode_sample, the example classes)
+                detail = str(exn) if type(exn) is CorruptSample else _describe(exn)
+                raise CorruptSample(f"{where}: {detail}") from exn
+            raise StageError(f"{where}: {type(exn).__name__}: {exn}") from exn
 
 
 def decode_sample(sample: dict[str, Any], lazy: bool = True) -> dict[str, Any]:
@@ -152,24 +268,35 @@ def decode_sample(sample: dict[str, Any], lazy: bool = True) -> dict[str, Any]:
     ``lazy``: colour JPEG views become ``LazyJpeg`` images, decoded when first used (at a reduced
     scale by the backbones' transforms), so a corrupt one fails in the transform, not here; other
     images are always decoded here. Off: every image is fully decoded here, as RGB.
+
+    Damaged members (an image that does not decode or is too small to be one, JSON or UTF-8 that
+    does not parse, a ``json`` member that is not an object) and a missing ``json`` member raise
+    ``CorruptSample`` naming the sample's ``url:key`` and the member.
     """
     out: dict[str, Any] = {}
-    where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    where = sample_where(sample)
     for name, value in sample.items():
         if name.startswith("__"):
             out[name] = value
             continue
         ext = name.rsplit(".", 1)[-1].lower()
-        if ext in IMAGE_EXTS:
-            if len(value) < _MIN_IMAGE_BYTES:
-                raise ValueError(f"{where}: member {name!r} has {len(value)} bytes, not an image")
-            out[name] = open_view(value) if lazy else decode_now(value)
-        elif ext in JSON_EXTS:
-            out[name] = json.loads(value)
-        elif ext in TEXT_EXTS:
-            out[name] = value.decode("utf-8")
+        try:
+            if ext in IMAGE_EXTS:
+                if len(value) < _MIN_IMAGE_BYTES:
+                    raise CorruptSample(f"{len(value)} bytes, not an image")
+                out[name] = open_view(value) if lazy else decode_now(value)
+            elif ext in JSON_EXTS:
+                out[name] = json.loads(value)
+                if not isinstance(out[name], dict):
+                    raise CorruptSample(f"a JSON {type(out[name]).__name__}, not an object")
+            elif ext in TEXT_EXTS:
+                out[name] = value.decode("utf-8")
+        except (CorruptSample, json.JSONDecodeError, UnicodeDecodeError) as exn:
+            # JSONDecodeError and UnicodeDecodeError are ValueErrors: name them, the message alone is terse.
+            detail = str(exn) if type(exn) is CorruptSample else _describe(exn)
+            raise CorruptSample(f"{where}: member {name!r}: {detail}") from exn
     if "json" not in out:
-        raise ValueError(f"{where}: sample has no json member")
+        raise CorruptSample(f"{where}: sample has no json member")
     return out
 
 

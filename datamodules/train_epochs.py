@@ -22,7 +22,7 @@ from .batching import collate
 from .bucketing import BucketBatches, TagPadding
 from .epoch_plan import EpochPlan, PlannedSamples
 from .sample_index import SampleReader
-from .shards import SkipCounter, decode_sample
+from .shards import KeyedStage, SkipCounter, decode_sample
 
 Sampling = Literal["permutation", "resampled"]
 
@@ -100,7 +100,8 @@ class TrainEpochs:
         if self.sampling == "permutation":
             planned = self.plan(epoch).worker_batches(self.rank, worker, self.workers)
             owed = len(planned)
-            source: list[Any] = [PlannedSamples(self.reader, planned.reshape(-1), whole * self.batch_size)]
+            skip = whole * self.batch_size
+            source: list[Any] = [PlannedSamples(self.reader, planned.reshape(-1), skip, self.counter)]
         else:
             owed = self.batches_per_worker
             source = [wds.ResampledShards(self.urls, deterministic=True, worker_seed=FixedSeed(seed)),
@@ -115,7 +116,7 @@ class TrainEpochs:
         return [
             *source,
             wds.map(decode_sample, handler=self.counter),
-            wds.map(self.example.for_epoch(epoch), handler=self.counter),
+            wds.map(KeyedStage(self.example.for_epoch(epoch)), handler=self.counter),
             batching,
             TakeBatches(owed - done),
             wds.map(TagPadding()),

@@ -1,8 +1,26 @@
 """CLIP4CIR: CLIP image and text encoders with a fusion head (sum or the CLIP4Cir Combiner).
 
 Stage 1 (this module as configured by ``experiments/demos/clip4cir.yaml``) fine-tunes both encoders and the
-fusion head with in-batch negatives. Multi-view products are embedded by mean-pooling the image
-features of their views (the view mask excludes padding), for the source and the target alike.
+fusion head with in-batch negatives.
+
+Multi-view products, in training (always) and in evaluation under ``view_strategy: pooled`` (the
+default), are embedded by averaging the *unnormalised* CLIP image features of their real views
+(``CLIPBackbone.encode_products``: the masked mean of the visual projection's outputs, padding
+excluded), for the source and the target alike; this is neither of the FashionMV paper's per-view
+strategies:
+
+- target: the L2-normalised mean of the raw view features, so a view with a larger feature norm
+  weighs more (the same vector as ``meanpool``, eq. 15, gives for a target);
+- query: that raw mean is fused with the text feature *once*. ``SumFusion`` normalises it first, so
+  only its direction counts; the ``Combiner`` takes it as it is, in its projection and in its
+  residual ``(1 - λ)·image``, so its norm (smaller when the views disagree) counts too. The paper's
+  MeanPool instead fuses each source view with the text and averages the fused queries.
+
+The contrastive loss then L2-normalises query and target. ``view_strategy`` ``meanpool``,
+``meanpool_normalised`` and ``maxsim`` apply in evaluation only: one query per source view (each
+fused with the text; the fusion heads' outputs are unit-norm, so the two MeanPool variants give the
+same query) and one embedding per target view (raw CLIP features: ``meanpool`` averages them as they
+are, ``meanpool_normalised`` normalises each first), pooled by ``per_view_embeddings``.
 """
 
 from __future__ import annotations
@@ -29,7 +47,7 @@ from ...core import (
 )
 from ...core.adapters import LoraSettings
 
-ViewStrategy = Literal["pooled", "meanpool", "maxsim"]
+ViewStrategy = Literal["pooled", "meanpool", "meanpool_normalised", "maxsim"]
 
 
 class CLIP4CIR(RetrievalModule):
@@ -43,8 +61,9 @@ class CLIP4CIR(RetrievalModule):
         evaluation, stage2_loss, training_stage, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora,
             mined_negatives: see ``RetrievalModule``.
         view_strategy: how evaluation embeds multi-view products: ``pooled`` (the mean of the views'
-            image features, as trained), or the FashionMV paper's single-image baselines
-            ``meanpool`` and ``maxsim`` (one query per source view; see ``per_view_embeddings``). In stage 2 the
+            unnormalised image features, as trained; see above), or the FashionMV paper's single-image
+            baselines ``meanpool`` (eq. 15), ``meanpool_normalised`` (views normalised before the mean)
+            and ``maxsim`` (one query per source view; see ``per_view_embeddings``). In stage 2 the
             target encoder (CLIP's image tower, shared with the reference image) is frozen; the text
             encoder and the fusion head go on training against the static bank.
     """

@@ -3,7 +3,8 @@
 A query is one request holding the source product's views and the modification text, under the
 card's query instruction; a document is one request holding the product's views, under the document
 instruction (``backbones.vl_embedder``). Multi-view products are embedded as the paper's eq. 14-16:
-``joint`` (all views in one request), ``meanpool`` (one request per view, embeddings averaged) or
+``joint`` (all views in one request), ``meanpool`` (one request per view, embeddings averaged;
+``meanpool_normalised`` is the same here, the embeddings being unit-norm already) or
 ``maxsim`` (one request per view, scored by the best view pair through ``retrieval.search.maxsim``;
 a query's per-view requests each carry the modification text).
 
@@ -28,7 +29,7 @@ from ...components.multiview import pool_view_rows
 from ...core import Products, RetrievalEval, RetrievalModule, save_config_hyperparameters
 from ...core.adapters import LoraSettings
 
-ViewStrategy = Literal["joint", "meanpool", "maxsim"]
+ViewStrategy = Literal["joint", "meanpool", "meanpool_normalised", "maxsim"]
 
 
 def embedder_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -41,7 +42,8 @@ class MLLMEmbedder(RetrievalModule):
 
     Args:
         backbone: the embedding model and its card (prompt format, pooled token, image limits).
-        view_strategy: ``joint``, ``meanpool`` or ``maxsim`` (evaluation; training is always joint).
+        view_strategy: ``joint``, ``meanpool``, ``meanpool_normalised`` or ``maxsim`` (evaluation; training
+            is always joint).
         query_instruction, document_instruction: replace the card's instructions (None: the card's).
         loss: contrastive loss of fine-tuning; default symmetric InfoNCE at a fixed τ = 0.05.
         optimizer, scheduler, evaluation, init_checkpoint, skip_bad_steps, grad_cache_chunk, lora,

@@ -77,7 +77,8 @@ def test_corrupt_gallery_sample_is_skipped_counted_and_reported(small_data: Path
     with tarfile.open(shard) as tar:
         victim = next(m.name for m in tar.getmembers() if m.name.endswith("view0.jpg"))
     rewrite_shard(shard, lambda name, b: b[:30] + bytes(x ^ 0xFF for x in b[30:]) if name == victim else b)
-    dm = ShardDataModule(str(data), eval_batch_size=16, num_workers=0)
+    # One of ~30 gallery products is more than the default 1% budget; 5% lets it be skipped.
+    dm = ShardDataModule(str(data), eval_batch_size=16, num_workers=0, max_skip_rate=0.05)
     gallery, _ = dm.val_dataloader()
     n = sum(len(dm.on_before_batch_transfer(b, 0)["product_id"]) for b in gallery)
     assert n == manifest["splits"]["val"]["products"] - 1
@@ -184,3 +185,53 @@ def test_shards_written_before_the_group_fields_still_read(small_data: Path, tmp
     metas = [m["triplet"] for b in dm.val_dataloader()[1] for m in b["meta"]]
     assert len(metas) == manifest["splits"]["val"]["triplets"] and dm.skipped_total == 0
     assert all(t.get("subset_ids", []) == [] and t.get("view_incomplete", False) is False for t in metas)
+
+
+def _cut_first_source_views(data: Path, count: int) -> list[str]:
+    """Truncate the first source view of ``count`` training samples; their keys."""
+    victims: list[str] = []
+    for shard in shard_urls(data, read_manifest(data), "train", "triplets"):
+        with tarfile.open(shard) as tar:
+            names = [m.name for m in tar.getmembers() if m.name.endswith("src0.jpg")][: count - len(victims)]
+        rewrite_shard(Path(shard), lambda name, b, cut=set(names): b[:40] if name in cut else b)
+        victims += [n.removesuffix(".src0.jpg") for n in names]
+        if len(victims) == count:
+            return victims
+    raise AssertionError("not enough samples")
+
+
+def test_the_training_stream_skips_corrupt_samples_within_its_budget_and_stops_past_it(small_data: Path,
+                                                                                       tmp_path: Path) -> None:
+    from datamodules.shards import TooManyCorruptSamples
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    victims = _cut_first_source_views(data, 2)
+    n = read_manifest(data)["splits"]["train"]["triplets"]
+    # 2 of ~148 samples (1.4%): a 5% budget skips and counts both and still runs every step.
+    dm = ShardDataModule(str(data), batch_size=4, num_workers=0, image_size=16, max_skip_rate=0.05)
+    batches = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert len(batches) == n // 4 and dm.skipped_total == 2
+    # The default 1% allows one: the second stops the epoch, naming the first errors and the key to raise.
+    dm = ShardDataModule(str(data), batch_size=4, num_workers=0, image_size=16)
+    with pytest.raises(TooManyCorruptSamples, match="max_skip_rate") as err:
+        list(dm.train_dataloader())
+    assert any(v.split("/")[-1] in str(err.value) for v in victims)
+
+
+def test_a_bug_in_the_transform_stops_at_the_first_sample_naming_it(small_data: Path) -> None:
+    from datamodules.shards import StageError
+
+    calls = []
+
+    def broken(img: object) -> torch.Tensor:
+        calls.append(1)
+        raise ZeroDivisionError("a planted bug")
+
+    dm = ShardDataModule(str(small_data), batch_size=4, num_workers=0, image_size=16)
+    dm.set_image_transform(broken)
+    with pytest.raises(StageError, match=r"--.*ZeroDivisionError: a planted bug"):
+        next(iter(dm.train_dataloader()))
+    assert len(calls) == 1 and dm.skipped_total == 0
+    with pytest.raises(StageError, match="ZeroDivisionError"):
+        next(iter(dm.val_dataloader()[0]))
