@@ -14,6 +14,7 @@ samples. A missing or unreadable image skips what needs it, and is counted in ``
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,10 @@ class _ProductCache:
 
 def convert_fashioniq(root: str | Path, out: str | Path, categories: Sequence[str] = CATEGORIES,
                       splits: Sequence[str] = SPLITS, maxcount: int = 1000,
-                      max_side: int | None = None) -> dict[str, Any]:
-    """Write shards + ``manifest.json`` + ``summary.json``; returns the summary."""
+                      max_side: int | None = None, order_seed: int = 0) -> dict[str, Any]:
+    """Write shards + ``manifest.json`` + ``summary.json``; returns the summary. Each split's triplets
+    are written in a random order seeded by ``order_seed`` over all categories, so neighbouring
+    records are not one category's consecutive annotations."""
     root, out = Path(root), Path(out)
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
@@ -68,6 +71,7 @@ def convert_fashioniq(root: str | Path, out: str | Path, categories: Sequence[st
     manifest_splits: dict[str, dict[str, Any]] = {}
     for split in splits:
         writer = ShardSetWriter(out, split, maxcount=maxcount)
+        queued: list[tuple[Triplet, Any, Any]] = []
         for category in categories:
             counts = {"triplets_written": 0, "triplets_skipped": 0, "gallery_written": 0, "gallery_missing": 0}
             dataset = dataset_name(category)
@@ -93,9 +97,12 @@ def convert_fashioniq(root: str | Path, out: str | Path, categories: Sequence[st
                 triplet = Triplet(entry["candidate"], target_name, dataset,
                                   modification_short=fashioniq_text(captions, None) or "(no caption)",
                                   relative_captions=captions)
-                writer.write_triplet(triplet, source, target)
+                queued.append((triplet, source, target))
                 counts["triplets_written"] += 1
             summary[category][split] = counts
+        random.Random(f"{order_seed}|{split}").shuffle(queued)
+        for triplet, source, target in queued:
+            writer.write_triplet(triplet, source, target)
         manifest_splits[split] = writer.close()
     write_manifest(out, manifest_splits, [dataset_name(c) for c in categories],
                    {"converter": "fashioniq", "root": str(root), "categories": list(categories)})

@@ -21,6 +21,7 @@ skipped and counted in ``summary.json``.
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,8 +69,10 @@ def resolve_layout(root: str | Path | None, data_dir: str | Path | None,
 
 def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence[str] = SPLITS, maxcount: int = 500,
                       max_views: int = MAX_VIEWS, max_side: int | None = None, data_dir: str | Path | None = None,
-                      image_root: str | Path | None = None) -> dict[str, Any]:
-    """Write shards + ``manifest.json`` + ``summary.json``; returns the summary."""
+                      image_root: str | Path | None = None, order_seed: int = 0) -> dict[str, Any]:
+    """Write shards + ``manifest.json`` + ``summary.json``; returns the summary. Each split's triplets
+    are written in a random order seeded by ``order_seed`` (the release lists them source by source),
+    so neighbouring records are not one product's triplets."""
     data_dir, image_root = resolve_layout(root, data_dir, image_root, splits)
     out = Path(out)
     summary: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
@@ -120,7 +123,9 @@ def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence
                 products[(dataset, pid)] = (meta, views)
                 writer.write_product(meta, views)
                 counts[dataset]["products_written"] += 1
-        for t in triplets:
+        ordered = list(triplets)
+        random.Random(f"{order_seed}|{split}").shuffle(ordered)
+        for t in ordered:
             dataset, src, tgt = t["dataset"], str(t["source_id"]), str(t["target_id"])
             if (dataset, src) not in products or (dataset, tgt) not in products:
                 counts[dataset]["triplets_skipped"] += 1

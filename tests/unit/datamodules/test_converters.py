@@ -100,6 +100,30 @@ def test_fashionmv_layout_end_to_end_with_nested_ids_and_missing_products(data, 
     assert some["long_caption"] and some["short_caption"]
 
 
+def _written_order(out: Path, split: str) -> list[tuple[str, str, str, str]]:
+    manifest = read_manifest(out)
+    return [(t["dataset"], t["source_id"], t["target_id"], t["modification_short"])
+            for t in (s["json"]["triplet"] for s in iterate_shards(shard_urls(out, manifest, split, "triplets")))]
+
+
+@pytest.mark.parametrize("layout", ["fashioniq", "fashionmv"])
+def test_converters_write_triplets_in_a_seeded_order_across_the_split(data, tmp_path: Path, layout: str) -> None:
+    # The annotation files list triplets category by category (FashionIQ) or source by source
+    # (FashionMV); written as they come, neighbouring records would be one category or one product.
+    write, convert = ((write_fashioniq_layout, convert_fashioniq) if layout == "fashioniq"
+                      else (write_fashionmv_layout, convert_fashionmv))
+    write(tmp_path / "root", data)
+    orders = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        convert(tmp_path / "root", tmp_path / name, order_seed=seed)
+        orders[name] = _written_order(tmp_path / name, "val")
+    assert orders["a"] == orders["b"] and orders["a"] != orders["c"]
+    assert sorted(orders["a"]) == sorted(orders["c"])
+    # The file's order is not kept: in it, the runs of one dataset (or one source) are long.
+    runs = sum(1 for x, y in zip(orders["a"], orders["a"][1:]) if x[:2] != y[:2])
+    assert runs > 0.6 * (len(orders["a"]) - 1)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_FIQ.is_dir(), reason="../shared/data/fashioniq is not present")
 def test_real_fashioniq_annotations_convert_with_the_right_counts(tmp_path: Path) -> None:

@@ -139,3 +139,15 @@ def test_batches_hold_as_many_group_mates_as_a_uniform_shuffle(small_data: Path)
                     counts = Counter(groups[int(i)] for i in rows)
                     shares.append(sum(c * (c - 1) for c in counts.values()) / (8 * 7))
     assert abs(sum(shares) / len(shares) / expected - 1) < 0.2
+
+
+def test_the_generator_writes_triplets_in_a_random_order_not_group_by_group(small_data: Path) -> None:
+    # Neighbouring records (what a shuffle buffer mixes) share a group about as often as two random
+    # triplets do (sum_g n_g (n_g - 1) / (n (n - 1)) = 0.083 here); group by group it would be ~0.9.
+    reader = SampleReader(SampleIndex.load(small_data, "train"))
+    groups = []
+    for i in range(len(reader.index)):
+        t = json.loads(reader(i)["json"])["triplet"]
+        groups.append(frozenset([*t["subset_ids"], t["source_id"]]))
+    neighbours = sum(a == b for a, b in zip(groups, groups[1:], strict=False)) / (len(groups) - 1)
+    assert neighbours < 0.2
