@@ -14,6 +14,11 @@ JPEG quality 90) into a tar shard per size and times, in this one process with o
   2 frames; the tiny preset normalises with CLIP's mean/std, Qwen3.5's checkpoint with 0.5/0.5;
 - ``gme``: the GME / RzenEmbed embedder's larger range (256..1280 merged 28-px tiles, 14-px patches).
 
+``--stream DIR`` instead times the whole training stream of a shard folder (one process, no
+DataLoader workers, the default 64-px transform), triplets per second of CPU time, for both
+samplings: ``resampled`` (shards drawn with replacement, read sequentially, a shuffle buffer) and
+``permutation`` (the epoch's permutation, each sample read by its byte range from the index).
+
 Rates are views per second of this process's CPU time (one core; CPU time rather than wall-clock
 so that other work on a shared machine counts less), the best of ``--repeats`` passes over the
 shard, the paths taking turns; ``× bare`` is a rate over the bare decode's. All paths read the same
@@ -32,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from datamodules import ShardDataModule
 from datamodules.batching import views_of
 from datamodules.fast_decode import decode_at_least
 from datamodules.shards import decode_sample
@@ -147,13 +154,34 @@ def processors() -> dict[str, Any]:
     return {"clip": CLIPImageProcessorPil(), "qwen tiny": image_processor(16, 2, 2), "qwen3.5": qwen35, "gme": gme}
 
 
+def stream_pass(sampling: str, batches: int, data: Path) -> int:
+    """Triplets of the first ``batches`` training batches of ``data`` with ``sampling``."""
+    dm = ShardDataModule(str(data), batch_size=32, num_workers=0, sampling=sampling)  # type: ignore[arg-type]
+    return 32 * sum(1 for _ in islice(dm.train_dataloader(), batches))
+
+
+def stream_table(data: Path, repeats: int, batches: int) -> None:
+    ShardDataModule(str(data), num_workers=0, sampling="permutation").train_dataloader()  # index built, not timed
+    runs = {name: partial(stream_pass, name, batches) for name in ("resampled", "permutation")}
+    rate = best_rates(runs, data, repeats)
+    print("| sampling | triplets/s (one core) | × resampled |")
+    print("|---|---|---|")
+    for name in runs:
+        print(f"| {name} | {rate[name]:.1f} | {rate[name] / rate['resampled']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--views", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", nargs="+", default=["512x682", "1024x1365"])
+    parser.add_argument("--stream", type=Path, help="a shard folder: time its training stream instead")
+    parser.add_argument("--batches", type=int, default=20, help="batches of 32 per pass (--stream)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.stream:
+        stream_table(args.stream, args.repeats, args.batches)
+        return
 
     header = ("size", "path", "old views/s", "× bare", "new views/s", "× bare", "speed-up")
     print("{:<10} {:<12} {:>12} {:>7} {:>12} {:>7} {:>9}".format(*header))

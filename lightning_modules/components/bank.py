@@ -7,7 +7,8 @@ look like the target (high cosine similarity) but differ in attributes: the same
 different colour, pattern, ... They are precomputed per bank entry, in chunks.
 
 An entry is one vector ``[D]`` or several ``[K, D]`` (SPRC's target tokens, scored by the best
-token; rows of NaN are padding): the bank stores whatever ``encode_target`` returns.
+token; rows of NaN are padding): the bank stores whatever ``encode_target`` returns. A product is
+(dataset, product id), the key of ``false_negatives.product_key``: two datasets may reuse an id.
 """
 
 from __future__ import annotations
@@ -18,21 +19,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from datamodules.schema import stable_id
-
 from ..retrieval.distributed import gather_objects
+from .false_negatives import product_key, product_keys
 
 
 class TargetBank:
-    """Embeddings, ids, categories and attributes of every bank product; hard negatives per entry."""
+    """Embeddings, ids, categories and attributes of every bank product; hard negatives per entry.
+    ``datasets``: each entry's dataset (None: one unnamed dataset, ids alone identify products)."""
 
     def __init__(self, embeddings: torch.Tensor, ids: list[str], categories: list[str],
-                 attributes: list[dict[str, str]], hard_negatives: int = 8, chunk_size: int = 2048) -> None:
-        if not len(embeddings) == len(ids) == len(categories) == len(attributes):
-            raise ValueError("bank embeddings, ids, categories and attributes differ in length")
+                 attributes: list[dict[str, str]], hard_negatives: int = 8, chunk_size: int = 2048,
+                 datasets: list[str] | None = None) -> None:
+        datasets = list(datasets) if datasets is not None else [""] * len(ids)
+        if not len(embeddings) == len(ids) == len(categories) == len(attributes) == len(datasets):
+            raise ValueError("bank embeddings, ids, categories, attributes and datasets differ in length")
         self.embeddings = F.normalize(embeddings.float(), dim=-1)
         self.ids = list(ids)
-        self.keys = torch.tensor([stable_id(i) for i in ids], dtype=torch.long, device=embeddings.device)
+        self.datasets = datasets
+        self.keys = product_keys(self.ids, datasets, embeddings.device)
         self.categories = list(categories)
         self.attributes = list(attributes)
         self._row = {k: i for i, k in enumerate(self.keys.tolist())}
@@ -47,23 +51,25 @@ class TargetBank:
         rows: list[tuple[torch.Tensor, dict[str, Any]]] = []
         for emb, metas in batches:
             rows += list(zip(emb.detach().float().cpu(), metas, strict=True))
-        unique: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        unique: dict[tuple[str, str], tuple[torch.Tensor, dict[str, Any]]] = {}
         for emb, meta in gather_objects(rows):
-            unique.setdefault(meta["product_id"], (emb, meta))
+            unique.setdefault((meta.get("dataset", ""), meta["product_id"]), (emb, meta))
         if not unique:
             raise ValueError("the target bank is empty: the training gallery shards hold no products")
         items = list(unique.values())
         return cls(torch.stack([e for e, _ in items]), [m["product_id"] for _, m in items],
-                   [m.get("category", "") for _, m in items], [m.get("attributes") or {} for _, m in items], **kw)
+                   [m.get("category", "") for _, m in items], [m.get("attributes") or {} for _, m in items],
+                   datasets=[m.get("dataset", "") for _, m in items], **kw)
 
     def to(self, device: torch.device) -> TargetBank:
         self.embeddings, self.keys, self.hard = (t.to(device) for t in (self.embeddings, self.keys, self.hard))
         return self
 
-    def rows(self, ids: list[str]) -> torch.Tensor:
-        """Bank row of each id (-1 when absent)."""
-        return torch.tensor([self._row.get(stable_id(i), -1) for i in ids], dtype=torch.long,
-                            device=self.embeddings.device)
+    def rows(self, ids: list[str], datasets: list[str] | None = None) -> torch.Tensor:
+        """Bank row of each product (-1 when absent)."""
+        datasets = datasets if datasets is not None else [""] * len(ids)
+        return torch.tensor([self._row.get(product_key(d, i), -1) for d, i in zip(datasets, ids, strict=True)],
+                            dtype=torch.long, device=self.embeddings.device)
 
     def summary(self) -> torch.Tensor:
         """One unit vector per entry ``[N, D]``: the entry itself, or the normalised mean of its tokens.

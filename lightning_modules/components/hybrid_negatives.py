@@ -18,6 +18,9 @@ class HybridNegativesLoss(nn.Module):
     0 switches a term off. All terms share the (learnable) temperature of the in-batch term.
 
     Only the in-batch term talks to other ranks; ``set_distributed`` passes the rank on to it.
+    False negatives (``ids``) are masked in the in-batch term, which counts them; the synthetic
+    negatives are perturbed copies of the target by design, and the model picks augmented ones
+    among rows of other products (``LLaVACaptionCIR.augmented_targets``).
     """
 
     def __init__(self, in_batch_weight: float = 1.0, synthetic_weight: float = 0.5, augmented_weight: float = 0.5,
@@ -41,16 +44,19 @@ class HybridNegativesLoss(nn.Module):
         return F.cross_entropy(torch.cat([positive, logits], 1), torch.zeros(len(q), dtype=torch.long,
                                                                               device=q.device))
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor, gather: bool = True) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, target: torch.Tensor, gather: bool = True,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
         """The in-batch term alone (what evaluation reports, comparable with other families)."""
-        return self.in_batch(query, target, gather=gather)
+        return self.in_batch(query, target, gather=gather, ids=ids)
 
     def terms(self, query: torch.Tensor, target: torch.Tensor,
               synthetic: tuple[torch.Tensor, torch.Tensor] | None = None,
-              augmented: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Every switched-on term and their weighted sum under ``loss``."""
+              augmented: tuple[torch.Tensor, torch.Tensor] | None = None,
+              ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every switched-on term and their weighted sum under ``loss``; ``ids``: the rows' product
+        keys, for the in-batch term's false-negative masking."""
         q, t = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
-        out = {"in_batch": self.in_batch(query, target, gather=True)}
+        out = {"in_batch": self.in_batch(query, target, gather=True, ids=ids)}
         if synthetic is not None and self.weights["synthetic"]:
             out["synthetic"] = self._against(q, t, synthetic)
         if augmented is not None and self.weights["augmented"]:

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..retrieval.distributed import gather_with_grad, is_distributed
+from ..retrieval.distributed import gather_tensor, gather_with_grad, is_distributed
+from .false_negatives import CountsMaskedNegatives, false_negative_mask
 
 
-class SymmetricInfoNCE(nn.Module):
+class SymmetricInfoNCE(CountsMaskedNegatives, nn.Module):
     """Symmetric InfoNCE over in-batch negatives: CE(q→d) and CE(d→q), averaged.
 
     Under DDP each rank scores its local queries against the targets of *all* ranks (and local
@@ -24,6 +25,10 @@ class SymmetricInfoNCE(nn.Module):
         temperature: initial τ; logits are cos-sim / τ.
         learnable_temperature: learn log(1/τ) (CLIP-style), clamped to ``max_logit_scale``.
         max_logit_scale: upper bound of 1/τ (CLIP: 100).
+
+    With ``ids`` (each row's product key, ``false_negatives.batch_keys``; gathered like the
+    embeddings) a candidate that is the same product as the row's positive is no negative, in both
+    directions: a query whose target is d_i is as much a positive of d_i as q_i is.
 
     Rank and world size are not configuration: the LightningModule hands them over in ``setup``
     through ``set_distributed`` (the ``DistributedLoss`` interface); until then the loss is local.
@@ -49,17 +54,29 @@ class SymmetricInfoNCE(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
-    def forward(self, query: torch.Tensor, target: torch.Tensor, gather: bool = True) -> torch.Tensor:
-        """``gather=False`` scores within the local batch only (evaluation batches can be uneven)."""
+    def forward(self, query: torch.Tensor, target: torch.Tensor, gather: bool = True,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``gather=False`` scores within the local batch only (evaluation batches can be uneven);
+        ``ids`` ``[B]``: product keys of the rows' positives (None: no false-negative masking)."""
         q, d = F.normalize(query, dim=-1), F.normalize(target, dim=-1)
         scale = self.scale()
         n = q.shape[0]
+        ids = ids.to(q.device) if ids is not None else None  # NCCL gathers device tensors only
         if gather and self.world_size > 1 and is_distributed():
             all_q, all_d = gather_with_grad(q), gather_with_grad(d)
             labels = torch.arange(n, device=q.device) + self.rank * n
             logits_q, logits_d = scale * q @ all_d.T, scale * d @ all_q.T
+            all_ids = gather_tensor(ids) if ids is not None else None
         else:
             labels = torch.arange(n, device=q.device)
             logits_q = scale * q @ d.T
             logits_d = logits_q.T
+            all_ids = ids
+        if ids is not None:
+            # Key equality is symmetric, so one mask serves both directions: row i's candidates j in
+            # q→d are targets d_j, in d→q queries q_j, and either is i's positive when key_j = key_i.
+            mask = false_negative_mask(ids, all_ids, labels)
+            negatives = mask.numel() - n
+            logits_q = self.mask_false_negatives(logits_q, mask, negatives)
+            logits_d = self.mask_false_negatives(logits_d, mask, negatives)
         return 0.5 * (F.cross_entropy(logits_q, labels) + F.cross_entropy(logits_d, labels))

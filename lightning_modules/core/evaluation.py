@@ -41,6 +41,9 @@ class RetrievalEval:
             the CPU, torch elsewhere. Measured at parity on the CPU (``benchmarks/search_backends.py``),
             so the default is the one whose numbers do not depend on the device.
         examples: queries drawn in the retrieval picture logged after evaluation (0: none).
+        loss: also log ``val/loss`` (``test/loss``), the in-batch loss of the query batches. It embeds
+            every query's target a second time (Recall@K needs only the gallery's), which for
+            ProCIR doubles the most expensive part of evaluation, so it is off unless asked.
     """
 
     top_k: tuple[int, ...] = (1, 5, 10)
@@ -49,6 +52,7 @@ class RetrievalEval:
     remove_source: bool = False
     backend: Backend = "torch"
     examples: int = 4
+    loss: bool = False
 
     def __post_init__(self) -> None:
         problems = []

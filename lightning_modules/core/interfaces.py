@@ -27,6 +27,15 @@ class DistributedLoss(Protocol):
 
 
 @runtime_checkable
+class MasksFalseNegatives(Protocol):
+    """A loss that masks false negatives (candidates that are the row's positive product again,
+    ``components.false_negatives``) and counts them. The module reads and resets the counts once
+    per step, over every such loss, and logs the share as ``train/masked_negatives``."""
+
+    def pop_masked_negatives(self) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
+@runtime_checkable
 class Tempered(Protocol):
     """A loss with a (possibly learnable) temperature, logged as ``train/temperature``."""
 

@@ -20,13 +20,14 @@ from torch import nn
 from datamodules.interfaces import RetrievalData
 
 from ..components.bank import TargetBank
+from ..components.false_negatives import batch_keys, negative_keys
 from ..components.mined_negatives import MinedNegativesLoss
 from .adapters import LoraSettings, apply_lora
 from .checkpoints import load_init_checkpoint, mlflow_run_id
 from .contract import Products, TrainingPair
 from .evaluation import GalleryEvaluation, RetrievalEval, Split
 from .grad_cache import Terms, batch_size, grad_cache_step
-from .interfaces import DistributedLoss, Tempered
+from .interfaces import DistributedLoss, MasksFalseNegatives, Tempered
 from .optimisation import default_optimizer, optimizer_config, parameter_groups
 from .sharding import configure_sharding
 from .two_stage import TrainingStage, TwoStageTraining
@@ -38,7 +39,8 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
     """Shared training and evaluation logic for composed image retrieval.
 
     Args:
-        loss: contrastive loss taking (query, target) embeddings, e.g. ``SymmetricInfoNCE``.
+        loss: contrastive loss taking (query, target) embeddings, ``gather`` and ``ids`` (the product
+            keys of the positives, for false-negative masking), e.g. ``SymmetricInfoNCE``.
         optimizer: optimizer factory, called with parameter groups (biases, norms and the
             temperature get no weight decay).
         scheduler: optional LR scheduler factory; stepped every optimizer step.
@@ -83,6 +85,7 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         self.training_stage = training_stage
         self.init_checkpoint = init_checkpoint
         self.bank: TargetBank | None = None
+        self._masking: list[MasksFalseNegatives] | None = None
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self._init_evaluation(evaluation)
@@ -110,8 +113,10 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
     def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Stage-1 loss terms (``loss`` is the total). Everything an encoder computes belongs in
         ``embed_pair`` (per sample, in ``pair.extras``): GradCache runs the encoders chunk by chunk
-        and this method once, on the whole batch's embeddings."""
-        return {"loss": self.loss(pair.query, pair.target, gather=True)}
+        and this method once, on the whole batch's embeddings. Every contrastive term gets the
+        product keys of its positives (``batch_keys``), so that a copy of a row's positive is never
+        one of its negatives."""
+        return {"loss": self.loss(pair.query, pair.target, gather=True, ids=batch_keys(batch, device=self.device))}
 
     def embed_with_mined(self, batch: dict[str, Any]) -> TrainingPair:
         """The family's training forward plus the target embeddings of the batch's mined negatives
@@ -140,7 +145,10 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
 
     def terms_with_mined(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         terms = self.training_terms(pair, batch)
-        terms["mined"] = self.mined_negatives(pair.query, pair.target, pair.extras["mined"], pair.extras["mined_valid"])
+        valid = pair.extras["mined_valid"]
+        terms["mined"] = self.mined_negatives(pair.query, pair.target, pair.extras["mined"], valid,
+                                              ids=batch_keys(batch, device=valid.device),
+                                              negative_ids=negative_keys(batch, valid.shape[1], valid.device))
         terms["loss"] = terms["loss"] + self.mined_negatives.weight * terms["mined"]
         return terms
 
@@ -205,6 +213,23 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
             if isinstance(module, DistributedLoss):
                 module.set_distributed(rank, world_size)
 
+    def masking_losses(self) -> list[MasksFalseNegatives]:
+        """The losses that count the false negatives they mask (found once: the scan of a billion-
+        parameter model's modules would otherwise cost every step)."""
+        if self._masking is None:
+            self._masking = [m for m in self.modules() if isinstance(m, MasksFalseNegatives)]
+        return self._masking
+
+    def log_masked_negatives(self, split: Split, n: int) -> None:
+        """``train/masked_negatives``: the share of this step's negative entries, over every term,
+        masked as the same product as the row's positive. Read (and reset) in every split, logged in
+        training only."""
+        counts = [c for m in self.masking_losses() if (c := m.pop_masked_negatives()) is not None]
+        if counts and split == "train":
+            masked = sum(c[0] for c in counts).float()
+            total = sum(c[1] for c in counts)
+            self.log("train/masked_negatives", masked / total.clamp(min=1), batch_size=n)
+
     def train(self, mode: bool = True) -> RetrievalModule:
         super().train(mode)
         self.keep_frozen_in_eval()
@@ -256,18 +281,23 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         self.chunk_grads = []
 
     def model_step(self, batch: dict[str, Any], split: Split) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Query embeddings and, when the batch has targets, the loss: in-batch (stage 1 and every
-        evaluation, comparable across stages and families) or against the bank (stage-2 training)."""
+        """Query embeddings and, when the batch has targets, the loss: in-batch (stage 1 and, with
+        ``evaluation.loss``, every evaluation, comparable across stages and families) or against the
+        bank (stage-2 training)."""
         if split == "train":
             pair, terms = self.training_forward(batch)
             query = pair.query
         else:
             query = self.encode_query(batch)
-            # Multi-vector (MaxSim) queries have no in-batch contrastive loss; only Recall@K scores them.
-            if "target_images" not in batch or query.ndim != 2:
+            # The loss embeds every query's target a second time (Recall@K needs only the gallery's),
+            # so it is computed only when asked. Multi-vector (MaxSim) queries have no in-batch
+            # contrastive loss; only Recall@K scores them.
+            if not self.evaluation.loss or "target_images" not in batch or query.ndim != 2:
                 return query, None
-            terms = {"loss": self.loss(query, self.encode_target(Products.targets_of(batch)), gather=False)}
+            target = self.encode_target(Products.targets_of(batch))
+            terms = {"loss": self.loss(query, target, gather=False, ids=batch_keys(batch, device=self.device))}
         n = query.shape[0]
+        self.log_masked_negatives(split, n)
         loss = terms.pop("loss")
         self.last_terms = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
         for name, value in terms.items():

@@ -67,4 +67,4 @@ class TwoStageTraining:
 
     def stage2_loss_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Stage-2 loss: the query against the bank (its positive and hard negatives)."""
-        return self.stage2_loss(pair.query, pair.target, self.bank, batch["target_id"])
+        return self.stage2_loss(pair.query, pair.target, self.bank, batch["target_id"], batch.get("dataset"))

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from ...backbones.clip import CLIPBackbone, HFImageTransform
+from ...components.false_negatives import batch_keys, false_negative_mask
 from ...components.fusion import TransformerFusion, check_fusion_width
 from ...components.hybrid_negatives import HybridNegativesLoss
 from ...components.mined_negatives import MinedNegativesLoss
@@ -178,8 +179,10 @@ class LLaVACaptionCIR(RetrievalModule):
             return None
         sim = keys @ keys.T
         captions = batch.get("target_caption") or [""] * n
-        same = torch.tensor([[captions[i] == captions[j] or batch["target_id"][i] == batch["target_id"][j]
-                              for j in range(n)] for i in range(n)], device=sim.device)
+        same = torch.tensor([[captions[i] == captions[j] for j in range(n)] for i in range(n)], device=sim.device)
+        keys = batch_keys(batch, device=sim.device)
+        if keys is not None:  # the same product (dataset, id), as every other term masks it
+            same |= false_negative_mask(keys, keys)
         sim = sim.masked_fill(same, -torch.inf)  # never the positive, nor a copy of it
         k = min(self.augmented_negatives, n - 1)
         val, idx = sim.topk(k, dim=1)
@@ -205,4 +208,5 @@ class LLaVACaptionCIR(RetrievalModule):
             synthetic = pair.extras["synthetic"], valid
         if "augmentation_keys" in pair.extras:
             augmented = self.augmented_targets(batch, pair.target.detach(), pair.extras["augmentation_keys"])
-        return self.loss.terms(pair.query, pair.target, synthetic=synthetic, augmented=augmented)
+        return self.loss.terms(pair.query, pair.target, synthetic=synthetic, augmented=augmented,
+                               ids=batch_keys(batch, device=self.device))

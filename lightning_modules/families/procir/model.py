@@ -19,6 +19,7 @@ from torch import nn
 
 from ...backbones.qwen import PatchedImage, QwenBackbone
 from ...backbones.qwen_chat import Dialogue, DialogueBuilder
+from ...components.false_negatives import batch_keys
 from ...components.infonce import SymmetricInfoNCE
 from ...components.mined_negatives import MinedNegativesLoss
 from ...components.multiview import pool_view_rows
@@ -29,7 +30,7 @@ from .dialogue import ProCIRDialogues, caption_text, keep_tokens
 from .image_text import ImageTextRecall
 from .schedule import CoTRatioSchedule
 
-ViewStrategy = Literal["joint", "meanpool", "maxsim"]
+ViewStrategy = Literal["joint", "meanpool", "meanpool_normalised", "maxsim"]
 CaptionChoice = Literal["mixed", "long", "short"]
 SFT_COMMAND = "lightning fit --config experiments/procir/sft_stage.yaml"
 
@@ -50,8 +51,8 @@ class ProCIR(RetrievalModule):
         doc_align_weight, src_align_weight: λ_d and λ_s.
         align_caption: which caption t is built from: ``mixed`` (long or short, 50/50 each step).
         view_strategy: how evaluation embeds multi-view products: ``joint`` (all views in one
-            request, the model's own way), ``meanpool`` or ``maxsim`` over one request per view
-            (the paper's baselines for single-image models).
+            request, the model's own way), ``meanpool`` (eq. 15), ``meanpool_normalised`` or
+            ``maxsim`` over one request per view (the paper's baselines for single-image models).
         image_text_eval: also log I2T and T2I Recall@1/5 between gallery products and their short
             captions (``val/i2t_recall_at_1``, ...).
         sft_checkpoint: a ``ProCIRSFT`` checkpoint whose backbone initialises this one.
@@ -209,13 +210,18 @@ class ProCIR(RetrievalModule):
         return self.align_caption
 
     def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        terms = {"cir": self.loss(pair.query, pair.target, gather=True)}
+        # False negatives: L_cir's and L_doc's positives are target documents and captions, so two rows
+        # with the same target product are masked from each other's negatives; L_src pairs turn 1's s
+        # with the *source* caption, so there it is the source product that must not repeat.
+        targets = batch_keys(batch, "target_id", self.device)
+        terms = {"cir": self.loss(pair.query, pair.target, gather=True, ids=targets)}
         loss = terms["cir"]
         if self.align:
-            terms["doc"] = self.loss(pair.target, pair.extras["target_caption"], gather=True)
+            terms["doc"] = self.loss(pair.target, pair.extras["target_caption"], gather=True, ids=targets)
             loss = loss + self.doc_align_weight * terms["doc"]
             if "source" in pair.extras:
-                terms["src"] = self.loss(pair.extras["source"], pair.extras["source_caption"], gather=True)
+                terms["src"] = self.loss(pair.extras["source"], pair.extras["source_caption"], gather=True,
+                                         ids=batch_keys(batch, "source_id", self.device))
                 loss = loss + self.src_align_weight * terms["src"]
         return {"loss": loss, **terms}
 

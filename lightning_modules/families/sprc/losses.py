@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...components.false_negatives import CountsMaskedNegatives, false_negative_mask
+from ...retrieval.distributed import gather_tensor, gather_with_grad, is_distributed
 from ...retrieval.search import maxsim
 
 
-class SPRCLoss(nn.Module):
+class SPRCLoss(CountsMaskedNegatives, nn.Module):
     """``loss = itc + rtc_weight · rtc + align_weight · align`` (Bai et al., ICLR 2024).
 
     - ``itc``: cross-entropy of each fused query over the batch's targets, a target scored by its best
@@ -19,7 +21,12 @@ class SPRCLoss(nn.Module):
     - ``align``: mean squared error between the token-mean of the generated prompt and the
       token-mean of the learnable prompt tokens (held fixed: only the generated prompt moves).
 
-    One direction (queries over targets) and in-batch only, as the reference implementation. Its CLI
+    One direction (queries over targets), as the reference implementation. Its in-batch negatives are
+    gathered across ranks like ``SymmetricInfoNCE``'s: each rank scores its queries against the
+    targets of all ranks (with gradient), labels offset by ``rank * batch``, so a 2×B run computes the
+    loss and gradients of a 1×2B one; rank and world size come from the module
+    (``set_distributed``). With ``ids`` a target that is the same product as a row's own is masked
+    from its negatives (``components.false_negatives``). Its CLI
     defaults are ``rtc_weight = align_weight = 0.4`` (the CIRR script weights the terms); its FashionIQ
     script sums the three terms unweighted, i.e. both weights 1.0.
 
@@ -42,6 +49,10 @@ class SPRCLoss(nn.Module):
         self.temp = nn.Parameter(torch.tensor(float(temperature)), requires_grad=learnable_temperature)
         self.rtc_weight = rtc_weight
         self.align_weight = align_weight
+        self.rank, self.world_size = 0, 1
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
 
     @property
     def temperature(self) -> float:
@@ -50,24 +61,45 @@ class SPRCLoss(nn.Module):
     def _temp(self) -> torch.Tensor:
         return self.temp.clamp(0.001, 0.5)
 
-    def contrast(self, query: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of ``query[i]`` ``[B, D]`` over targets ``[B, K, D]`` (NaN rows: padding), the
-        positive being target i."""
+    def gathered(self, targets: torch.Tensor, ids: torch.Tensor | None,
+                 gather: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The candidates of this rank's rows: every rank's targets and keys when distributed (else
+        the local ones), this rank's labels into them, and the false-negative mask (None without ids)."""
+        n = len(targets)
+        ids = ids.to(targets.device) if ids is not None else None  # NCCL gathers device tensors only
+        labels = torch.arange(n, device=targets.device)
+        if gather and self.world_size > 1 and is_distributed():
+            targets, labels = gather_with_grad(targets), labels + self.rank * n
+            all_ids = gather_tensor(ids) if ids is not None else None
+        else:
+            all_ids = ids
+        mask = false_negative_mask(ids, all_ids, labels) if ids is not None else None
+        return targets, labels, mask
+
+    def contrast(self, query: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of ``query[i]`` ``[B, D]`` over targets ``[N, K, D]`` (NaN rows: padding), the
+        positive being target ``labels[i]`` (default i), entries of ``mask`` ``[B, N]`` no negatives."""
         logits = maxsim(query[:, None], targets) / self._temp()
-        return F.cross_entropy(logits, torch.arange(len(query), device=query.device))
+        if mask is not None:
+            logits = self.mask_false_negatives(logits, mask, mask.numel() - len(query))
+        labels = labels if labels is not None else torch.arange(len(query), device=query.device)
+        return F.cross_entropy(logits, labels)
 
     def forward(self, query: torch.Tensor, targets: torch.Tensor, relative: torch.Tensor | None = None,
-                prompt: torch.Tensor | None = None,
-                prompt_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                prompt: torch.Tensor | None = None, prompt_tokens: torch.Tensor | None = None,
+                ids: torch.Tensor | None = None, gather: bool = True) -> dict[str, torch.Tensor]:
         """``query`` and ``relative`` ``[B, D]`` and ``targets`` ``[B, K, D]``, all L2-normalised;
-        ``prompt`` ``[B, Q, H]`` generated, ``prompt_tokens`` ``[Q, H]`` learnable. A term whose
-        weight is 0 needs none of its inputs and is not returned."""
-        out = {"itc": self.contrast(query, targets)}
+        ``prompt`` ``[B, Q, H]`` generated, ``prompt_tokens`` ``[Q, H]`` learnable; ``ids`` ``[B]`` the
+        targets' product keys (None: no false-negative masking). A term whose weight is 0 needs none
+        of its inputs and is not returned."""
+        candidates, labels, mask = self.gathered(targets, ids, gather)
+        out = {"itc": self.contrast(query, candidates, labels, mask)}
         total = out["itc"]
         if self.rtc_weight:
             if relative is None:
                 raise ValueError("SPRCLoss: rtc_weight > 0 needs the relative (text-only) query")
-            out["rtc"] = self.contrast(relative, targets)
+            out["rtc"] = self.contrast(relative, candidates, labels, mask)
             total = total + self.rtc_weight * out["rtc"]
         if self.align_weight:
             if prompt is None or prompt_tokens is None:

@@ -30,6 +30,7 @@ from datamodules.schema import MAX_VIEWS
 from ...backbones.blip2 import Blip2Backbone, TextBranch
 from ...backbones.clip import HFImageTransform
 from ...components.bank import TargetBank
+from ...components.false_negatives import batch_keys
 from ...components.mined_negatives import MinedNegativesLoss
 from ...components.multiview import per_view_embeddings
 from ...core import (
@@ -201,4 +202,4 @@ class SPRC(RetrievalModule):
 
     def training_terms(self, pair: TrainingPair, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.loss(pair.query, pair.target, relative=pair.extras.get("relative"), prompt=pair.extras["prompt"],
-                         prompt_tokens=self.prompt_tokens)
+                         prompt_tokens=self.prompt_tokens, ids=batch_keys(batch, device=self.device))
