@@ -38,7 +38,7 @@ demo: $(STAMP)
 
 # The demo's model as a service with a web page: http://127.0.0.1:8000/ (run `make demo` first).
 serve: $(STAMP)
-	$(BIN)/cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/checkpoints/last.ckpt
+	$(BIN)/cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -51,8 +51,8 @@ def free_port() -> int:
 def start(exp: str, ckpt: str | None, options: list[str], extra: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "cir"), "serve", "--config", exp, "--port", str(port), *options]
-    if ckpt:
-        cmd += ["--ckpt", ckpt]
+    # cir serve refuses to run without a checkpoint unless told: latency needs no trained weights.
+    cmd += ["--ckpt", ckpt] if ckpt else ["--untrained"]
     with log.open("w") as out:
         proc = subprocess.Popen([*cmd, "--", *extra], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

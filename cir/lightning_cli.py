@@ -149,6 +149,55 @@ class CIRCLI(LightningCLI):
         if checkpoint.get("mlflow_run_id"):
             logger.init_args.run_id = checkpoint["mlflow_run_id"]
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges the hyperparameters of ``--ckpt_path`` into the config's ``model``, its
+        ``class_path`` included: a checkpoint of another class would quietly replace the config's
+        model (``validate --config CLIP4CIR.yaml --ckpt_path sprc.ckpt`` evaluated SPRC and logged it
+        as the config's run). Refused first, in one line naming both classes, before anything is
+        built or any MLflow run exists."""
+        if self.config.get("subcommand"):
+            self._check_checkpoint_class(self.config[self.config.subcommand])
+        super()._parse_ckpt_path()
+
+    def _check_checkpoint_class(self, config: Any) -> None:
+        path = resolve_ckpt_path(config.get("ckpt_path"), config.get("trainer", {}).get("default_root_dir") or ".")
+        model = config.get("model")
+        wanted = model.get("class_path") if isinstance(model, dict | Namespace) else None
+        if path is None or not wanted:
+            return
+        message = checkpoint_class_mismatch(path, str(wanted), f"lightning {self.config.subcommand}", "--ckpt_path")
+        if message is None:
+            return
+        if not self.concise_errors or debug_requested():
+            raise ValueError(message)
+        raise SystemExit(message)
+
+
+def checkpoint_class(path: str | Path) -> str | None:
+    """The class path a Lightning checkpoint's hyperparameters name (``_class_path``, written by
+    LightningCLI), read weights-only and memory-mapped; None for a bare state dict, a checkpoint
+    made without the CLI or a file that does not load (its loader then reports why)."""
+    try:
+        checkpoint = checkpoint_metadata(path)
+    except Exception:  # noqa: BLE001 - the real load of the same file reports the problem in full
+        return None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    found = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    return found if isinstance(found, str) and found else None
+
+
+def checkpoint_class_mismatch(path: str | Path, wanted: str, prog: str, option: str) -> str | None:
+    """One line naming both classes when the checkpoint at ``path`` holds another model class than
+    ``wanted`` (compared by class name: ``lightning_modules.CLIP4CIR`` and
+    ``lightning_modules.families.clip4cir.model.CLIP4CIR`` are the same class, and a class path
+    read from a file is never imported)."""
+    found = checkpoint_class(path)
+    if found is None or found.rpartition(".")[2] == wanted.rpartition(".")[2]:
+        return None
+    return (f"{prog}: {option} {path} holds a {found.rpartition('.')[2]} model ({found}) but the config builds "
+            f"{wanted.rpartition('.')[2]} ({wanted}): give the experiment that checkpoint was trained with, "
+            f"or a checkpoint of {wanted.rpartition('.')[2]}")
+
 
 def run_name(name: str | None, config: Any, subcommand: str) -> str:
     """``{name}@{backbone}``, plus `` (validate)`` / `` (test)`` outside fit: the config's run name

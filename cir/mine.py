@@ -1,6 +1,6 @@
 """``cir mine-negatives``: offline hard negatives for training, mined with a trained model.
 
-    cir mine-negatives --config experiments/demos/clip4cir.yaml --ckpt outputs/.../last.ckpt \\
+    cir mine-negatives --config experiments/demos/clip4cir.yaml --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt \\
         [--k 8] [--margin 0.95] [--split train] [--batch-size 64] [--num-workers 2] [--device cuda]
 
 Embeds the split's gallery with the target encoder and every triplet's query (source views + short

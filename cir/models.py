@@ -1,7 +1,17 @@
-"""A trained model and its data from an experiment config, and a gallery embedded with it."""
+"""A trained model and its data from an experiment config, and a gallery embedded with it.
+
+A command that answers queries needs trained weights: ``require_weights`` refuses to run without
+``--ckpt`` unless ``--untrained`` says that the experiment's initial weights are meant (a random
+model answers with plausible-looking scores). ``load_with_fingerprint`` also returns the model's
+fingerprint, the fields that decide which vector space its embeddings live in (``FINGERPRINT``);
+a saved index records it, and ``fingerprint_mismatch`` refuses a query from another model.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +25,43 @@ from lightning_modules.backbones.images import open_upright
 from lightning_modules.core import Products, Retriever, load_weights, state_dict_of
 from lightning_modules.core.adapters import LoraConfigured, apply_lora, has_lora_weights, merge_lora
 
-from .lightning_cli import build_cli
+from .lightning_cli import build_cli, checkpoint_class_mismatch
+
+# What a fingerprint records, in the order a mismatch names them.
+FINGERPRINT = ("family", "model_config", "checkpoint", "preprocessing", "image_transform", "normalisation")
+# Image processor settings that make up the pixel normalisation (recorded apart from the geometry).
+_NORMALISATION_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+REBUILD = "cir search build --config EXP --ckpt CKPT --out DIR"  # named when an index cannot be queried
+
+
+def require_weights(prog: str, ckpt: str | None, untrained: bool, missing_hint: str = "") -> None:
+    """One line, before any model is built, unless exactly one of ``--ckpt FILE`` / ``--untrained``."""
+    if ckpt and untrained:
+        raise SystemExit(f"{prog}: --ckpt and --untrained exclude each other: give one")
+    if not ckpt and not untrained:
+        raise SystemExit(f"{prog}: no --ckpt: give the trained model's checkpoint (--ckpt PATH), or --untrained "
+                         "to answer with the experiment's initial (untrained) weights")
+    if ckpt and not Path(ckpt).is_file():
+        raise SystemExit(f"{prog}: --ckpt {ckpt}: no such file" + (f"; {missing_hint}" if missing_hint else ""))
 
 
 def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str]) -> tuple[Retriever, RetrievalData]:
     """The experiment's model with the checkpoint's weights (weights-only), in eval mode, and its
     DataModule with the backbone's preprocessing."""
+    model, dm, _ = _load(configs, ckpt, extra)
+    return model, dm
+
+
+def load_with_fingerprint(configs: list[str], ckpt: str | None,
+                          extra: list[str]) -> tuple[Retriever, RetrievalData, dict[str, str]]:
+    """``load_model_and_data`` plus the model's fingerprint (``model_fingerprint``)."""
+    model, dm, cli = _load(configs, ckpt, extra)
+    config = cli.config["model"]
+    config = config.as_dict() if hasattr(config, "as_dict") else config
+    return model, dm, model_fingerprint(model, dm.image_transform, config, ckpt, cli.config.get("seed_everything"))
+
+
+def _load(configs: list[str], ckpt: str | None, extra: list[str]) -> tuple[Retriever, RetrievalData, Any]:
     args = [a for c in configs for a in ("--config", c)] + ["--trainer.logger=false", *extra]
     cli = build_cli(args, run=False)
     model, dm = cli.model, cli.datamodule
@@ -37,13 +78,95 @@ def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str]) 
     transform = model.image_transform()
     if transform is not None:
         dm.set_image_transform(transform)
-    return model, dm
+    return model, dm, cli
+
+
+def model_fingerprint(model: nn.Module, transform: Any, model_config: Any, ckpt: str | Path | None,
+                      seed: Any = None) -> dict[str, str]:
+    """The identity of the space a model embeds into: its class, a hash of its resolved ``model``
+    config, a hash of the checkpoint file's bytes (``untrained`` and the seed without one), and the
+    image preprocessing (fast or exact, the transform's settings and its pixel normalisation).
+    Two runs with equal fingerprints embed a product into the same vector."""
+    preprocessing, settings, normalisation = describe_transform(transform)
+    return {"family": type(model).__name__,
+            "model_config": _digest(json.dumps(model_config, sort_keys=True, default=str).encode()),
+            "checkpoint": f"sha256:{file_digest(ckpt)}" if ckpt else f"untrained (seed {seed})",
+            "preprocessing": preprocessing, "image_transform": settings, "normalisation": normalisation}
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]  # 64 bits: enough to tell models apart, short to read
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits), read in 1 MiB blocks: a multi-GB checkpoint
+    is never held in memory for this."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def describe_transform(transform: Any) -> tuple[str, str, str]:
+    """(``fast``/``exact``, the transform chain with a hash of its settings, the pixel normalisation)
+    of a DataModule's image transform; ``n/a`` where a transform does not say. Wrappers such as
+    ``TargetPad`` hold the backbone's transform in ``.transform``: the chain is followed through them."""
+    mode, normalisation, names, settings = "n/a", "n/a", [], {}
+    seen: set[int] = set()
+    while transform is not None and id(transform) not in seen:
+        seen.add(id(transform))
+        name = type(transform).__name__
+        names.append(name)
+        own = vars(transform) if hasattr(transform, "__dict__") else {}
+        settings[name] = {k: v for k, v in own.items() if isinstance(v, int | float | str | bool | list | tuple)}
+        mode = str(own.get("preprocessing", mode))
+        processor = own.get("processor")
+        if processor is not None and hasattr(processor, "to_dict"):
+            options = processor.to_dict()
+            normalisation = _normalisation(options)
+            settings["processor"] = {k: v for k, v in options.items() if k not in _NORMALISATION_KEYS}
+        transform = own.get("transform")
+    digest = _digest(json.dumps(settings, sort_keys=True, default=str).encode())
+    return mode, f"{'>'.join(names) or 'none'} {digest}", normalisation
+
+
+def _normalisation(options: dict[str, Any]) -> str:
+    parts = []
+    if options.get("do_rescale"):
+        parts.append(f"rescale {float(options.get('rescale_factor', 1.0)):.6g}")
+    if options.get("do_normalize"):
+        for key in ("image_mean", "image_std"):
+            value = options.get(key)
+            values = value if isinstance(value, list | tuple) else [value]
+            parts.append(f"{key.removeprefix('image_')} " + ",".join(f"{float(v):.4g}" for v in values))
+    return "; ".join(parts) or "none"
+
+
+def fingerprint_mismatch(recorded: dict[str, str] | None, current: dict[str, str], what: str,
+                         rebuild: str) -> str | None:
+    """None when ``current`` (this run's model) equals the fingerprint ``recorded`` with ``what`` (an
+    index), else one line naming each differing field with both values and how to ``rebuild``."""
+    if recorded is None:
+        return (f"{what} records no model fingerprint (it was built before fingerprints were recorded), so "
+                f"nothing says which model embedded it: rebuild it with {rebuild}")
+    differ = [f"{key} {recorded.get(key, 'not recorded')!r} (index) vs {current.get(key)!r} (this run)"
+              for key in FINGERPRINT if recorded.get(key) != current.get(key)]
+    if not differ:
+        return None
+    return (f"{what} was built by another model: " + "; ".join(differ) +
+            f". Query it with the experiment and checkpoint it was built with, or rebuild it with {rebuild}")
 
 
 def load_weights_into(model: nn.Module, ckpt: str | Path) -> None:
     """The checkpoint's weights into the model built from the experiment. A checkpoint of a LoRA run
     holds adapters beside the base weights: the model gets its adapters (the experiment's
-    ``model.init_args.lora``) before loading; a merged or plain one loads as it is."""
+    ``model.init_args.lora``) before loading; a merged or plain one loads as it is. A checkpoint of
+    another model class is refused in one line naming both (not a screen of state-dict keys)."""
+    wanted = f"{type(model).__module__}.{type(model).__qualname__}"
+    prog = sys.argv[0] if sys.argv and sys.argv[0].startswith("cir ") else "cir"  # the dispatcher names it
+    if message := checkpoint_class_mismatch(ckpt, wanted, prog, "--ckpt"):
+        raise SystemExit(message)
     state = state_dict_of(ckpt)
     if has_lora_weights(state):
         lora = model.lora if isinstance(model, LoraConfigured) else None

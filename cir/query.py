@@ -5,7 +5,8 @@
     query> make it red
     query> no, with long sleeves and a pocket
 
-The gallery of ``--split`` is embedded first. A ProCIR model with the two-stage dialogue runs turn
+Without ``--ckpt`` the command refuses to run unless ``--untrained`` asks for the experiment's
+initial weights. The gallery of ``--split`` is embedded first. A ProCIR model with the two-stage dialogue runs turn
 1 of the source once (``InteractiveEncoder.cache_source``) and each text only runs turn 2; every
 other model runs its full query forward per text. Each answer prints the top-k product ids of the
 chosen dataset's gallery and the query latency.
@@ -22,7 +23,7 @@ import torch
 from lightning_modules.families.procir import InteractiveEncoder, ProCIR
 
 from .args import command_parser, parse
-from .models import encode_gallery, encode_query, load_model_and_data
+from .models import encode_gallery, encode_query, load_model_and_data, require_weights
 from .search import choose_dataset
 
 PROMPT = "query> "
@@ -46,12 +47,15 @@ def main(argv: list[str] | None = None) -> None:
     p = command_parser("query", __doc__)
     p.add_argument("--config", action="append", required=True, help="experiment YAML of a trained model")
     p.add_argument("--ckpt", help="checkpoint with the trained weights (loaded weights-only)")
+    p.add_argument("--untrained", action="store_true",
+                   help="answer with the experiment's initial weights (no --ckpt): for trying the command only")
     p.add_argument("--images", nargs="+", required=True, help="the source product's views")
     p.add_argument("--split", default="val", help="split whose gallery is searched")
     p.add_argument("--dataset", default=None, help="the gallery searched (needed when the split holds several)")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--text", action="append", help="modification texts (default: read lines from stdin)")
     args, extra = parse(p, argv, passthrough=True)
+    require_weights("cir query", args.ckpt, args.untrained)
     model, dm = load_model_and_data(args.config, args.ckpt, extra)
     gallery, ids, datasets = encode_gallery(model, dm, args.split)
     dataset = choose_dataset(datasets, args.dataset, "cir query")

@@ -1,10 +1,15 @@
 """``cir search``: build a saved faiss index of a gallery with a trained model, and query it.
 
-    cir search build --config experiments/demos/clip4cir.yaml --ckpt outputs/.../last.ckpt --out index/ [--kind ivf]
-    cir search query --index index/ --config experiments/demos/clip4cir.yaml --ckpt outputs/.../last.ckpt \\
-        --images front.jpg back.jpg --text "make it red with an open back" [--dataset synth_studio] [-k 10]
+    cir search build --config experiments/demos/clip4cir.yaml --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt \\
+        --out index/ [--kind ivf]
+    cir search query --index index/ --config experiments/demos/clip4cir.yaml \\
+        --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt --images front.jpg back.jpg \\
+        --text "make it red with an open back" [--dataset synth_studio] [-k 10]
 
 Options after ``--`` are passed to the config (e.g. ``-- --data.init_args.data_dir=data/fashionmv``).
+Both need ``--ckpt`` (or ``--untrained`` for the experiment's initial weights). The index records the
+fingerprint of the model that built it (class, config hash, checkpoint hash, preprocessing,
+normalisation); a query from a model with another fingerprint is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from lightning_modules.retrieval import GalleryIndex
 
 from .args import command_parser, parse
-from .models import encode_gallery, encode_query, load_model_and_data
+from .models import REBUILD, encode_gallery, encode_query, fingerprint_mismatch, load_with_fingerprint, require_weights
 
 
 def choose_dataset(available: Sequence[str], wanted: str | None, prog: str) -> str:
@@ -38,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
         p.add_argument("--ckpt", default=None, help="checkpoint of the trained model")
+        p.add_argument("--untrained", action="store_true",
+                       help="use the experiment's initial weights (no --ckpt): for trying the command only")
     b = sub.choices["build"]
     b.add_argument("--out", required=True)
     b.add_argument("--split", default="val")
@@ -54,15 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parse(parser, argv, passthrough=True)
+    prog = f"cir search {args.command}"
+    require_weights(prog, args.ckpt, args.untrained)
     if args.command == "query":
         index = GalleryIndex.load(args.index)
-        dataset = choose_dataset(list(index.indexes), args.dataset, "cir search query")
-    model, dm = load_model_and_data(args.config, args.ckpt, extra)
+        dataset = choose_dataset(list(index.indexes), args.dataset, prog)
+        if index.fingerprint is None:  # nothing to compare with: refused before the model is built
+            raise SystemExit(f"{prog}: {fingerprint_mismatch(None, {}, f'--index {args.index}', REBUILD)}")
+    model, dm, fingerprint = load_with_fingerprint(args.config, args.ckpt, extra)
     if args.command == "build":
         emb, ids, datasets = encode_gallery(model, dm, args.split)
-        GalleryIndex.build(emb, ids, datasets, kind=args.kind).save(args.out)
+        GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint).save(args.out)
         print(f"indexed {len(ids)} products of {sorted(set(datasets))} ({args.kind}) in {Path(args.out)}")
         return
+    if problem := fingerprint_mismatch(index.fingerprint, fingerprint, f"--index {args.index}", REBUILD):
+        raise SystemExit(f"{prog}: {problem}")
     results = index.search(encode_query(model, dm, args.images, args.text), args.k, dataset=dataset)[0]
     print(f"{'rank':>4}  {'score':>7}  product")
     for rank, (pid, score) in enumerate(results, 1):

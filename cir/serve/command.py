@@ -1,14 +1,16 @@
 """``cir serve``: a trained model behind an HTTP API and a web page, over its gallery.
 
-    cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/checkpoints/last.ckpt
+    cir serve --config experiments/demos/clip4cir.yaml --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt
     cir serve --config EXP --ckpt CKPT --index index/ [--split val] [--host 127.0.0.1 --port 8000]
 
-The model loads once. Its gallery is ``--index`` (built by ``cir search build`` on the same data
-and split) or, without it, the split's gallery embedded at start-up. Open http://HOST:PORT/ for the
-page and /docs for the API. Concurrent queries are batched on the model (``--max-batch``, up to
-``--max-wait-ms`` of extra wait; ``--max-batch 1`` turns batching off); a ProCIR model with the
-two-stage dialogue caches turn 1 of each source (``--cache-mb``, 0 turns it off). Options after
-``--`` go to the config (e.g. ``-- --data.init_args.data_dir=data/fashionmv``).
+The model loads once (``--ckpt``; ``--untrained`` serves the experiment's initial weights). Its
+gallery is ``--index`` (built by ``cir search build`` with the same model, data and split: an index
+whose model fingerprint differs is refused) or, without it, the split's gallery embedded at
+start-up. Open http://HOST:PORT/ for the page and /docs for the API. Concurrent queries are
+batched on the model (``--max-batch``, up to ``--max-wait-ms`` of extra wait; ``--max-batch 1``
+turns batching off); a ProCIR model with the two-stage dialogue caches turn 1 of each source
+(``--cache-mb``, 0 turns it off). Options after ``--`` go to the config (e.g.
+``-- --data.init_args.data_dir=data/fashionmv``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import uvicorn
 from lightning_modules.retrieval import GalleryIndex
 
 from ..args import command_parser, parse
-from ..models import load_model_and_data
+from ..models import REBUILD, fingerprint_mismatch, load_with_fingerprint, require_weights
 from .app import create_app
 from .engine import SearchEngine
 from .limits import Limits
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     p = command_parser("serve", __doc__)
     p.add_argument("--config", action="append", required=True, help="experiment YAML of the trained model")
     p.add_argument("--ckpt", help="checkpoint with the trained weights (loaded weights-only)")
+    p.add_argument("--untrained", action="store_true",
+                   help="serve the experiment's initial weights (no --ckpt): for trying the service only")
     p.add_argument("--index", help="a `cir search build` folder (default: embed the split's gallery at start-up)")
     p.add_argument("--split", default="val", help="the split whose gallery is served")
     p.add_argument("--host", default="127.0.0.1")
@@ -43,18 +47,22 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parse(p, argv, passthrough=True)
     if args.max_batch < 1:
         p.error(f"--max-batch {args.max_batch}: at least 1 (1 turns batching off)")
-    if args.ckpt and not Path(args.ckpt).is_file():
-        p.error(f"--ckpt {args.ckpt}: no such file; train the model first (make demo writes "
-                "outputs/checkpoints/last.ckpt) or give a checkpoint path")
+    require_weights("cir serve", args.ckpt, args.untrained, "train the model first (make demo writes "
+                    "outputs/clip4cir_demo/checkpoints/last.ckpt) or give a checkpoint path")
     if args.index and not (Path(args.index) / "gallery_index.json").is_file():
         p.error(f"--index {args.index}: not a gallery index folder; build one with cir search build, or leave "
                 "--index out to embed the gallery at start-up")
 
-    if not args.ckpt:
-        print("cir serve: no --ckpt: serving the experiment's initial weights (untrained unless the config loads "
+    if args.untrained:
+        print("cir serve: --untrained: serving the experiment's initial weights (untrained unless the config loads "
               "some)", file=sys.stderr, flush=True)
     index = GalleryIndex.load(args.index) if args.index else None
-    model, dm = load_model_and_data(args.config, args.ckpt, extra)
+    if index is not None and index.fingerprint is None:  # nothing to compare with: refused before the model loads
+        raise SystemExit(f"cir serve: {fingerprint_mismatch(None, {}, f'--index {args.index}', REBUILD)}")
+    model, dm, fingerprint = load_with_fingerprint(args.config, args.ckpt, extra)
+    if index is not None and (problem := fingerprint_mismatch(index.fingerprint, fingerprint,
+                                                               f"--index {args.index}", REBUILD)):
+        raise SystemExit(f"cir serve: {problem}")
     engine = SearchEngine(model, dm, args.split, index, cache_mb=args.cache_mb)
     limits = Limits(max_image_bytes=int(args.max_image_mb * 2**20), timeout_s=args.timeout_s)
     app = create_app(engine, limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)

@@ -3,6 +3,11 @@
 ``flat`` is exact inner-product search (embeddings are unit vectors, so cosine). For very large
 catalogues ``ivf`` (inverted lists, ``nprobe`` of ``nlist`` cells searched) and ``hnsw`` (graph
 search) trade a little recall for speed; ``benchmarks/search_backends.py`` measures the trade.
+
+An index also keeps the fingerprint of the model that embedded it (``fingerprint``: string fields
+such as the model class, config and checkpoint hashes, written by ``cir search build``), so a query
+embedded by another model can be refused instead of ranked against vectors of a different space.
+Indexes saved before fingerprints were recorded load with ``fingerprint = None``.
 """
 
 from __future__ import annotations
@@ -53,18 +58,19 @@ def build_faiss_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int 
 class GalleryIndex:
     """Per-dataset faiss indexes over product embeddings, with the products' ids."""
 
-    def __init__(self, kind: IndexKind = "flat") -> None:
+    def __init__(self, kind: IndexKind = "flat", fingerprint: dict[str, str] | None = None) -> None:
         self.kind = kind
         self.indexes: dict[str, faiss.Index] = {}
         self.ids: dict[str, list[str]] = {}
+        self.fingerprint = fingerprint  # the embedding model's identity; None: not recorded (an old index)
 
     @classmethod
     def build(cls, embeddings: Any, ids: Sequence[str], datasets: Sequence[str], kind: IndexKind = "flat",
-              **options: Any) -> GalleryIndex:
+              fingerprint: dict[str, str] | None = None, **options: Any) -> GalleryIndex:
         vectors = _as_f32(embeddings)
         if not len(vectors) == len(ids) == len(datasets):
             raise ValueError(f"{len(vectors)} embeddings, {len(ids)} ids and {len(datasets)} datasets differ")
-        out = cls(kind)
+        out = cls(kind, fingerprint)
         for dataset in sorted(set(datasets)):
             rows = [i for i, d in enumerate(datasets) if d == dataset]
             out.indexes[dataset] = build_faiss_index(vectors[rows], kind, **options)
@@ -87,7 +93,9 @@ class GalleryIndex:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "datasets": {}}
+        meta: dict[str, Any] = {"kind": self.kind, "datasets": {}}
+        if self.fingerprint is not None:
+            meta["fingerprint"] = dict(self.fingerprint)
         for n, (dataset, index) in enumerate(sorted(self.indexes.items())):
             faiss.write_index(index, str(folder / f"{n:03d}.faiss"))
             meta["datasets"][dataset] = {"file": f"{n:03d}.faiss", "ids": self.ids[dataset]}
@@ -101,7 +109,7 @@ class GalleryIndex:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: build the index with `cir search build`")
         meta = json.loads(meta_path.read_text())
-        out = cls(meta["kind"])
+        out = cls(meta["kind"], meta.get("fingerprint"))
         for dataset, entry in meta["datasets"].items():
             out.indexes[dataset] = faiss.read_index(str(folder / entry["file"]))
             out.ids[dataset] = entry["ids"]

@@ -372,7 +372,8 @@ def test_cir_query_answers_each_text_from_the_cached_source(datasets, tmp_path: 
         views.append(str(tmp_path / f"view{i}.png"))
         Image.new("RGB", (96, 128), color).save(views[-1])
     exp = ROOT / "experiments/demos/procir.yaml"
-    main(["--config", str(exp), "--images", *views, "-k", "3", "--text", "make it red", "--text", "add a pocket",
+    main(["--config", str(exp), "--untrained", "--images", *views, "-k", "3", "--text", "make it red", "--text",
+          "add a pocket",
           "--dataset", "synth_studio", "--", *data_args(exp, datasets)])
     out = capsys.readouterr().out
     assert "source cached" in out and "gallery:" in out and "of synth_studio" in out
@@ -380,7 +381,7 @@ def test_cir_query_answers_each_text_from_the_cached_source(datasets, tmp_path: 
     assert len(answers) == 2 and all(line.count("(") == 3 for line in answers)  # 3 products, each with a score
     # Two datasets in the split: cir query, like cir search, asks which gallery to search.
     with pytest.raises(SystemExit, match="choose one with --dataset"):
-        main(["--config", str(exp), "--images", *views, "--text", "x", "--", *data_args(exp, datasets)])
+        main(["--config", str(exp), "--untrained", "--images", *views, "--text", "x", "--", *data_args(exp, datasets)])
 
 
 @pytest.mark.slow
@@ -394,7 +395,8 @@ def test_cir_query_runs_the_full_forward_for_a_family_without_a_cache(datasets, 
     views = [str(tmp_path / "front.png"), str(tmp_path / "back.png")]
     for path, color in zip(views, [(200, 30, 30), (30, 30, 200)], strict=True):
         Image.new("RGB", (64, 64), color).save(path)
-    main(["--config", str(DEMO), "--images", *views, "-k", "4", "--dataset", "synth_street", "--text", "make it red",
+    main(["--config", str(DEMO), "--untrained", "--images", *views, "-k", "4", "--dataset", "synth_street", "--text",
+          "make it red",
           "--", *data_args(DEMO, datasets, tiny_folder)])
     out = capsys.readouterr().out
     assert "no cache for this model" in out and "of synth_street" in out
