@@ -12,6 +12,12 @@ With a model server (vLLM, SGLang, `transformers serve`, a hosted API) for a rea
 
 Or a model in this process: --backend transformers --model Qwen/Qwen3.5-0.8B (or a folder) [--device cuda].
 Rerun the same command after a crash or a kill: finished requests are skipped.
+
+With --backend openai every distinct endpoint and model is asked once before any work (GET /models,
+else a one-token chat request), and a server that stops listening mid-build stops it within
+seconds: one line names the URL, what answered and the option to fix. A catalogue with no readable
+image is refused. --image-encoder (default clip:clip-vit-b32, from the hub) is needed by every
+backend for stage 3; offline, give a local folder, or clip:tiny for a smoke run.
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ from pathlib import Path
 
 from lightning_modules.construction.answers import WordRanges
 from lightning_modules.construction.oracle import OracleChat
-from lightning_modules.construction.pipeline import PAPER_MAX_TOKENS, BuildConfig, BuildIncomplete, build
+from lightning_modules.construction.pipeline import PAPER_MAX_TOKENS, Build, BuildConfig, BuildIncomplete
 from lightning_modules.construction.prompts import STAGES, Stage
 from lightning_modules.construction.runner import ServerRefused
-from lightning_modules.generation import ChatBackend, OpenAIChat, TransformersChat
+from lightning_modules.generation import ChatBackend, EndpointUnavailable, OpenAIChat, TransformersChat
 
 from .args import command_parser, parse
+from .errors import debug_requested
+
+# The longest wait for the check of an endpoint before any work: a server that is up answers
+# ``GET /models`` (or a one-token chat request) well within it.
+CHECK_TIMEOUT_S = 30.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +120,60 @@ def backend_factory(args: argparse.Namespace) -> Callable[[Stage], ChatBackend]:
     return make
 
 
+def _flags(args: argparse.Namespace, stage: Stage) -> dict[str, str]:
+    """The options that set ``stage``'s endpoint, model and key: the stage's own where given."""
+    def flag(name: str) -> str:
+        return f"--{stage}-{name}" if getattr(args, f"{stage}_{name.replace('-', '_')}") else f"--{name}"
+    return {"url": flag("base-url"), "model": flag("model"), "key": flag("api-key-env")}
+
+
+def endpoint_message(exc: EndpointUnavailable, flags: dict[str, str]) -> str:
+    """One line: the URL, what answered, and the option that would fix it."""
+    if exc.kind == "connect":
+        hint = f"is the server running? Check {flags['url']}"
+    elif exc.kind == "timeout":
+        hint = f"a stuck server, or a firewall that drops the packets? Check {flags['url']}"
+    elif exc.kind == "model":
+        hint = f"check {flags['model']} (or {flags['url']})"
+    elif exc.status in (401, 403):
+        hint = f"check the API key ({flags['key']})"
+    elif exc.status == 404:
+        hint = f"check {flags['url']} and {flags['model']}"
+    else:
+        hint = f"see the server's log, or check {flags['url']}"
+    return f"cir build: {exc}; {hint}"
+
+
+def check_endpoints(args: argparse.Namespace, make: Callable[[Stage], ChatBackend]) -> None:
+    """Before any work: one request per distinct endpoint, model and key of the stages, so a dead
+    server or a wrong URL, model or key stops the build in a line instead of hours into it."""
+    if args.backend != "openai":
+        return
+    seen: set[tuple[str, str, str]] = set()
+    for stage in STAGES:
+        backend = make(stage)
+        assert isinstance(backend, OpenAIChat)
+        key = (backend.base_url, backend.model, backend.api_key)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            backend.check(timeout_s=min(args.timeout, CHECK_TIMEOUT_S))
+        except EndpointUnavailable as exc:
+            if debug_requested():
+                raise
+            raise SystemExit(endpoint_message(exc, _flags(args, stage))) from exc
+
+
+def _stage_flags_for(args: argparse.Namespace, url: str) -> dict[str, str]:
+    """The flags of the first stage whose endpoint is ``url`` (an error names a URL, not a stage)."""
+    for stage in STAGES:
+        base_url = (getattr(args, f"{stage}_base_url") or args.base_url or "").rstrip("/")
+        if base_url and url.startswith(base_url):
+            return _flags(args, stage)
+    return {"url": "--base-url", "model": "--model", "key": "--api-key-env"}
+
+
 def config_from(args: argparse.Namespace) -> BuildConfig:
     temperature = {s: v if (v := getattr(args, f"{s}_temperature")) is not None else args.temperature for s in STAGES}
     max_tokens = {s: getattr(args, f"{s}_max_tokens") or args.max_tokens or PAPER_MAX_TOKENS[s] for s in STAGES}
@@ -121,19 +186,51 @@ def config_from(args: argparse.Namespace) -> BuildConfig:
         ranges=WordRanges(slack=args.word_slack), retry_failed=args.retry_failed, progress=not args.no_progress)
 
 
+def _warn_empty(summary: dict) -> None:
+    """The catalogue was readable but the release holds no triplet: say at which stage it emptied."""
+    if sum(summary["triplets"]["per_split"].get(s, 0) for s in ("train", "val")):
+        return
+    caps, verify = summary["captions"], summary["verify"]
+    if not caps["clothing"]:
+        why = f"no product passed stage 1 ({caps['failed']} failed, {caps['non_clothing']} not clothing)"
+    elif not verify["retained"]:
+        why = (f"no product passed stage 2 ({verify['left_right_errors']} left/right errors, "
+               f"{verify['failed']} failed)")
+    else:
+        t = summary["triplets"]
+        why = (f"no source got a target in stage 3 ({t['failed']} failed, {t['no_candidates']} without candidates, "
+               f"{t['without_selection']} without a selection)")
+    print(f"cir build: warning: the release has no triplets: {why}; see build_summary.json and OUT/build/",
+          file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, _ = parse(build_parser(), argv)
+    make = backend_factory(args)
     try:
-        summary = build(config_from(args), backend_factory(args))
+        # The catalogue is read (and an empty one refused) before any server is asked.
+        pipeline = Build(config_from(args), make)
+        skipped = pipeline.catalogue.counts["no_readable_images"]
+        if skipped:
+            print(f"cir build: warning: {skipped} of {pipeline.catalogue.counts['products_in']} products have no "
+                  "readable image and are skipped (counted in build_summary.json)", file=sys.stderr)
+        check_endpoints(args, make)
+        summary = pipeline.run()
     except BuildIncomplete as exc:
         print(f"cir build: {exc}", file=sys.stderr)
         raise SystemExit(3) from exc
     except ServerRefused as exc:
         raise SystemExit(f"cir build: the server refused the requests: {exc}") from exc
+    except EndpointUnavailable as exc:  # the server went away mid-build: what is journalled is kept
+        if debug_requested():
+            raise
+        raise SystemExit(endpoint_message(exc, _stage_flags_for(args, exc.url))
+                         + ", then rerun the same command (answers so far are kept)") from exc
     except (ValueError, OSError) as exc:  # bad input, unreadable files: one line naming the file or key
-        if os.environ.get("CIR_DEBUG"):
+        if debug_requested():
             raise
         raise SystemExit(f"cir build: {exc} (CIR_DEBUG=1 shows the traceback)") from exc
+    _warn_empty(summary)
     keys = ("catalogue", "captions", "verify", "triplets", "released_products")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"summary: {Path(args.out) / 'build_summary.json'}")

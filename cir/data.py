@@ -7,6 +7,9 @@
     cir data fashionmv --root FASHIONMV --out data/fashionmv     # the release: ROOT/data/*.jsonl, ROOT/images/
     cir data fashionmv --data-dir FASHIONMV/data --image-root /images/elsewhere --out data/fashionmv
     cir data fashiongen-h5 --h5 fashiongen_256_256_validation.h5 --root FASHIONMV   # → FASHIONMV/images/fashiongen_val/
+
+A conversion that would write no triplet (missing or empty triplet files, no product with images)
+stops with one line naming why and the option to fix, and writes no manifest.json.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from datamodules.synthetic.catalogue import write_catalogue_layout
 from datamodules.synthetic.layouts import write_fashioniq_layout, write_fashionmv_layout
 
 from .args import command_parser, parse
+from .errors import debug_requested
 
 
 def _synthetic(args: argparse.Namespace) -> None:
@@ -104,5 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args, _ = parse(build_parser(), argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (ValueError, OSError) as exc:  # a wrong folder, an empty or broken input: one line naming it
+        if debug_requested():
+            raise
+        raise SystemExit(f"cir data {args.command}: {exc} (CIR_DEBUG=1 shows the traceback)") from exc
 

@@ -5,7 +5,8 @@
 Product ids may be nested paths (``dresses/summer/1234``): every folder under ``images/`` with image
 files directly inside is a product. Views are taken in sorted file-name order, at most 5, as the
 FashionMV converter takes them. A view that PIL cannot read is dropped; a product left with none
-is skipped and counted, never a crash.
+is skipped and counted, never a crash. A catalogue left with no product at all is an error naming
+why (no image files, or none readable): a build of nothing would only report zeros.
 """
 
 from __future__ import annotations
@@ -104,7 +105,21 @@ def read_catalogue(root: str | Path, default_dataset: str = "catalogue", max_vie
         products.append(CatalogueProduct(pid, dataset, views, str(row.get("category") or ""),
                                          str(row.get("gender") or ""), str(row.get("title") or ""),
                                          str(row.get("split") or "")))
+    if not products:
+        raise ValueError(_nothing_readable(root, folders, rows, counts))
     return Catalogue(products, counts)
+
+
+def _nothing_readable(root: Path, folders: dict[str, list[Path]], rows: dict[str, dict[str, Any]],
+                      counts: Counter) -> str:
+    """Why a catalogue holds no product with a readable view, in one line."""
+    layout = f"expected {root / 'images'}/<product_id>/*{{{','.join(IMAGE_SUFFIXES)}}}"
+    if not folders:
+        listed = f" ({len(rows)} products listed in products.jsonl have no folder there)" if rows else ""
+        return f"catalogue {root}: images/ holds no image files{listed}; {layout}"
+    example = next(p for views in folders.values() for p in views)
+    return (f"catalogue {root}: none of its {counts['products_in']} products has a readable image "
+            f"({counts['unreadable_views']} files could not be decoded, e.g. {example}); {layout}")
 
 
 def _rank(seed: int, pid: str) -> str:

@@ -100,13 +100,27 @@ class TfidfEncoder:
         return _normalise(out)
 
 
+def _load_clip(flag: str, spec: str, device: str | None) -> ClipEncoder:
+    """A hub id (the default ``clip:clip-vit-b32`` is one) needs the network or the local cache, even
+    for the oracle backend: offline, the one useful line is which option to change and to what."""
+    try:
+        return ClipEncoder(spec.removeprefix("clip:"), device)
+    except OSError as exc:
+        cause = exc.__cause__ or exc  # the loader's own error, not the backbone's paragraph around it
+        first = str(cause).strip().split("\n")[0].split(". ")[0][:200]  # its first sentence says what failed
+        reason = f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+        raise OSError(f"{flag} {spec}: could not be loaded ({reason}); without network, pass {flag} "
+                      "clip:<local folder written with save_pretrained>, or clip:tiny (random weights) for an "
+                      "offline smoke run") from exc
+
+
 def build_encoders(image_spec: str, text_spec: str, device: str | None) -> tuple[ImageEncoder, TextEncoder]:
     if not image_spec.startswith("clip:"):
         raise ValueError(f"--image-encoder {image_spec!r}: use clip:<preset, hub id or folder>, e.g. clip:clip-vit-b32")
-    image = ClipEncoder(image_spec.removeprefix("clip:"), device)
+    if text_spec != "tfidf" and not text_spec.startswith("clip:"):
+        raise ValueError(f"--text-encoder {text_spec!r}: use tfidf or clip:<preset, hub id or folder>")
+    image = _load_clip("--image-encoder", image_spec, device)
     if text_spec == "tfidf":
         return image, TfidfEncoder()
-    if text_spec.startswith("clip:"):
-        same = text_spec == image_spec
-        return image, ClipTextEncoder(image if same else ClipEncoder(text_spec.removeprefix("clip:"), device))
-    raise ValueError(f"--text-encoder {text_spec!r}: use tfidf or clip:<preset, hub id or folder>")
+    same = text_spec == image_spec
+    return image, ClipTextEncoder(image if same else _load_clip("--text-encoder", text_spec, device))

@@ -6,7 +6,9 @@ Every answer is journalled, the retried ones too (marked ``retry``: they count i
 as the key's outcome). A transport failure (the server still down after the backend's own retries) is journalled too,
 but a rerun tries it again: an outage is not the product's fault. A request the server refuses
 for good (a 4xx) and an answer that stays invalid are failures that stay done unless
-``retry_failed``; a 401/403/404 stops the stage at once, since every request would share it.
+``retry_failed``; a 401/403/404 stops the stage at once, since every request would share it, and so
+does a call in which every request found nothing listening (``EndpointUnavailable``): a rerun of
+the same command cannot help until the server is there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..generation.chat import ChatBackend, ChatRequest, Completion
+from ..generation.chat import ChatBackend, ChatRequest, Completion, EndpointUnavailable
 from .answers import InvalidAnswer
 from .journal import Journal
 
@@ -66,13 +68,15 @@ def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: 
             if not pending:
                 break
             retry: list[WorkItem] = []
+            # This call's requests that found nothing listening, and those that got any answer.
+            tally: dict[str, Any] = {"refused": 0, "answered": 0, "what": ""}
             requests = []
             for item in pending:
                 built[id(item)].tag["attempt"] = attempt
                 requests.append(built[id(item)])
 
             def on_result(i: int, c: Completion, pending: list[WorkItem] = pending, retry: list[WorkItem] = retry,
-                          attempt: int = attempt) -> None:
+                          attempt: int = attempt, tally: dict[str, Any] = tally) -> None:
                 item = pending[i]
                 stats["requests"] += 1
                 stats["http_requests"] += c.requests
@@ -81,6 +85,11 @@ def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: 
                 usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                          "http_requests": c.requests, "attempts": attempt}
                 record = {"key": item.key, "model": backend.name, **item.context}
+                if c.unreachable:
+                    tally["refused"] += 1
+                    tally["what"] = c.unreachable
+                else:
+                    tally["answered"] += 1
                 if c.error is not None and c.status in CONFIG_STATUSES:
                     raise ServerRefused(f"stage {stage}: {c.error.splitlines()[0][:200]}; {CONFIG_STATUSES[c.status]}")
                 if c.error is not None:
@@ -105,7 +114,15 @@ def run_stage(stage: str, backend: ChatBackend, items: list[WorkItem], journal: 
                 journal.append({**record, "ok": True, "value": value, **usage})
                 bar.update()
 
-            backend.complete(requests, on_result)
+            try:
+                backend.complete(requests, on_result)
+            except BaseException:
+                bar.close()  # the stage stops here: the bar's line ends before the caller's message
+                raise
+            if tally["refused"] and not tally["answered"]:
+                bar.close()
+                raise EndpointUnavailable(getattr(backend, "url", backend.name),
+                                          f"{tally['what']} for every request ({tally['refused']} of them)", "connect")
             pending = retry
     bar.close()
     stats["seconds"] = round(time.perf_counter() - start, 3)

@@ -60,9 +60,22 @@ class Completion:
     # The HTTP status behind ``error``: None for a transport failure (worth another run), a 4xx
     # for a request the server will never accept as it is.
     status: int | None = None
+    # Set when the last attempt found nothing listening ("connection refused"): the endpoint, not
+    # the request, is what failed.
+    unreachable: str | None = None
 
 
 OnResult = Callable[[int, Completion], None]
+
+
+class EndpointUnavailable(RuntimeError):
+    """The endpoint cannot serve a single request; ``kind`` says what answered: ``connect`` (nothing
+    listens, or the host is unknown), ``timeout``, ``status`` (an HTTP error, in ``status``) or
+    ``model`` (the server does not know the model). The caller adds which of its options to fix."""
+
+    def __init__(self, url: str, what: str, kind: str, status: int | None = None) -> None:
+        super().__init__(f"{url}: {what}")
+        self.url, self.what, self.kind, self.status = url, what, kind, status
 
 
 class ChatBackend(Protocol):
