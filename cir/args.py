@@ -9,8 +9,12 @@ commands, warns when ``sys.argv`` holds arguments it was not given.
 from __future__ import annotations
 
 import argparse
+import copy
+import re
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -33,6 +37,62 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     return args, extra
 
 
+# ``literal`` (reStructuredText, for the docs built from docstrings) reads as noise at a terminal.
+_RST_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+
+
+def plain(text: str) -> str:
+    """``text`` without reStructuredText markup: ``x`` → x, a trailing ``::`` → ``:``."""
+    return re.sub(r"::$", ":", _RST_LITERAL.sub(r"\1", text), flags=re.MULTILINE)
+
+
+_NO_HELP = "(no help)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written (its examples keep their lines), each option's default shown.
+
+    Like ``argparse.ArgumentDefaultsHelpFormatter``, but also for options without a help text, and
+    not where the default says nothing (None, False, an empty list) or the help already explains it.
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and _shows_default(action):
+            action = copy.copy(action)
+            action.help = _NO_HELP  # argparse expands only a non-blank help; this one becomes the default alone
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = "" if action.help in (None, _NO_HELP) else action.help
+        if _shows_default(action) and "%(default)" not in text and "default:" not in text:
+            # A list as it is typed (--splits train val), not as Python prints it.
+            value = action.default
+            shown = " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+            text = f"{text.strip()} (default: {shown.replace('%', '%%')})".lstrip()
+        return text
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Not at hyphens: option names and experiment names (--tracking-uri, fashion-cir) stay whole.
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def format_help(self) -> str:
+        return plain(super().format_help())
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    # Identity, not equality: a default of 0 (``--seed``) is worth showing, False (a switch) is not.
+    if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or action.default in ([], ""):
+        return False
+    return bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` with ``HelpFormatter``; its subcommands' parsers (same class) get it too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def command_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"cir {name}", description=doc,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return CommandParser(prog=f"cir {name}", description=doc)

@@ -20,15 +20,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = command_parser("caption", __doc__)
     parser.add_argument("--data", required=True, help="shard folder (with manifest.json)")
     parser.add_argument("--out", required=True, help="sidecar JSON-lines file (appended to, resumable)")
-    parser.add_argument("--captioner", choices=["llava", "qwen3.5", "oracle"], default="llava")
+    parser.add_argument("--captioner", choices=["llava", "qwen3.5", "oracle"], default="llava",
+                        help="the MLLM that captions (oracle: the generated data's own captions, no model)")
     parser.add_argument("--name-or-path", default=None, help="hub id or local folder of the captioner")
     parser.add_argument("--load-in-4bit", action="store_true", help="4-bit weights (needs bitsandbytes and a GPU)")
     parser.add_argument("--device", default=None, help="e.g. cuda:0")
     parser.add_argument("--base-url", default=None, help="an OpenAI-compatible server (vLLM, transformers serve) "
                         "instead of a model in this process; --name-or-path is then the served model's name")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight with --base-url")
-    parser.add_argument("--splits", nargs="+", default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--splits", nargs="+", default=None, help="splits captioned (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="products per generate call")
     parser.add_argument("--no-modified-text", action="store_true", help="captions only")
     args, _ = parse(parser, argv)
     captioner = build_captioner(args.captioner, args.name_or_path, args.load_in_4bit, args.device, args.base_url,

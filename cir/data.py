@@ -65,42 +65,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("data", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    syn = sub.add_parser("synthetic", help="generate the procedural multi-view fashion dataset")
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=about, description=about)
+
+    syn = command("synthetic", "generate the procedural multi-view fashion dataset")
     syn.add_argument("--out", required=True, help="output folder")
-    syn.add_argument("--products", type=int, default=1500)
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--val-fraction", type=float, default=0.2)
+    syn.add_argument("--products", type=int, default=1500, help="products to generate (train and val)")
+    syn.add_argument("--seed", type=int, default=0, help="seed of the generator (the same seed, the same data)")
+    syn.add_argument("--val-fraction", type=float, default=0.2, help="share of the products held out for val")
     syn.add_argument("--maxcount", type=int, default=256, help="samples per shard")
     syn.add_argument("--layout", choices=["shards", "fashioniq", "fashionmv", "catalogue"], default="shards",
                      help="shards (ready to train), a real dataset's own layout (input of its converter), or a "
                      "retailer's catalogue of photos (input of `cir build`; ground_truth.jsonl feeds its oracle)")
     syn.set_defaults(func=_synthetic)
 
-    fiq = sub.add_parser("fashioniq", help="convert FashionIQ (captions/, image_splits/, images/) to shards")
-    fiq.add_argument("--root", required=True)
-    fiq.add_argument("--out", required=True)
-    fiq.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"])
-    fiq.add_argument("--splits", nargs="+", default=["train", "val", "test"])
-    fiq.add_argument("--maxcount", type=int, default=1000)
+    fiq = command("fashioniq", "convert FashionIQ (captions/, image_splits/, images/) to shards")
+    fiq.add_argument("--root", required=True, help="FashionIQ's folder (captions/, image_splits/, images/)")
+    fiq.add_argument("--out", required=True, help="output shard folder")
+    fiq.add_argument("--categories", nargs="+", default=["dress", "shirt", "toptee"],
+                     help="categories converted, each its own dataset (fashioniq_<category>)")
+    fiq.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="splits converted")
+    fiq.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     fiq.add_argument("--max-side", type=int, default=None, help="downscale images larger than this")
     fiq.set_defaults(func=_fashioniq)
 
-    fmv = sub.add_parser("fashionmv", help="convert FashionMV (*_triplets.jsonl, *_captions.jsonl, images/)")
+    fmv = command("fashionmv", "convert FashionMV (*_triplets.jsonl, *_captions.jsonl, images/)")
     fmv.add_argument("--root", default=None, help="the release's folder: ROOT/data/*.jsonl (or ROOT/*.jsonl) and "
                      "ROOT/images/; shorthand for --data-dir and --image-root")
     fmv.add_argument("--data-dir", default=None, help="folder of {split}_triplets.jsonl and {split}_captions.jsonl")
     fmv.add_argument("--image-root", default=None, help="folder of one subfolder per dataset (deepfashion/, ...)")
-    fmv.add_argument("--out", required=True)
-    fmv.add_argument("--splits", nargs="+", default=["train", "val"])
-    fmv.add_argument("--maxcount", type=int, default=500)
+    fmv.add_argument("--out", required=True, help="output shard folder")
+    fmv.add_argument("--splits", nargs="+", default=["train", "val"], help="splits converted")
+    fmv.add_argument("--maxcount", type=int, default=500, help="samples per shard")
     fmv.add_argument("--max-side", type=int, default=None, help="downscale images larger than this")
     fmv.set_defaults(func=_fashionmv)
 
-    fg = sub.add_parser("fashiongen-h5", help="extract FashionGen images from its h5 file into FashionMV's layout")
-    fg.add_argument("--h5", required=True)
+    fg = command("fashiongen-h5", "extract FashionGen images from its h5 file into FashionMV's layout")
+    fg.add_argument("--h5", required=True, help="FashionGen's h5 file (e.g. fashiongen_256_256_validation.h5)")
     fg.add_argument("--root", default=None, help="FashionMV root; images go to ROOT/images/DATASET/ID/ROW.jpg")
     fg.add_argument("--image-root", default=None, help="images go to IMAGE_ROOT/DATASET/ID/ROW.jpg")
-    fg.add_argument("--dataset", default="fashiongen_val")
+    fg.add_argument("--dataset", default="fashiongen_val", help="dataset folder the images go to")
     fg.set_defaults(func=_fashiongen)
     return parser
 

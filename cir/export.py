@@ -12,6 +12,7 @@ load it with an experiment whose ``lora`` is unset. Optimizer states are dropped
 from __future__ import annotations
 
 from .args import command_parser, parse
+from .errors import check_files, user_errors
 from .models import export_merged
 
 
@@ -21,5 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt", required=True, help="the LoRA run's checkpoint (its last.ckpt)")
     p.add_argument("--out", required=True, help="file the merged checkpoint is written to")
     args, extra = parse(p, argv, passthrough=True)
-    merged = export_merged(args.config, args.ckpt, args.out, extra)
+    with user_errors("cir export"):
+        check_files("cir export", [("--config", c) for c in args.config] + [("--ckpt", args.ckpt)])
+        merged = export_merged(args.config, args.ckpt, args.out, extra)
     print(f"merged the adapters of {merged} layers into {args.out}")

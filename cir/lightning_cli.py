@@ -15,12 +15,19 @@ OmegaConf interpolation is resolved over the merged result. Write interpolations
 key that holds them (``${.batch_size}`` for a sibling key, ``${....default_root_dir}``): under a subcommand the
 config's root is ``fit.``/``validate.``…, so absolute ones would not resolve. ``${oc.env:VAR,x}``
 reads the environment.
+
+A mistake is one to three lines (``cir.errors``): a config file, ``--ckpt_path`` or shard folder that
+is not there is named before the model, the data or the MLflow run is built. Lightning's tips and its
+GPU/TPU lines are left out unless asked for (``--verbose``, ``CIR_VERBOSE=1`` or ``CIR_DEBUG=1``).
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +37,83 @@ from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.mlflow_logging import LogConfigToMLflow
-from datamodules.datamodule import ShardDataModule
+from datamodules.datamodule import ShardDataModule, SyntheticDataModule
+from datamodules.shards import read_manifest
 from lightning_modules.core.checkpoints import checkpoint_metadata
 
-from .errors import concise, debug_requested, report
+from .errors import concise, debug_requested, one_line, report, verbose_requested
 
 _CONFIG_FLAGS = ("--config", "-c")
+# ``--ckpt_path`` values Lightning resolves itself (not file names).
+_CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+# Lines Lightning logs on every run that tell a user nothing about it: an advertisement for its
+# cloud products and which accelerators exist. Shown with --verbose, CIR_VERBOSE=1 or CIR_DEBUG=1.
+_CHATTER = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+_LIGHTNING_LOG = "lightning.pytorch.utilities.rank_zero"
+
+
+# A command that only loads a model to answer queries (``cir query``…) does not train: the seed
+# line says nothing there (an untrained model's seed is in its fingerprint).
+_SEED_LOG, _SEED = "lightning.fabric.utilities.seed", ("Seed set to",)
+
+
+class _Quiet(logging.Filter):
+    def __init__(self, chatter: tuple[str, ...]) -> None:
+        super().__init__()
+        self.chatter = chatter
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return verbose_requested() or not str(record.msg).startswith(self.chatter)
+
+
+def quiet_lightning(seed_too: bool = False) -> None:
+    """Drop Lightning's chatter (``_CHATTER``; with ``seed_too`` the seed line) from its log;
+    idempotent. The filter reads the environment per record: CIR_VERBOSE set later shows it."""
+    for name, chatter in [(_LIGHTNING_LOG, _CHATTER), *([(_SEED_LOG, _SEED)] if seed_too else [])]:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Quiet) for f in log.filters):
+            log.addFilter(_Quiet(chatter))
+
+
+# The last command line a ConciseArgumentParser parsed: its config files tell where a misplaced
+# key belongs (``errors.concise``). jsonargparse's error() is not handed the arguments.
+_PARSED: list[str] = []
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def config_tree(argv: list[str]) -> dict[str, Any]:
+    """The config files of ``argv`` merged in order, with any ``--KEY.class_path=VALUE`` override
+    (interpolations left unresolved): enough to know which class each section builds. Best effort:
+    a file that does not load is skipped (the parser reports it)."""
+    tree: dict[str, Any] = {}
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in _CONFIG_FLAGS and i + 1 < len(argv) else None
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                data = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            tree = _merge(tree, data) if isinstance(data, dict) else tree
+            continue
+        key, sep, given = arg.removeprefix("--").partition("=")
+        if key.endswith(".class_path") and arg.startswith("--"):
+            given = given if sep else (argv[i + 1] if i + 1 < len(argv) else "")
+            node: dict[str, Any] = {"class_path": given}
+            for part in reversed(key.removesuffix(".class_path").split(".")):
+                node = {part: node}
+            tree = _merge(tree, node)
+    return tree
 
 
 def _defaults_of(path: Path, chain: tuple[Path, ...] = ()) -> list[Path]:
@@ -90,17 +168,29 @@ def expand_defaults(argv: list[str]) -> list[str]:
 class ConciseArgumentParser(LightningArgumentParser):
     """Reports a config mistake in a few lines (``cir.errors``); ``CIR_DEBUG=1`` for jsonargparse's own."""
 
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        _PARSED[:] = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, *rest, **kwargs)
+
     def error(self, message: str, ex: Exception | None = None) -> None:
         if not self.exit_on_error or debug_requested():
             super().error(message, ex)
             return
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [o for action in parser._actions for o in action.option_strings]
-        sys.stderr.write(report(parser.prog.replace(" [options]", ""), concise(message, options)) + "\n")
+        detail = concise(message, options, config_tree(_PARSED))
+        sys.stderr.write(report(parser.prog.replace(" [options]", ""), detail) + "\n")
         self.exit(2)
 
 
 class CIRCLI(LightningCLI):
+    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
+        # ``prog`` (``cir query``…): a command's own CLI, which checks the files it names and
+        # reports a mistake in one line under that name, as the console script does.
+        self.prog = prog
+        quiet_lightning(seed_too=prog is not None)
+        super().__init__(*args, **kwargs)
+
     def init_parser(self, **kwargs: object) -> LightningArgumentParser:
         kwargs.setdefault("dump_header", [f"lightning.pytorch=={L.__version__}"])
         parser = ConciseArgumentParser(**kwargs)
@@ -116,9 +206,9 @@ class CIRCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as exc:
-            if not self.concise_errors or debug_requested():
+            if not self._user_facing or debug_requested():
                 raise
-            prog = f"lightning {self.subcommand}" if self.subcommand else "lightning"
+            prog = self._prog()
             detail = concise(str(exc)) if "Does not validate" in str(exc) else f"{type(exc).__name__}: {exc}"
             sys.stderr.write(report(prog, detail).replace("error in the configuration", "could not build the run")
                              + "\n")
@@ -127,6 +217,43 @@ class CIRCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--defaults", type=list[str] | None, default=None,
                             help="Config fragments this config starts from (resolved before parsing).")
+
+    @property
+    def _user_facing(self) -> bool:
+        return self.concise_errors or self.prog is not None
+
+    def _prog(self) -> str:
+        if self.prog:
+            return self.prog
+        subcommand = self.config.get("subcommand") if isinstance(self.config, dict | Namespace) else None
+        return f"lightning {subcommand}" if subcommand else "lightning"
+
+    def _refuse(self, message: str, exc: Exception) -> None:
+        """One line for a user (CIR_DEBUG: the exception), the exception for a library caller."""
+        if not self._user_facing or debug_requested():
+            raise exc
+        raise SystemExit(f"{self._prog()}: {message}")
+
+    def _check_data_dir(self, config: Any) -> None:
+        """A shard folder that is not there, before the model is built: the DataModule reads its
+        manifest only in setup, after a model that may take minutes to load. Generated data
+        (``SyntheticDataModule``) is written on first use and is not checked."""
+        data = config.get("data") if isinstance(config, dict | Namespace) else None
+        if not isinstance(data, dict | Namespace) or not data.get("class_path"):
+            return
+        module, _, name = str(data["class_path"]).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            return  # the instantiation names a class that does not import
+        init_args = data.get("init_args") or {}
+        data_dir = init_args.get("data_dir") if isinstance(init_args, dict | Namespace) else None
+        if not (isinstance(cls, type) and issubclass(cls, ShardDataModule)) or issubclass(cls, SyntheticDataModule):
+            return
+        try:
+            read_manifest(data_dir or "data/synthetic")
+        except FileNotFoundError as exc:
+            self._refuse(one_line(exc), exc)
 
     def before_instantiate_classes(self) -> None:
         """The MLflow run's name says the backbone and, outside ``fit``, the subcommand; resuming
@@ -155,11 +282,19 @@ class CIRCLI(LightningCLI):
         model (``validate --config CLIP4CIR.yaml --ckpt_path sprc.ckpt`` evaluated SPRC and logged it
         as the config's run). Refused first, in one line naming both classes, before anything is
         built or any MLflow run exists."""
-        if self.config.get("subcommand"):
-            self._check_checkpoint_class(self.config[self.config.subcommand])
+        subcommand = self.config.get("subcommand")
+        if self._user_facing:  # the first hook after parsing: before the seed line and anything built
+            self._check_data_dir(self.config[subcommand] if subcommand else self.config)
+        if subcommand:
+            self._check_checkpoint_class(self.config[subcommand])
         super()._parse_ckpt_path()
 
     def _check_checkpoint_class(self, config: Any) -> None:
+        given = config.get("ckpt_path")
+        if given and given not in _CKPT_KEYWORDS and not Path(given).is_file() and self._user_facing:
+            # Lightning would find out in trainer.validate(), after the model, the data and a
+            # (then FAILED) MLflow run were made.
+            self._refuse(f"--ckpt_path {given}: no such file", FileNotFoundError(given))
         path = resolve_ckpt_path(config.get("ckpt_path"), config.get("trainer", {}).get("default_root_dir") or ".")
         model = config.get("model")
         wanted = model.get("class_path") if isinstance(model, dict | Namespace) else None
@@ -219,9 +354,18 @@ def resolve_ckpt_path(ckpt_path: str | None, default_root_dir: str) -> Path | No
     return path if path.is_file() else None
 
 
-def build_cli(args: list[str] | None = None, run: bool = True) -> CIRCLI:
-    """The CLI over ``args`` (default: the command line); ``run=False`` only instantiates."""
-    return CIRCLI(**_cli_kwargs(), args=expand_defaults(list(sys.argv[1:] if args is None else args)), run=run)
+def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> CIRCLI:
+    """The CLI over ``args`` (default: the command line); ``run=False`` only instantiates. With
+    ``prog`` (the command using it, ``cir query``…) a config or shard folder that is not there ends
+    the command in one line naming it (CIR_DEBUG=1: the exception)."""
+    args = list(sys.argv[1:] if args is None else args)
+    try:
+        expanded = expand_defaults(args)
+    except (FileNotFoundError, ValueError) as exc:
+        if prog is None or debug_requested():
+            raise
+        raise SystemExit(f"{prog}: {one_line(exc)}") from None
+    return CIRCLI(**_cli_kwargs(), args=expanded, run=run, prog=prog)
 
 
 def _cli_kwargs() -> dict:
@@ -246,6 +390,15 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in argv:  # the full jsonargparse messages and tracebacks
         argv.remove("--debug")
         os.environ["CIR_DEBUG"] = "1"
-    sys.argv[1:] = expand_defaults(argv)
+    if "--verbose" in argv:  # Lightning's own chatter (its tips, the GPU/TPU lines)
+        argv.remove("--verbose")
+        os.environ["CIR_VERBOSE"] = "1"
+    try:
+        sys.argv[1:] = expand_defaults(argv)
+    except (FileNotFoundError, ValueError) as exc:  # a config file or a fragment it lists is not there
+        if debug_requested():
+            raise
+        subcommand = next((a for a in argv if not a.startswith("-")), None)
+        raise SystemExit(f"lightning{' ' + subcommand if subcommand else ''}: {one_line(exc)}") from None
     CIRCLI.concise_errors = True
     CIRCLI(**_cli_kwargs())

@@ -18,6 +18,7 @@ Options after ``--`` go to the experiment's config (e.g. ``-- --data.init_args.d
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from lightning_modules.core import Products, Retriever
 from lightning_modules.retrieval.search import block_size, similarities
 
 from .args import command_parser, parse
+from .errors import user_errors
 from .models import load_model_and_data
 
 SCORE_BLOCK = 2**24  # scores held at once per query chunk (64 MiB of float32)
@@ -165,11 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     bad = [f"--k {args.k}: must be >= 1"] if args.k < 1 else []
     bad += [f"--margin {args.margin}: must be in (0, 1]"] if not 0 < args.margin <= 1 else []
     bad += [f"--batch-size {args.batch_size}: must be >= 1"] if args.batch_size < 1 else []
-    bad += [f"--ckpt {args.ckpt}: no such file"] if not Path(args.ckpt).is_file() else []
+    files = [*(("--config", c) for c in args.config), ("--ckpt", args.ckpt)]
+    missing = [f"{option} {path}: no such file" for option, path in files if not Path(path).is_file()]
     if bad:
-        parser.error("; ".join(bad))
+        parser.error("; ".join(bad + missing))
+    if missing:  # one line, without argparse's usage text, before the model is built
+        raise SystemExit(f"cir mine-negatives: {'; '.join(missing)}")
+    with user_errors("cir mine-negatives"):  # a shard folder found missing later, Ctrl-C: one line
+        _mine(args, extra)
 
-    model, dm = load_model_and_data(args.config, args.ckpt, extra)
+
+def _mine(args: argparse.Namespace, extra: list[str]) -> None:
+    model, dm = load_model_and_data(args.config, args.ckpt, extra, prog="cir mine-negatives")
     device = _device(model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gallery, ids, gallery_datasets = embed_gallery(model, dm, args.split, device)
     queries, rows = embed_queries(model, dm, args.split, device, args.batch_size, args.num_workers)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import UnidentifiedImageError
 from torch import nn
 
 from datamodules import SyntheticDataModule
@@ -25,6 +26,7 @@ from lightning_modules.backbones.images import open_upright
 from lightning_modules.core import Products, Retriever, load_weights, state_dict_of
 from lightning_modules.core.adapters import LoraConfigured, apply_lora, has_lora_weights, merge_lora
 
+from .errors import check_files, debug_requested, one_line
 from .lightning_cli import build_cli, checkpoint_class_mismatch
 
 # What a fingerprint records, in the order a mismatch names them.
@@ -45,10 +47,18 @@ def require_weights(prog: str, ckpt: str | None, untrained: bool, missing_hint: 
         raise SystemExit(f"{prog}: --ckpt {ckpt}: no such file" + (f"; {missing_hint}" if missing_hint else ""))
 
 
-def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str]) -> tuple[Retriever, RetrievalData]:
+def command_name() -> str | None:
+    """The command being run (``cir query``…: the dispatcher names it in ``sys.argv[0]``), for
+    messages; None for a library caller, which gets exceptions rather than one-line exits."""
+    return sys.argv[0] if sys.argv and sys.argv[0].startswith("cir ") else None
+
+
+def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str],
+                        prog: str | None = None) -> tuple[Retriever, RetrievalData]:
     """The experiment's model with the checkpoint's weights (weights-only), in eval mode, and its
-    DataModule with the backbone's preprocessing."""
-    model, dm, _ = _load(configs, ckpt, extra)
+    DataModule with the backbone's preprocessing. ``prog`` names the command in a one-line error
+    (default: ``command_name()``)."""
+    model, dm, _ = _load(configs, ckpt, extra, prog)
     return model, dm
 
 
@@ -61,9 +71,13 @@ def load_with_fingerprint(configs: list[str], ckpt: str | None,
     return model, dm, model_fingerprint(model, dm.image_transform, config, ckpt, cli.config.get("seed_everything"))
 
 
-def _load(configs: list[str], ckpt: str | None, extra: list[str]) -> tuple[Retriever, RetrievalData, Any]:
+def _load(configs: list[str], ckpt: str | None, extra: list[str],
+          prog: str | None = None) -> tuple[Retriever, RetrievalData, Any]:
+    prog = prog or command_name()
+    if prog:  # every file named, before the model is built (its fragments and shard folder: build_cli)
+        check_files(prog, [("--config", c) for c in configs] + [("--ckpt", ckpt)])
     args = [a for c in configs for a in ("--config", c)] + ["--trainer.logger=false", *extra]
-    cli = build_cli(args, run=False)
+    cli = build_cli(args, run=False, prog=prog)
     model, dm = cli.model, cli.datamodule
     if not isinstance(model, Retriever):
         raise SystemExit(f"{type(model).__name__} is not a retrieval model (it has no encode_query/encode_target): "
@@ -164,7 +178,7 @@ def load_weights_into(model: nn.Module, ckpt: str | Path) -> None:
     ``model.init_args.lora``) before loading; a merged or plain one loads as it is. A checkpoint of
     another model class is refused in one line naming both (not a screen of state-dict keys)."""
     wanted = f"{type(model).__module__}.{type(model).__qualname__}"
-    prog = sys.argv[0] if sys.argv and sys.argv[0].startswith("cir ") else "cir"  # the dispatcher names it
+    prog = command_name() or "cir"
     if message := checkpoint_class_mismatch(ckpt, wanted, prog, "--ckpt"):
         raise SystemExit(message)
     state = state_dict_of(ckpt)
@@ -206,18 +220,35 @@ def export_merged(configs: list[str], ckpt_in: str | Path, ckpt_out: str | Path,
 @torch.no_grad()
 def encode_gallery(model: Retriever, dm: RetrievalData, split: str) -> tuple[torch.Tensor, list[str], list[str]]:
     """Every gallery product of ``split``: embeddings, the dataset's own ids, dataset names."""
-    embs, ids, datasets = [], [], []
+    embs, ids, datasets, _ = encode_gallery_with_meta(model, dm, split)
+    return embs, ids, datasets
+
+
+@torch.no_grad()
+def encode_gallery_with_meta(model: Retriever, dm: RetrievalData,
+                             split: str) -> tuple[torch.Tensor, list[str], list[str], list[dict[str, Any]]]:
+    """``encode_gallery`` plus each product's shard metadata (category, captions, attributes), which
+    a result table shows beside the id."""
+    embs, ids, datasets, metas = [], [], [], []
     for batch in dm.eval_dataloaders(split)[0]:
         embs.append(model.encode_target(Products.gallery_of(batch)).float())
         ids += [m.get("raw_id") or m["product_id"] for m in batch["meta"]]
         datasets += batch["dataset"]
-    return torch.cat(embs), ids, datasets
+        metas += list(batch["meta"])
+    return torch.cat(embs), ids, datasets, metas
 
 
 def query_batch(dm: RetrievalData, images: list[str], text: str) -> dict[str, Any]:
     """A one-query triplet batch from image files (upright, as their EXIF orientation says),
-    preprocessed as the model's data is."""
-    views = [dm.image_transform(open_upright(p)) for p in images]
+    preprocessed as the model's data is. A file that is not a readable image ends the command in
+    one line (the commands check ``--images`` before the model loads; this is for library callers
+    and any command that does not)."""
+    try:
+        views = [dm.image_transform(open_upright(p)) for p in images]
+    except (OSError, UnidentifiedImageError) as exc:  # UnidentifiedImageError is an OSError; named for the reader
+        if debug_requested():
+            raise
+        raise SystemExit(f"{command_name() or 'cir'}: --images: {one_line(exc)}") from None
     # Tensor views stack into [1, V, 3, H, W]; Qwen's variable-size patch grids stay a list.
     return {"source_images": torch.stack(views)[None] if isinstance(views[0], torch.Tensor) else [views],
             "source_mask": torch.ones(1, len(images), dtype=torch.bool), "text": [text]}

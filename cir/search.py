@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_modules.retrieval import GalleryIndex
 
 from .args import command_parser, parse
+from .errors import check_files, check_images, user_errors
 from .models import REBUILD, encode_gallery, encode_query, fingerprint_mismatch, load_with_fingerprint, require_weights
 
 
@@ -38,23 +40,35 @@ def choose_dataset(available: Sequence[str], wanted: str | None, prog: str) -> s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("search", __doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("build", "query"):
-        p = sub.add_parser(name)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,query}")
+    about = {
+        "build": ("embed a split's gallery with a trained model and save it as a faiss index",
+                  "Embed the gallery of --split with the trained model (--config, --ckpt) and save a faiss\n"
+                  "index of it in --out, with the model's fingerprint; cir search query and cir serve --index\n"
+                  "read it."),
+        "query": ("search a saved index with source views and a modification text",
+                  "Embed one query (the source product's --images and the modification --text) with the\n"
+                  "model that built --index, and print the k best products of one dataset's gallery with\n"
+                  "their scores."),
+    }
+    for name, (summary, description) in about.items():
+        p = sub.add_parser(name, help=summary, description=description)
         p.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
         p.add_argument("--ckpt", default=None, help="checkpoint of the trained model")
         p.add_argument("--untrained", action="store_true",
                        help="use the experiment's initial weights (no --ckpt): for trying the command only")
     b = sub.choices["build"]
-    b.add_argument("--out", required=True)
-    b.add_argument("--split", default="val")
-    b.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat")
+    b.add_argument("--out", required=True, help="folder the index is written to (gallery_index.json and the faiss "
+                   "files)")
+    b.add_argument("--split", default="val", help="the split whose gallery is indexed")
+    b.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
+                   help="faiss index: flat (exact), ivf or hnsw (approximate, for large galleries)")
     q = sub.choices["query"]
-    q.add_argument("--index", required=True)
+    q.add_argument("--index", required=True, help="a folder written by cir search build")
     q.add_argument("--images", nargs="+", required=True, help="views of the source product")
-    q.add_argument("--text", required=True)
+    q.add_argument("--text", required=True, help="the modification text")
     q.add_argument("--dataset", default=None, help="the gallery searched (needed when the index holds several)")
-    q.add_argument("-k", type=int, default=10)
+    q.add_argument("-k", type=int, default=10, help="how many products to print")
     return parser
 
 
@@ -62,8 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parse(parser, argv, passthrough=True)
     prog = f"cir search {args.command}"
+    with user_errors(prog):
+        _main(prog, args, extra)
+
+
+def _main(prog: str, args: Any, extra: list[str]) -> None:
     require_weights(prog, args.ckpt, args.untrained)
+    check_files(prog, [("--config", c) for c in args.config])
     if args.command == "query":
+        check_images(prog, args.images)  # before the model: it takes seconds to minutes to load
         index = GalleryIndex.load(args.index)
         dataset = choose_dataset(list(index.indexes), args.dataset, prog)
         if index.fingerprint is None:  # nothing to compare with: refused before the model is built

@@ -15,6 +15,7 @@ turns batching off); a ProCIR model with the two-stage dialogue caches turn 1 of
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import uvicorn
 from lightning_modules.retrieval import GalleryIndex
 
 from ..args import command_parser, parse
+from ..errors import check_files, user_errors
 from ..models import REBUILD, fingerprint_mismatch, load_with_fingerprint, require_weights
 from .app import create_app
 from .engine import SearchEngine
@@ -45,10 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-image-mb", type=float, default=10.0, help="largest uploaded view accepted")
     p.add_argument("--timeout-s", type=float, default=60.0, help="longest a query may wait for the model")
     args, extra = parse(p, argv, passthrough=True)
+    with user_errors("cir serve"):  # a file found missing later, Ctrl-C while loading: one line
+        _serve(p, args, extra)
+
+
+def _serve(p: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
     if args.max_batch < 1:
         p.error(f"--max-batch {args.max_batch}: at least 1 (1 turns batching off)")
     require_weights("cir serve", args.ckpt, args.untrained, "train the model first (make demo writes "
                     "outputs/clip4cir_demo/checkpoints/last.ckpt) or give a checkpoint path")
+    check_files("cir serve", [("--config", c) for c in args.config])
     if args.index and not (Path(args.index) / "gallery_index.json").is_file():
         p.error(f"--index {args.index}: not a gallery index folder; build one with cir search build, or leave "
                 "--index out to embed the gallery at start-up")

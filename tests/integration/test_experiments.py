@@ -360,6 +360,20 @@ def test_procir_per_view_strategies_evaluate_over_several_batches(strategy: str,
     assert 0.0 <= float(metrics["val/recall_at_10"]) <= 1.0 and queries == 12  # 3 query batches of 4
 
 
+def _answers(out: str) -> dict[str, list[str]]:
+    """{text: result ids} from cir query's output: a "[N ms] 'text'" line, a header, a row a result."""
+    answers: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        if line.startswith("[") and "ms] '" in line:
+            current = answers.setdefault(line.split("] ", 1)[1].strip("'"), [])
+        elif current is not None and line.split() and line.split()[0].isdigit():
+            current.append(line.split()[1])
+        elif current is not None and not line.lstrip().startswith("rank"):
+            current = None
+    return answers
+
+
 @pytest.mark.slow
 def test_cir_query_answers_each_text_from_the_cached_source(datasets, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
@@ -377,8 +391,7 @@ def test_cir_query_answers_each_text_from_the_cached_source(datasets, tmp_path: 
           "--dataset", "synth_studio", "--", *data_args(exp, datasets)])
     out = capsys.readouterr().out
     assert "source cached" in out and "gallery:" in out and "of synth_studio" in out
-    answers = [line for line in out.splitlines() if line.startswith("[") and "ms]" in line]
-    assert len(answers) == 2 and all(line.count("(") == 3 for line in answers)  # 3 products, each with a score
+    assert len(_answers(out)) == 2 and all(len(ids) == 3 for ids in _answers(out).values())  # 3 products each
     # Two datasets in the split: cir query, like cir search, asks which gallery to search.
     with pytest.raises(SystemExit, match="choose one with --dataset"):
         main(["--config", str(exp), "--untrained", "--images", *views, "--text", "x", "--", *data_args(exp, datasets)])
@@ -400,8 +413,7 @@ def test_cir_query_runs_the_full_forward_for_a_family_without_a_cache(datasets, 
           "--", *data_args(DEMO, datasets, tiny_folder)])
     out = capsys.readouterr().out
     assert "no cache for this model" in out and "of synth_street" in out
-    answer = next(line for line in out.splitlines() if "'make it red'" in line)
-    ids = [part.split(" (")[0] for part in answer.split(": ", 1)[1].split(", ")]
+    ids = _answers(out)["make it red"]
     from datamodules.shards import SkipCounter, iterate_shards, read_manifest, shard_urls
 
     folder = datasets["synthetic"]

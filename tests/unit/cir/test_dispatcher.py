@@ -70,21 +70,15 @@ def test_search_and_query_ask_which_gallery_by_its_option_name() -> None:
         choose_dataset(["a", "b"], "c", "cir search query")
 
 
-def test_query_prompts_only_at_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import io
+def test_query_reads_piped_texts_without_a_prompt() -> None:
+    # At a terminal the prompt loop reads with input() (tests/unit/cir/test_query_terminal.py); from a
+    # pipe or --text it reads the lines as given, with no prompt in the output, and ends at their end.
+    from cir.query import _lines
 
-    from cir.query import PROMPT, _texts
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    monkeypatch.setattr(sys, "stdin", Terminal("make it red\nadd a pocket\n"))
-    assert list(_texts(None)) == ["make it red", "add a pocket"]
-    assert capsys.readouterr().out.count(PROMPT) == 3  # before each line, and before the end of input
-    monkeypatch.setattr(sys, "stdin", io.StringIO("make it red\n"))  # a pipe: no prompt in the output
-    assert list(_texts(None)) == ["make it red"] and PROMPT not in capsys.readouterr().out
-    assert list(_texts(["given"])) == ["given"]
+    read = _lines(iter(["make it red", "add a pocket"]))
+    assert [read("query> "), read("query> ")] == ["make it red", "add a pocket"]
+    with pytest.raises(EOFError):
+        read("query> ")
 
 
 def test_compare_writes_under_outputs_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

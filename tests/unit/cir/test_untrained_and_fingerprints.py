@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 
 from cir.lightning_cli import CIRCLI, _defaults_of, checkpoint_class, checkpoint_class_mismatch
@@ -61,7 +62,7 @@ def _commands(tmp_path: Path) -> dict[str, tuple[Any, list[str]]]:
 
     index = _index(tmp_path / "index", FP)
     image = tmp_path / "front.png"
-    image.write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(image)
     return {
         "cir query": (cir.query.main, ["--config", str(DEMO), "--images", str(image), "--text", "red"]),
         "cir search build": (cir.search.main, ["build", "--config", str(DEMO), "--out", str(tmp_path / "out")]),
@@ -153,7 +154,7 @@ def test_an_index_without_a_fingerprint_is_refused_before_the_model(tmp_path: Pa
 
     old = _index(tmp_path / "old", None)
     image = tmp_path / "front.png"
-    image.write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(image)
     for prog, main, argv in [
         ("cir search query", cir.search.main, ["query", "--config", str(DEMO), "--index", str(old), "--images",
                                                str(image), "--text", "red", "--untrained"]),
