@@ -37,7 +37,7 @@ from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.mlflow_logging import LogConfigToMLflow
-from datamodules.datamodule import ShardDataModule, SyntheticDataModule
+from datamodules import ShardDataModule, SyntheticDataModule
 from datamodules.shards import read_manifest
 from lightning_modules.core.checkpoints import checkpoint_metadata
 

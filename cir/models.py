@@ -103,9 +103,26 @@ def model_fingerprint(model: nn.Module, transform: Any, model_config: Any, ckpt:
     Two runs with equal fingerprints embed a product into the same vector."""
     preprocessing, settings, normalisation = describe_transform(transform)
     return {"family": type(model).__name__,
-            "model_config": _digest(json.dumps(model_config, sort_keys=True, default=str).encode()),
+            "model_config": _digest(json.dumps(_embedding_config(model_config), sort_keys=True,
+                                               default=str).encode()),
             "checkpoint": f"sha256:{file_digest(ckpt)}" if ckpt else f"untrained (seed {seed})",
             "preprocessing": preprocessing, "image_transform": settings, "normalisation": normalisation}
+
+
+# Settings of the model section that change how training runs or how Recall@K is computed, never the
+# vector a product is embedded into: an index stays valid when only these differ.
+NOT_EMBEDDING = frozenset({"evaluation", "optimizer", "scheduler", "loss", "stage2_loss", "mined_negatives",
+                           "skip_bad_steps", "grad_cache_chunk", "init_checkpoint", "training_stage"})
+
+
+def _embedding_config(model_config: Any) -> Any:
+    """The ``model`` section without its ``NOT_EMBEDDING`` keys (in ``init_args`` or at the top)."""
+    if not isinstance(model_config, dict):
+        return model_config
+    out = {k: v for k, v in model_config.items() if k not in NOT_EMBEDDING}
+    if isinstance(out.get("init_args"), dict):
+        out["init_args"] = {k: v for k, v in out["init_args"].items() if k not in NOT_EMBEDDING}
+    return out
 
 
 def _digest(data: bytes) -> str:

@@ -107,7 +107,8 @@ def repl(search: Search, read: Callable[[str], str], catalogue: Mapping[str, Map
          k: int = DEFAULT_K, write: Callable[[str], None] = print, banner: bool = True) -> None:
     """The prompt loop: ``read(prompt)`` gives a line (EOFError at the end: Ctrl-D or no more
     input), ``search`` answers a text, ``write`` prints. ``:help``, ``:k N`` and ``:quit`` (also
-    without the colon: a user types ``quit``, not a modification text) are commands. Ctrl-C quits
+    without the colon at a terminal, ``banner``: a user types ``quit``, not a modification text) are
+    commands. Ctrl-C quits
     cleanly wherever it comes, at the prompt or during a query."""
     if banner:
         write(BANNER)
@@ -122,7 +123,8 @@ def repl(search: Search, read: Callable[[str], str], catalogue: Mapping[str, Map
         if not text:
             continue
         word, _, arg = text.removeprefix(":").partition(" ")
-        command = text.startswith(":") or (not arg and word.lower() in (*QUIT, *HELP_WORDS))
+        # Bare words are commands only at a terminal: a given text (--text help, a piped "q") is a query.
+        command = text.startswith(":") or (banner and not arg and word.lower() in (*QUIT, *HELP_WORDS))
         if command:
             word = word.lower()
             if word in QUIT:

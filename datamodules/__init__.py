@@ -1,6 +1,7 @@
 """Dataset schema, shards, converters, the generator, and the Lightning DataModules."""
 
-from .datamodule import ShardDataModule, SyntheticDataModule
+from .datamodule import ShardDataModule
 from .interfaces import RetrievalData
+from .synthetic_datamodule import SyntheticDataModule
 
 __all__ = ["RetrievalData", "ShardDataModule", "SyntheticDataModule"]

@@ -38,7 +38,6 @@ from .sample_index import SampleIndex, SampleReader
 from .schema import stable_id
 from .shards import KeyedStage, SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls, skip_budget
 from .sidecar import read_sidecar
-from .synthetic import GENERATOR_VERSION, write_synthetic
 from .train_epochs import Sampling, TrainEpochs
 
 log = logging.getLogger(__name__)
@@ -207,10 +206,10 @@ class ShardDataModule(L.LightningDataModule):
     def train_batches_per_rank(self) -> int:
         """Training steps of one epoch on every rank, whatever the shard count."""
         _, world = self._world()
-        n = self.manifest["splits"]["train"]["triplets"]
         if self.hparams.sampling == "resampled":
             per_worker, workers = self.train_batches_per_worker()
             return per_worker * workers
+        n = len(SampleIndex.load(self.data_dir, "train"))  # what the plan deals, even from a damaged shard
         per_rank = EpochPlan(n, self.hparams.batch_size, world, self.hparams.seed, 0).batches_per_rank
         if per_rank == 0:
             raise ValueError(f"{self.data_dir}: the train split has {n} triplets, fewer than one batch on every rank "
@@ -242,7 +241,7 @@ class ShardDataModule(L.LightningDataModule):
                 log.info("training epochs: %d triplets in %d steps of %d x %d ranks; %d left out of each epoch "
                          "(a different %d each time)", len(index), plan.batches_per_rank, hp.batch_size, world,
                          plan.remainder, plan.remainder)
-        counter = SkipCounter("train", skip_budget(per_worker * hp.batch_size, hp.max_skip_rate))
+        counter = SkipCounter("train", self._budget(per_worker * hp.batch_size))
         example: Any = TripletExample(self.image_transform, hp.train_text, seed=hp.seed, captions=self.captions)
         if hp.hard_negatives:
             # Read (and checked) here, in the main process: a bad sidecar fails before any worker starts.
@@ -281,10 +280,16 @@ class ShardDataModule(L.LightningDataModule):
         return (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed,
                 trainer.limit_train_batches)
 
+    def _budget(self, samples: int) -> int:
+        """One DataLoader worker's skip budget: its share of the stream at ``max_skip_rate``, at least
+        one when the rate allows any (a worker with under 100 samples would otherwise stop at its first)."""
+        rate = self.hparams.max_skip_rate
+        return max(1 if rate > 0 and samples > 0 else 0, skip_budget(samples, rate))
+
     def _eval_pipeline(self, urls: list[str], name: str, example: Any, samples: int) -> wds.DataPipeline:
         rank, world = self._world()
         workers = max(1, min(self.hparams.num_workers, len(urls)))
-        counter = SkipCounter(name, skip_budget(math.ceil(samples / (world * workers)), self.hparams.max_skip_rate))
+        counter = SkipCounter(name, self._budget(math.ceil(samples / (world * workers))))
         return wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.split_by_worker,
@@ -355,49 +360,3 @@ class ShardDataModule(L.LightningDataModule):
                 if len(found) == len(wanted):
                     break
         return found
-
-
-class SyntheticDataModule(ShardDataModule):
-    """The generated multi-view dataset; ``prepare_data`` writes its shards when they are missing, and
-    refuses a folder written with other settings or by another version of the generator
-    (``synthetic.GENERATOR_VERSION``: version 4 added the query groups and view-incomplete queries).
-
-    Args:
-        products: products to generate (train and val together).
-        generator_seed: seed of the generator (the data itself, not the loader order).
-        val_fraction: share of product families held out for validation.
-    """
-
-    def __init__(self, data_dir: str = "data/synthetic", products: int = 1500, generator_seed: int = 0,
-                 val_fraction: float = 0.2, **kwargs: Any) -> None:
-        super().__init__(data_dir=data_dir, **kwargs)
-        # One hparams dict with the loader's and the generator's settings (logged, checkpointed).
-        self.save_hyperparameters({**self.hparams, "products": products, "generator_seed": generator_seed,
-                                   "val_fraction": val_fraction})
-
-    def prepare_data(self) -> None:
-        manifest = self.data_dir / "manifest.json"
-        if manifest.is_file():
-            source = read_manifest(self.data_dir)["source"]
-            wanted = (self.hparams.products, self.hparams.generator_seed, self.hparams.val_fraction,
-                      GENERATOR_VERSION)
-            found = (source.get("products"), source.get("seed"), source.get("val_fraction"), source.get("version"))
-            if found != wanted:
-                keys = ("products", "generator_seed", "val_fraction")
-                differ = [f"{k}: folder {f}, config {w}"
-                          for k, f, w in zip(keys, found, wanted, strict=False) if f != w]
-                if found[3] != GENERATOR_VERSION:
-                    differ.append(f"generator version: folder {found[3]}, this code {GENERATOR_VERSION}")
-                same_settings = found[:3] == wanted[:3]  # only the generator changed: flags cannot help
-                flags = ("" if same_settings else
-                         f"or pass --data.init_args.products={found[0]} --data.init_args.generator_seed={found[1]} "
-                         f"--data.init_args.val_fraction={found[2]}; ")
-                raise ValueError(
-                    f"{self.data_dir} holds generated data made with other settings ({'; '.join(differ)}). To train "
-                    "on that folder as it is, use class_path datamodules.ShardDataModule with "
-                    f"data_dir={self.data_dir}; {flags}or delete {self.data_dir} to regenerate."
-                )
-            return
-        log.info("generating %d synthetic products into %s", self.hparams.products, self.data_dir)
-        write_synthetic(self.data_dir, products=self.hparams.products, seed=self.hparams.generator_seed,
-                        val_fraction=self.hparams.val_fraction)

@@ -48,22 +48,30 @@ def member_key(name: str) -> tuple[str, str] | None:
 
 
 def scan_ranges(path: Path) -> list[tuple[int, int]]:
-    """(start, end) byte ranges of the samples of one tar, in file order (headers only are read)."""
+    """(start, end) byte ranges of the samples of one tar, in file order (headers only are read).
+
+    A tar damaged part-way (a truncated copy) keeps the samples before the damage, as WebDataset's
+    reader does, less the last one, which may have lost members; a warning names the shard."""
     ranges: list[tuple[int, int]] = []
     current: str | None = None
-    with tarfile.open(path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            split = member_key(info.name)
-            if split is None:
-                continue
-            end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
-            if split[0] == current:
-                ranges[-1] = (ranges[-1][0], end)
-            else:
-                ranges.append((info.offset, end))
-                current = split[0]
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                split = member_key(info.name)
+                if split is None:
+                    continue
+                end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
+                if split[0] == current:
+                    ranges[-1] = (ranges[-1][0], end)
+                else:
+                    ranges.append((info.offset, end))
+                    current = split[0]
+    except tarfile.TarError as error:
+        ranges = ranges[:-1]
+        log.warning("%s is damaged (%s): training reads its first %d samples; repair or rewrite the shard",
+                    path, error, len(ranges))
     return ranges
 
 

@@ -204,6 +204,7 @@ class SkipCounter:
         self.budget = budget
         self.count = 0
         self.first_errors: list[str] = []
+        self.seen: set[str] = set()
 
     def __call__(self, exn: Exception) -> bool:
         if isinstance(exn, TooManyCorruptSamples):
@@ -213,6 +214,11 @@ class SkipCounter:
             if note not in getattr(exn, "__notes__", ()):  # nested tar stages hand it over twice
                 exn.add_note(note)
             raise exn
+        where = getattr(exn, "where", None)
+        if where is not None:
+            if where in self.seen:  # read again (a worker filling its last batch): counted once
+                return True
+            self.seen.add(where)
         self.count += 1
         if len(self.first_errors) < FIRST_ERRORS:
             self.first_errors.append(_describe(exn))
@@ -229,6 +235,14 @@ class SkipCounter:
                 f"{self.budget}. The first {len(self.first_errors)}:\n{errors}\n"
                 f"Repair or regenerate the shards; if this much damage is expected, raise the limit with "
                 f"{SKIP_RATE_KEY} (the share of an epoch's samples that may be skipped; 0.01 by default).")
+
+
+def _corrupt(where: str, detail: str) -> CorruptSample:
+    """A ``CorruptSample`` naming its sample, in its message and as ``where`` (``SkipCounter`` counts
+    each sample once, however often it is read)."""
+    exn = CorruptSample(f"{where}: {detail}")
+    exn.where = where  # type: ignore[attr-defined]
+    return exn
 
 
 class KeyedStage:
@@ -256,9 +270,10 @@ class KeyedStage:
             where = sample_where(sample)
             if is_corrupt(exn):
                 if isinstance(exn, CorruptSample) and str(exn).startswith(where):
+                    exn.where = where  # type: ignore[attr-defined]
                     raise  # already names its sample (decode_sample, the example classes)
                 detail = str(exn) if type(exn) is CorruptSample else _describe(exn)
-                raise CorruptSample(f"{where}: {detail}") from exn
+                raise _corrupt(where, detail) from exn
             raise StageError(f"{where}: {type(exn).__name__}: {exn}") from exn
 
 
@@ -294,9 +309,9 @@ def decode_sample(sample: dict[str, Any], lazy: bool = True) -> dict[str, Any]:
         except (CorruptSample, json.JSONDecodeError, UnicodeDecodeError) as exn:
             # JSONDecodeError and UnicodeDecodeError are ValueErrors: name them, the message alone is terse.
             detail = str(exn) if type(exn) is CorruptSample else _describe(exn)
-            raise CorruptSample(f"{where}: member {name!r}: {detail}") from exn
+            raise _corrupt(where, f"member {name!r}: {detail}") from exn
     if "json" not in out:
-        raise CorruptSample(f"{where}: sample has no json member")
+        raise _corrupt(where, "sample has no json member")
     return out
 
 

@@ -67,8 +67,9 @@ class StaticBankLoss(CountsMaskedNegatives, nn.Module):
             cols = torch.randperm(len(bank), device=q.device)[: self.sample]
         positive = score_rows(q, t[:, None]) / self.temperature
         negatives = score_all(q, emb[cols]) / self.temperature
+        own = cols[None] == rows[:, None]  # the target's own bank entry: masked, not a duplicate
         negatives = self.mask_false_negatives(negatives, false_negative_mask(keys, bank.keys[cols]),
-                                              negatives.numel())
+                                              negatives.numel(), expected=own)
         zeros = torch.zeros(len(q), dtype=torch.long, device=q.device)
         out = {"bank": F.cross_entropy(torch.cat([positive, negatives], 1), zeros)}
         hard_idx = bank.hard[rows.clamp(min=0)]

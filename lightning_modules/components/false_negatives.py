@@ -77,11 +77,14 @@ class CountsMaskedNegatives:
     _negatives: torch.Tensor | int = 0
     _counted: bool = False
 
-    def mask_false_negatives(self, logits: torch.Tensor, mask: torch.Tensor,
-                             negatives: torch.Tensor | int) -> torch.Tensor:
-        """``logits`` with the entries of ``mask`` at -inf, counting them out of ``negatives`` entries."""
-        self._masked = self._masked + mask.sum().detach()
-        self._negatives = self._negatives + negatives
+    def mask_false_negatives(self, logits: torch.Tensor, mask: torch.Tensor, negatives: torch.Tensor | int,
+                             expected: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` with the entries of ``mask`` at -inf, counting them out of ``negatives`` entries.
+        ``expected``: masked entries that are no duplicate (the bank's own entry of a row's target,
+        scored as the positive from the batch instead), masked but neither counted nor negatives."""
+        counted = mask if expected is None else mask & ~expected
+        self._masked = self._masked + counted.sum().detach()
+        self._negatives = self._negatives + negatives - (0 if expected is None else expected.sum().detach())
         self._counted = True
         return logits.masked_fill(mask, -torch.inf)
 

@@ -140,3 +140,9 @@ def test_readline_is_imported_for_line_editing(tmp_path: Path, monkeypatch: pyte
     history = tmp_path / "cache" / "query_history"
     cir.query._line_editing(history)  # input() edits lines and keeps history once readline is imported
     assert "readline" in sys.modules and history.parent.is_dir()
+
+
+def test_bare_words_are_queries_when_the_texts_are_given() -> None:
+    # --text help or a piped "q": outside a terminal only ":"-commands are commands.
+    _, searches, _ = run(["help", "q", ":quit", "never read"], banner=False)
+    assert [t for t, _ in searches.asked] == ["help", "q"]

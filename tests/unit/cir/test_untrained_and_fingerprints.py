@@ -361,3 +361,17 @@ def test_an_index_is_queried_only_by_the_model_that_built_it(small_data: Path, t
     message = _one_line(error)
     assert "was built by another model: checkpoint 'untrained (seed 0)' (index) vs 'sha256:" in message
     assert "model_config" not in message and "family" not in message
+
+
+def test_settings_that_do_not_change_the_embedding_leave_the_fingerprint_alone() -> None:
+    from torch import nn
+
+    from cir.models import model_fingerprint
+
+    base = {"class_path": "lightning_modules.CLIP4CIR",
+            "init_args": {"view_strategy": "pooled", "evaluation": {"backend": "torch"}, "optimizer": "AdamW"}}
+    evaluation = {**base, "init_args": {**base["init_args"], "evaluation": {"backend": "faiss"}, "optimizer": "SGD"}}
+    strategy = {**base, "init_args": {**base["init_args"], "view_strategy": "maxsim"}}
+    fp = [model_fingerprint(nn.Linear(1, 1), None, c, None, seed=0)["model_config"] for c in (base, evaluation,
+                                                                                               strategy)]
+    assert fp[0] == fp[1] != fp[2]

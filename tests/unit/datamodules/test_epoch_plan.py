@@ -151,3 +151,35 @@ def test_the_generator_writes_triplets_in_a_random_order_not_group_by_group(smal
         groups.append(frozenset([*t["subset_ids"], t["source_id"]]))
     neighbours = sum(a == b for a, b in zip(groups, groups[1:], strict=False)) / (len(groups) - 1)
     assert neighbours < 0.2
+
+
+def test_a_corrupt_sample_read_again_to_fill_the_last_batch_counts_once(small_data: Path, tmp_path: Path) -> None:
+    import shutil
+    import tarfile
+
+    from support.shard_tools import rewrite_shard
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    index = SampleIndex.load(data, "train")
+    n = len(index)
+    # The worker's first sample: dropped once, it is read again when the worker fills its last batch.
+    first = int(EpochPlan(n, 4, 1, 0, 0).worker_batches(0, 0, 1).reshape(-1)[0])
+    key = SampleReader(index)(first)["__key__"]
+    shard = data / index.shards[int(index.shard[first])]
+    rewrite_shard(shard, lambda name, b: b[:40] if name == f"{key}.src0.jpg" else b)
+    dm = ShardDataModule(str(data), batch_size=4, num_workers=0, image_size=16)  # budget: 1 (1% of 148)
+    batches = [dm.on_before_batch_transfer(b, 0) for b in dm.train_dataloader()]
+    assert len(batches) == n // 4 and dm.skipped_total == 1
+    # A shard changed after its index was built: the index is rebuilt, and a damaged shard keeps the
+    # samples before the damage (WebDataset's reader does the same) instead of failing the run.
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    with tarfile.open(shard) as tar:  # the damage is real: tarfile stops with an error
+        with pytest.raises(tarfile.ReadError):
+            tar.getmembers()
+    shorter = SampleIndex.load(data, "train")
+    assert 0 < n - len(shorter) < read_manifest(data)["splits"]["train"]["triplets"]
+    dm = ShardDataModule(str(data), batch_size=4, num_workers=0, image_size=16, max_skip_rate=0.05)
+    assert len(list(dm.train_dataloader())) == len(shorter) // 4 == dm.train_batches_per_rank()
