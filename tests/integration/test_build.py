@@ -215,10 +215,12 @@ def test_the_release_converts_and_trains_above_chance(built: Path, tmp_path: Pat
         chance += n * 5 / size
         queries += n
     # This checks that the built release is usable training data, not that a tiny model composes
-    # (tests/integration/test_training_quality.py does, against the text-blind line): its triplets
-    # pair the generated catalogue's products within their groups of near-duplicates, which the source
-    # kept in the gallery puts within reach of a text-blind ranking. Measured 36 pooled R@5 hits
-    # against a chance of 19.8 with generator version 4 (41+ with version 3).
+    # (tests/integration/test_training_quality.py does, against the text-blind line). Measured with
+    # training seeds 0/1/2 (generator version 5, epoch permutation sampling): pooled R@5 hits 37/46/37
+    # against a chance of 19.8 (1.87-2.32x); its text-blind line scored 29/39/37, and with the source
+    # removed from the ranking 47/52/45 against 37/46/50: 8 epochs on ~440 triplets do not beat
+    # ignoring the text, so no text-blind margin is asserted here. 1.5x chance stays under the
+    # lowest of the three seeds by a fifth.
     assert queries > 50 and hits > 1.5 * chance
 
 
