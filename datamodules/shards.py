@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -215,6 +216,11 @@ class SkipCounter:
                 exn.add_note(note)
             raise exn
         where = getattr(exn, "where", None)
+        if where is None and isinstance(exn, tarfile.TarError):
+            # WebDataset's nested tar stages hand one damaged stream to the handler twice, wrapped
+            # differently; both name the file: one damaged shard, one count.
+            found = re.search(r"name='([^']+)'", str(exn))
+            where = f"{found.group(1)}: damaged tar stream" if found else None
         if where is not None:
             if where in self.seen:  # read again (a worker filling its last batch): counted once
                 return True

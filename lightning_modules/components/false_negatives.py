@@ -13,6 +13,7 @@ a product): the same number on every rank, so keys gather across ranks as intege
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,3 +97,15 @@ class CountsMaskedNegatives:
         out = torch.as_tensor(self._masked), torch.as_tensor(self._negatives)
         self._masked, self._negatives, self._counted = 0, 0, False
         return out
+
+
+def id_kwargs(loss: object, ids: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """``{"ids": ids}`` for a loss whose ``forward`` takes them, else ``{}``: a contrastive loss of a
+    user's own, written without false-negative masking, still trains (unmasked)."""
+    forward = getattr(loss, "forward", loss)
+    try:
+        params = inspect.signature(forward).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return {}
+    takes = "ids" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"ids": ids} if takes else {}

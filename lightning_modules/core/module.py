@@ -20,7 +20,7 @@ from torch import nn
 from datamodules.interfaces import RetrievalData
 
 from ..components.bank import TargetBank
-from ..components.false_negatives import batch_keys, negative_keys
+from ..components.false_negatives import batch_keys, id_kwargs, negative_keys
 from ..components.mined_negatives import MinedNegativesLoss
 from .adapters import LoraSettings, apply_lora
 from .checkpoints import load_init_checkpoint, mlflow_run_id
@@ -116,7 +116,8 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
         and this method once, on the whole batch's embeddings. Every contrastive term gets the
         product keys of its positives (``batch_keys``), so that a copy of a row's positive is never
         one of its negatives."""
-        return {"loss": self.loss(pair.query, pair.target, gather=True, ids=batch_keys(batch, device=self.device))}
+        return {"loss": self.loss(pair.query, pair.target, gather=True,
+                                  **id_kwargs(self.loss, batch_keys(batch, device=self.device)))}
 
     def embed_with_mined(self, batch: dict[str, Any]) -> TrainingPair:
         """The family's training forward plus the target embeddings of the batch's mined negatives
@@ -295,7 +296,8 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
             if not self.evaluation.loss or "target_images" not in batch or query.ndim != 2:
                 return query, None
             target = self.encode_target(Products.targets_of(batch))
-            terms = {"loss": self.loss(query, target, gather=False, ids=batch_keys(batch, device=self.device))}
+            terms = {"loss": self.loss(query, target, gather=False,
+                                       **id_kwargs(self.loss, batch_keys(batch, device=self.device)))}
         n = query.shape[0]
         self.log_masked_negatives(split, n)
         loss = terms.pop("loss")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...backbones.qwen import PatchedImage, QwenBackbone
 from ...backbones.qwen_chat import Dialogue, DialogueBuilder
-from ...components.false_negatives import batch_keys
+from ...components.false_negatives import batch_keys, id_kwargs
 from ...components.infonce import SymmetricInfoNCE
 from ...components.mined_negatives import MinedNegativesLoss
 from ...components.multiview import pool_view_rows
@@ -214,14 +214,15 @@ class ProCIR(RetrievalModule):
         # with the same target product are masked from each other's negatives; L_src pairs turn 1's s
         # with the *source* caption, so there it is the source product that must not repeat.
         targets = batch_keys(batch, "target_id", self.device)
-        terms = {"cir": self.loss(pair.query, pair.target, gather=True, ids=targets)}
+        terms = {"cir": self.loss(pair.query, pair.target, gather=True, **id_kwargs(self.loss, targets))}
         loss = terms["cir"]
         if self.align:
-            terms["doc"] = self.loss(pair.target, pair.extras["target_caption"], gather=True, ids=targets)
+            terms["doc"] = self.loss(pair.target, pair.extras["target_caption"], gather=True,
+                                      **id_kwargs(self.loss, targets))
             loss = loss + self.doc_align_weight * terms["doc"]
             if "source" in pair.extras:
                 terms["src"] = self.loss(pair.extras["source"], pair.extras["source_caption"], gather=True,
-                                         ids=batch_keys(batch, "source_id", self.device))
+                                         **id_kwargs(self.loss, batch_keys(batch, "source_id", self.device)))
                 loss = loss + self.src_align_weight * terms["src"]
         return {"loss": loss, **terms}
 
