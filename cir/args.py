@@ -96,3 +96,15 @@ class CommandParser(argparse.ArgumentParser):
 
 def command_parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     return CommandParser(prog=f"cir {name}", description=doc)
+
+
+def add_weights_options(parser: argparse.ArgumentParser, untrained_use: str) -> None:
+    """``--config``, ``--ckpt`` and ``--untrained`` of a command that answers queries with a model
+    (``models.require_weights`` then wants exactly one of the last two); ``untrained_use`` says what
+    the initial weights are for in this command ("answer with", "serve", ...)."""
+    parser.add_argument("--config", action="append", required=True,
+                        help="experiment YAML of the trained model (repeatable)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint with the trained weights (loaded weights-only)")
+    parser.add_argument("--untrained", action="store_true",
+                        help=f"{untrained_use} the experiment's initial weights (no --ckpt): for trying the "
+                        "command only")

@@ -33,7 +33,7 @@ import torch
 
 from lightning_modules.families.procir import InteractiveEncoder, ProCIR
 
-from .args import command_parser, parse
+from .args import add_weights_options, command_parser, parse
 from .errors import check_files, check_images, user_errors
 from .models import encode_gallery_with_meta, encode_query, load_model_and_data, require_weights
 from .search import choose_dataset
@@ -190,10 +190,7 @@ def _lines(texts: Iterable[str]) -> Callable[[str], str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = command_parser("query", __doc__)
-    p.add_argument("--config", action="append", required=True, help="experiment YAML of a trained model")
-    p.add_argument("--ckpt", help="checkpoint with the trained weights (loaded weights-only)")
-    p.add_argument("--untrained", action="store_true",
-                   help="answer with the experiment's initial weights (no --ckpt): for trying the command only")
+    add_weights_options(p, "answer with")
     p.add_argument("--images", nargs="+", required=True, help="the source product's views")
     p.add_argument("--split", default="val", help="split whose gallery is searched")
     p.add_argument("--dataset", default=None, help="the gallery searched (needed when the split holds several)")

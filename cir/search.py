@@ -21,7 +21,7 @@ from typing import Any
 
 from lightning_modules.retrieval import GalleryIndex
 
-from .args import command_parser, parse
+from .args import add_weights_options, command_parser, parse
 from .errors import check_files, check_images, user_errors
 from .models import REBUILD, encode_gallery, encode_query, fingerprint_mismatch, load_with_fingerprint, require_weights
 
@@ -53,10 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (summary, description) in about.items():
         p = sub.add_parser(name, help=summary, description=description)
-        p.add_argument("--config", action="append", required=True, help="experiment YAML (repeatable)")
-        p.add_argument("--ckpt", default=None, help="checkpoint of the trained model")
-        p.add_argument("--untrained", action="store_true",
-                       help="use the experiment's initial weights (no --ckpt): for trying the command only")
+        add_weights_options(p, "use")
     b = sub.choices["build"]
     b.add_argument("--out", required=True, help="folder the index is written to (gallery_index.json and the faiss "
                    "files)")

@@ -145,6 +145,7 @@ class ShardDataModule(L.LightningDataModule):
         self._padding = [0, 0]  # padded and all view slots (or patch positions) of training batches
         self._resume_stream: dict[str, int] | None = None  # from a checkpoint (``load_state_dict``)
         self._manifest: dict[str, Any] | None = None
+        self._train_index: SampleIndex | None = None
         self._captions: dict[str, str] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -157,6 +158,14 @@ class ShardDataModule(L.LightningDataModule):
         if self._manifest is None:
             self._manifest = read_manifest(self.data_dir)
         return self._manifest
+
+    @property
+    def train_index(self) -> SampleIndex:
+        """The training split's sample index, loaded (or built) once, in the main process: every
+        worker shares it, none rescans."""
+        if self._train_index is None:
+            self._train_index = SampleIndex.load(self.data_dir, "train")
+        return self._train_index
 
     @property
     def captions(self) -> dict[str, str] | None:
@@ -209,7 +218,7 @@ class ShardDataModule(L.LightningDataModule):
         if self.hparams.sampling == "resampled":
             per_worker, workers = self.train_batches_per_worker()
             return per_worker * workers
-        n = len(SampleIndex.load(self.data_dir, "train"))  # what the plan deals, even from a damaged shard
+        n = len(self.train_index)  # what the plan deals, even from a damaged shard
         per_rank = EpochPlan(n, self.hparams.batch_size, world, self.hparams.seed, 0).batches_per_rank
         if per_rank == 0:
             raise ValueError(f"{self.data_dir}: the train split has {n} triplets, fewer than one batch on every rank "
@@ -234,7 +243,7 @@ class ShardDataModule(L.LightningDataModule):
         length = self.train_batches_per_rank()
         reader = None
         if hp.sampling == "permutation":
-            index = SampleIndex.load(self.data_dir, "train")  # here: every worker shares it, none rescans
+            index = self.train_index
             reader = SampleReader(index)
             plan = EpochPlan(len(index), hp.batch_size, world, hp.seed, 0)
             if rank == 0:

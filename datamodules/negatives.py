@@ -31,6 +31,7 @@ from PIL import Image
 
 from .atomic import write_json_atomic
 from .batching import views_of
+from .sample_index import member_key, shard_stamp
 from .shards import IMAGE_EXTS, JSON_EXTS, decode_sample, read_manifest, shard_urls
 
 log = logging.getLogger(__name__)
@@ -95,25 +96,21 @@ def read_negatives(data_dir: str | Path, split: str, wanted: int) -> dict[str, l
 # --- reading gallery products by id ----------------------------------------------------------------
 
 
-def _shard_stamp(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def _scan_shard(path: Path, number: int, products: dict[str, dict[str, Location]],
                 aliases: dict[str, dict[str, str]]) -> None:
     """Add every product of one gallery tar, named by its json, located by its image and json
     members (the only ones ``decode_sample`` reads), and its dataset's own id where that differs
-    (``raw_id``: what evaluation and the indexes report). Keys and extensions split at the first dot
-    of the member's base name, as WebDataset does."""
+    (``raw_id``: what evaluation and the indexes report). Keys and extensions split as WebDataset
+    splits them (``sample_index.member_key``)."""
     found: dict[str, dict[str, Any]] = {}
     with tarfile.open(path) as tar:
         for info in tar:
             if not info.isfile():
                 continue
-            folder, _, base = info.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            key = f"{folder}/{stem}" if folder else stem
+            split = member_key(info.name)
+            if split is None:
+                continue
+            key, ext = split
             entry = found.setdefault(key, {"members": [], "meta": None})
             if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS | JSON_EXTS:
                 entry["members"].append((ext, info.offset_data, info.size))
@@ -136,7 +133,7 @@ def gallery_offsets(data_dir: str | Path, split: str) -> Offsets:
     json members only) and cached."""
     data_dir = Path(data_dir)
     urls = [Path(u) for u in shard_urls(data_dir, read_manifest(data_dir), split, "gallery")]
-    stamps = [_shard_stamp(u) for u in urls]
+    stamps = [shard_stamp(u) for u in urls]
     cache = offsets_path(data_dir, split)
     if cache.is_file():
         body = json.loads(cache.read_text())

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +38,16 @@ def index_path(data_dir: str | Path, split: str, kind: str = "triplets") -> Path
     return Path(data_dir) / f"{split}-{kind}-offsets.json"
 
 
+# WebDataset's split of a member name into sample key and extensions (``base_plus_ext``): the key runs
+# to the first dot after the last folder that leaves it non-empty. The same pattern, so both readers
+# group members into samples alike.
+_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
 def member_key(name: str) -> tuple[str, str] | None:
-    """(sample key, extension) of a member name, split as WebDataset splits it: at the first dot of
-    the base name; None for a name without one (WebDataset skips such members)."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{folder}/{stem}" if folder else stem), ext
+    """(sample key, extension) of a member name, as WebDataset splits it; None where it skips the member."""
+    found = _KEY_AND_EXT.match(name)
+    return (found.group(1), found.group(2)) if found else None
 
 
 def scan_ranges(path: Path) -> list[tuple[int, int]]:
@@ -75,7 +78,8 @@ def scan_ranges(path: Path) -> list[tuple[int, int]]:
     return ranges
 
 
-def _stamp(path: Path) -> dict[str, Any]:
+def shard_stamp(path: Path) -> dict[str, Any]:
+    """What a cached index of a shard checks to know the shard is unchanged."""
     stat = path.stat()
     return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -98,7 +102,7 @@ class SampleIndex:
         """The cached index when it still matches the shards, else a scan (tar headers only), cached."""
         data_dir = Path(data_dir)
         urls = [Path(u) for u in shard_urls(data_dir, read_manifest(data_dir), split, kind)]
-        stamps = [_stamp(u) for u in urls]
+        stamps = [shard_stamp(u) for u in urls]
         cache = index_path(data_dir, split, kind)
         body: dict[str, Any] | None = None
         if cache.is_file():

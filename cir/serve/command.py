@@ -23,7 +23,7 @@ import uvicorn
 
 from lightning_modules.retrieval import GalleryIndex
 
-from ..args import command_parser, parse
+from ..args import add_weights_options, command_parser, parse
 from ..errors import check_files, user_errors
 from ..models import REBUILD, fingerprint_mismatch, load_with_fingerprint, require_weights
 from .app import create_app
@@ -33,10 +33,7 @@ from .limits import Limits
 
 def main(argv: list[str] | None = None) -> None:
     p = command_parser("serve", __doc__)
-    p.add_argument("--config", action="append", required=True, help="experiment YAML of the trained model")
-    p.add_argument("--ckpt", help="checkpoint with the trained weights (loaded weights-only)")
-    p.add_argument("--untrained", action="store_true",
-                   help="serve the experiment's initial weights (no --ckpt): for trying the service only")
+    add_weights_options(p, "serve")
     p.add_argument("--index", help="a `cir search build` folder (default: embed the split's gallery at start-up)")
     p.add_argument("--split", default="val", help="the split whose gallery is served")
     p.add_argument("--host", default="127.0.0.1")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import mlflow
 import pytest
+from support.mlflow_store import store as _store
 
 from cir.compare import main as compare
 
@@ -16,17 +16,6 @@ from cir.compare import main as compare
 def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One store for the module: creating an MLflow SQLite store costs seconds (its migrations)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def _store(uri: str, tmp_path: Path, runs: list[tuple[dict[str, str], dict[str, float]]]) -> str:
-    client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment(tmp_path.name, artifact_location=str(tmp_path / "artifacts"))
-    for tags, metrics in runs:
-        run = client.create_run(exp, tags=tags)
-        for key, value in metrics.items():
-            client.log_metric(run.info.run_id, key, value)
-        client.set_terminated(run.info.run_id)
-    return tmp_path.name
 
 
 def _rows(out: Path) -> list[list[str]]:

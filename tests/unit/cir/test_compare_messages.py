@@ -9,9 +9,9 @@ import csv
 import re
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
+from support.mlflow_store import store as _store
 
 import cir.compare
 from cir.compare import main as compare
@@ -23,17 +23,6 @@ ROOT = Path(__file__).resolve().parents[3]
 def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One store for the module: creating an MLflow SQLite store costs seconds (its migrations)."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def _store(uri: str, tmp_path: Path, runs: list[tuple[dict[str, str], dict[str, float]]]) -> str:
-    client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment(tmp_path.name, artifact_location=str(tmp_path / "artifacts"))
-    for tags, metrics in runs:
-        run = client.create_run(exp, tags=tags)
-        for key, value in metrics.items():
-            client.log_metric(run.info.run_id, key, value)
-        client.set_terminated(run.info.run_id)
-    return tmp_path.name
 
 
 def _refusal(argv: list[str]) -> str:

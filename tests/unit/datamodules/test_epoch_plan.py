@@ -23,6 +23,13 @@ class _FakeTrainer:
         self.global_rank, self.world_size = rank, world
 
 
+def _groups(data: Path) -> list[frozenset[str]]:
+    """Each training sample's group of near-duplicates (its subset plus its source), in shard order."""
+    reader = SampleReader(SampleIndex.load(data, "train"))
+    triplets = [json.loads(reader(i)["json"])["triplet"] for i in range(len(reader.index))]
+    return [frozenset([*t["subset_ids"], t["source_id"]]) for t in triplets]
+
+
 def _keys_of(batch: dict) -> list[str]:
     return [f"{m['triplet']['source_id']}>{m['triplet']['target_id']}>{t}" for m, t in
             zip(batch["meta"], batch["text"], strict=True)]
@@ -122,11 +129,7 @@ def test_batches_hold_as_many_group_mates_as_a_uniform_shuffle(small_data: Path)
     # ordered row pairs from one group, sum_g n_g (n_g - 1) / (n (n - 1)). Measured here (3 seeds x 4
     # epochs, 2 ranks, batch 8): within 5% of it; the old resampled stream gave +30% on this data and
     # 4x on the demo's (benchmarks/batch_families.py).
-    reader = SampleReader(SampleIndex.load(small_data, "train"))
-    groups = []
-    for i in range(len(reader.index)):
-        t = json.loads(reader(i)["json"])["triplet"]
-        groups.append(frozenset([*t["subset_ids"], t["source_id"]]))
+    groups = _groups(small_data)
     n = len(groups)
     sizes = Counter(groups)
     expected = sum(c * (c - 1) for c in sizes.values()) / (n * (n - 1))
@@ -144,11 +147,7 @@ def test_batches_hold_as_many_group_mates_as_a_uniform_shuffle(small_data: Path)
 def test_the_generator_writes_triplets_in_a_random_order_not_group_by_group(small_data: Path) -> None:
     # Neighbouring records (what a shuffle buffer mixes) share a group about as often as two random
     # triplets do (sum_g n_g (n_g - 1) / (n (n - 1)) = 0.083 here); group by group it would be ~0.9.
-    reader = SampleReader(SampleIndex.load(small_data, "train"))
-    groups = []
-    for i in range(len(reader.index)):
-        t = json.loads(reader(i)["json"])["triplet"]
-        groups.append(frozenset([*t["subset_ids"], t["source_id"]]))
+    groups = _groups(small_data)
     neighbours = sum(a == b for a, b in zip(groups, groups[1:], strict=False)) / (len(groups) - 1)
     assert neighbours < 0.2
 
