@@ -200,9 +200,17 @@ class Sweep:
             if run_id:
                 args.append(f"--trainer.logger.init_args.run_id={run_id}")
         cli = build_cli(args, run=False)
-        cli.trainer.callbacks.append(PyTorchLightningPruningCallback(trial, monitor=self.cfg.metric))
+        pruning = PyTorchLightningPruningCallback(trial, monitor=self.cfg.metric)
+        cli.trainer.callbacks.append(pruning)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         value = cli.trainer.callback_metrics.get(self.cfg.metric)
+        if value is None and ckpt_path:
+            # Killed after writing its final checkpoint but before the study heard the result: fit
+            # restored the finished weights and had nothing left to run, so score those weights.
+            # Without the pruner, which must not judge a trial again at a step it already reported.
+            cli.trainer.callbacks.remove(pruning)
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+            value = cli.trainer.callback_metrics.get(self.cfg.metric)
         if value is None:
             raise KeyError(f"trial {trial.number} logged no {self.cfg.metric!r}; check 'metric' in the sweep file")
         return float(value)

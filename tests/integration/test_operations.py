@@ -129,7 +129,8 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
     assert sorted(child_trials) == [0, 1, 2]  # the resumed trial logged into its own run, not a new one
     run = next(r for r in children if int(r.data.tags["optuna.trial"]) == interrupted[0])
     # Epoch 0 validated before the kill, epoch 1 after the resume: it went on from its checkpoint.
-    assert len(client.get_metric_history(run.info.run_id, "val/recall_at_10")) == 2
+    # (By steps: a kill after the final checkpoint is scored again at the last step on resume.)
+    assert len({m.step for m in client.get_metric_history(run.info.run_id, "val/recall_at_10")}) == 2
     artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     assert {"best.yaml", "optimization_history.png", "param_importances.png", "sweep.yaml"} <= artifacts
     best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: -t.value)
@@ -160,3 +161,46 @@ def test_sweep_killed_and_resumed_keeps_every_trial_then_compare(small_data: Pat
     assert len(csv_rows) == 1 + len(evaluated)  # header + one row per evaluated trial; the parent has none
     assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| run | stage | family |")
     assert all(row.split(",")[1] == "fit" for row in csv_rows[1:])  # every trial is a fit run
+
+
+@pytest.mark.slow
+def test_a_trial_killed_after_its_final_checkpoint_is_scored_from_it(small_data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window the kill test above hits only by chance: every epoch done and ``last.ckpt``
+    written, the study not yet told. Resuming has nothing left to train, and must still report the
+    trial's own value (the one the uninterrupted trial computed), not fail for want of a metric."""
+    import optuna
+    import yaml
+
+    from cir.sweep import Sweep, SweepConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "experiment": str(DEMO), "study_name": "w", "metric": "val/recall_at_10", "n_trials": 1,
+        "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "output_dir": str(tmp_path / "sweeps"),
+        "sampler": {"name": "RandomSampler", "seed": 0}, "pruner": {"name": "NopPruner"},
+        "overrides": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                      f"--data.init_args.data_dir={small_data}", "--data.init_args.products=120",
+                      "--data.init_args.generator_seed=3", "--data.init_args.val_fraction=0.25",
+                      "--data.init_args.num_workers=0", "--data.init_args.batch_size=8",
+                      "--trainer.enable_progress_bar=false"],
+        "search_space": {"model.init_args.loss.init_args.temperature": {"type": "float", "low": 0.03,
+                                                                        "high": 0.2}},
+    }))
+    config = SweepConfig.load(sweep_file)
+    first = Sweep(config)
+    trial = first.study.ask()
+    uninterrupted = first.objective(trial)  # trains to the end and writes last.ckpt; never told
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    first.study._storage.set_trial_user_attr(trial._trial_id, "pid", int(dead.stdout))  # as if killed
+    assert (first.trial_dir(trial.number) / "checkpoints" / "last.ckpt").is_file()
+
+    second = Sweep(config)
+    assert [t.number for t in second.orphans] == [trial.number]
+    study = second.run()
+    (done,) = study.trials
+    assert done.state == optuna.trial.TrialState.COMPLETE
+    assert done.params == trial.params
+    assert done.value == pytest.approx(uninterrupted)
