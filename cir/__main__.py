@@ -99,6 +99,9 @@ def asks_for_help(args: Sequence[str]) -> bool:
 # (slowly, but never wrong). Everything imported meanwhile is dropped from ``sys.modules`` after.
 
 LIGHT_PACKAGES = frozenset({"cir", "argparse", "yaml"})
+# Modules of the model packages that a parser reads (choices, defaults) and that import only the
+# standard library: imported for real (their packages' ``__init__`` runs on placeholders).
+LIGHT_MODULES = frozenset({"lightning_modules.construction.prompts"})
 
 
 class NeedsModelCode(Exception):
@@ -158,11 +161,11 @@ class DeferredModule(types.ModuleType):
 
 class DeferringFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Serves a ``DeferredModule`` for every module outside the standard library, ``LIGHT_PACKAGES``
-    and ``command`` (the command's own module, with its parent packages)."""
+    ``LIGHT_MODULES`` and ``command`` (the command's own module), with their parent packages."""
 
     def __init__(self, command: str) -> None:
-        parts = command.split(".")
-        self.real = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        self.real = {".".join(parts[:i]) for name in (command, *LIGHT_MODULES)
+                     for parts in [name.split(".")] for i in range(1, len(parts) + 1)}
 
     def find_spec(self, name: str, path: Sequence[str] | None, target: types.ModuleType | None = None
                   ) -> importlib.machinery.ModuleSpec | None:

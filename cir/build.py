@@ -31,13 +31,13 @@ from pathlib import Path
 
 from lightning_modules.construction.answers import WordRanges
 from lightning_modules.construction.oracle import OracleChat
-from lightning_modules.construction.pipeline import PAPER_MAX_TOKENS, Build, BuildConfig, BuildIncomplete
-from lightning_modules.construction.prompts import STAGES, Stage
+from lightning_modules.construction.pipeline import Build, BuildConfig, BuildIncomplete
+from lightning_modules.construction.prompts import PAPER_MAX_TOKENS, STAGES, Stage
 from lightning_modules.construction.runner import ServerRefused
 from lightning_modules.generation import ChatBackend, EndpointUnavailable, OpenAIChat, TransformersChat
 
 from .args import command_parser, parse
-from .errors import debug_requested
+from .errors import debug_requested, endpoint_message
 
 # The longest wait for the check of an endpoint before any work: a server that is up answers
 # ``GET /models`` (or a one-token chat request) well within it.
@@ -127,23 +127,6 @@ def _flags(args: argparse.Namespace, stage: Stage) -> dict[str, str]:
     return {"url": flag("base-url"), "model": flag("model"), "key": flag("api-key-env")}
 
 
-def endpoint_message(exc: EndpointUnavailable, flags: dict[str, str]) -> str:
-    """One line: the URL, what answered, and the option that would fix it."""
-    if exc.kind == "connect":
-        hint = f"is the server running? Check {flags['url']}"
-    elif exc.kind == "timeout":
-        hint = f"a stuck server, or a firewall that drops the packets? Check {flags['url']}"
-    elif exc.kind == "model":
-        hint = f"check {flags['model']} (or {flags['url']})"
-    elif exc.status in (401, 403):
-        hint = f"check the API key ({flags['key']})"
-    elif exc.status == 404:
-        hint = f"check {flags['url']} and {flags['model']}"
-    else:
-        hint = f"see the server's log, or check {flags['url']}"
-    return f"cir build: {exc}; {hint}"
-
-
 def check_endpoints(args: argparse.Namespace, make: Callable[[Stage], ChatBackend]) -> None:
     """Before any work: one request per distinct endpoint, model and key of the stages, so a dead
     server or a wrong URL, model or key stops the build in a line instead of hours into it."""
@@ -162,7 +145,7 @@ def check_endpoints(args: argparse.Namespace, make: Callable[[Stage], ChatBacken
         except EndpointUnavailable as exc:
             if debug_requested():
                 raise
-            raise SystemExit(endpoint_message(exc, _flags(args, stage))) from exc
+            raise SystemExit(endpoint_message("cir build", exc, _flags(args, stage))) from exc
 
 
 def _stage_flags_for(args: argparse.Namespace, url: str) -> dict[str, str]:
@@ -186,8 +169,9 @@ def config_from(args: argparse.Namespace) -> BuildConfig:
         ranges=WordRanges(slack=args.word_slack), retry_failed=args.retry_failed, progress=not args.no_progress)
 
 
-def _warn_empty(summary: dict) -> None:
-    """The catalogue was readable but the release holds no triplet: say at which stage it emptied."""
+def _refuse_empty(summary: dict, out: str) -> None:
+    """The catalogue was readable but the release holds no triplet: an error (no one trains on an
+    empty release), saying at which stage it emptied; the summary and the journals stay for a look."""
     if sum(summary["triplets"]["per_split"].get(s, 0) for s in ("train", "val")):
         return
     caps, verify = summary["captions"], summary["verify"]
@@ -200,8 +184,8 @@ def _warn_empty(summary: dict) -> None:
         t = summary["triplets"]
         why = (f"no source got a target in stage 3 ({t['failed']} failed, {t['no_candidates']} without candidates, "
                f"{t['without_selection']} without a selection)")
-    print(f"cir build: warning: the release has no triplets: {why}; see build_summary.json and OUT/build/",
-          file=sys.stderr)
+    raise SystemExit(f"cir build: the release has no triplets: {why}; see {Path(out) / 'build_summary.json'} and "
+                     f"{Path(out) / 'build'}/ (answers are kept: fix the cause, then rerun the same command)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,13 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     except EndpointUnavailable as exc:  # the server went away mid-build: what is journalled is kept
         if debug_requested():
             raise
-        raise SystemExit(endpoint_message(exc, _stage_flags_for(args, exc.url))
+        raise SystemExit(endpoint_message("cir build", exc, _stage_flags_for(args, exc.url))
                          + ", then rerun the same command (answers so far are kept)") from exc
     except (ValueError, OSError) as exc:  # bad input, unreadable files: one line naming the file or key
         if debug_requested():
             raise
         raise SystemExit(f"cir build: {exc} (CIR_DEBUG=1 shows the traceback)") from exc
-    _warn_empty(summary)
+    _refuse_empty(summary, args.out)
     keys = ("catalogue", "captions", "verify", "triplets", "released_products")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"summary: {Path(args.out) / 'build_summary.json'}")

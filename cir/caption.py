@@ -10,10 +10,22 @@ Resumable: ids already in the sidecar are skipped; each batch is synced before t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from lightning_modules.families.llava_caption.caption_job import build_captioner, run_caption_job
+from lightning_modules.generation import EndpointUnavailable
 
 from .args import command_parser, parse
+from .errors import _exit, endpoint_message, user_errors
+
+PROG = "cir caption"
+# --base-url and --name-or-path set the endpoint and model; the key comes from the environment.
+FLAGS = {"url": "--base-url", "model": "--name-or-path", "key": "OPENAI_API_KEY"}
+CHECK_TIMEOUT_S = 30.0
+
+
+def _line(exc: EndpointUnavailable) -> str:
+    return endpoint_message(PROG, exc, FLAGS).removeprefix(f"{PROG}: ")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,8 +44,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="products per generate call")
     parser.add_argument("--no-modified-text", action="store_true", help="captions only")
     args, _ = parse(parser, argv)
-    captioner = build_captioner(args.captioner, args.name_or_path, args.load_in_4bit, args.device, args.base_url,
-                                args.concurrency)
-    counts = run_caption_job(args.data, args.out, captioner, splits=args.splits, batch_size=args.batch_size,
-                             modified_text=not args.no_modified_text)
+    if not (Path(args.data) / "manifest.json").is_file():
+        raise _exit(PROG, f"--data {args.data}: not a shard folder (no manifest.json); make one with cir data",
+                    FileNotFoundError(Path(args.data) / "manifest.json"))
+    with user_errors(PROG):
+        captioner = build_captioner(args.captioner, args.name_or_path, args.load_in_4bit, args.device,
+                                    args.base_url, args.concurrency)
+        if args.base_url:  # a dead server or a wrong model stops here, in a line, before any work
+            try:
+                captioner.backend.check(timeout_s=CHECK_TIMEOUT_S)
+            except EndpointUnavailable as exc:
+                raise _exit(PROG, _line(exc), exc) from None
+        try:
+            counts = run_caption_job(args.data, args.out, captioner, splits=args.splits,
+                                     batch_size=args.batch_size, modified_text=not args.no_modified_text)
+        except EndpointUnavailable as exc:  # gone mid-job: every finished batch is in the sidecar
+            raise _exit(PROG, _line(exc) + ", then rerun the same command (captions so far are kept)", exc) from None
     print(json.dumps(counts))

@@ -105,6 +105,24 @@ def user_errors(prog: str) -> Iterator[None]:
         raise _exit(prog, one_line(exc), exc) from None
 
 
+def endpoint_message(prog: str, exc: Any, flags: Mapping[str, str]) -> str:
+    """One line for an ``EndpointUnavailable``: the URL, what answered, and the option of ``flags``
+    (``url``, ``model``, ``key``) that would fix it."""
+    if exc.kind == "connect":
+        hint = f"is the server running? Check {flags['url']}"
+    elif exc.kind == "timeout":
+        hint = f"a stuck server, or a firewall that drops the packets? Check {flags['url']}"
+    elif exc.kind == "model":
+        hint = f"check {flags['model']} (or {flags['url']})"
+    elif exc.status in (401, 403):
+        hint = f"check the API key ({flags['key']})"
+    elif exc.status == 404:
+        hint = f"check {flags['url']} and {flags['model']}"
+    else:
+        hint = f"see the server's log, or check {flags['url']}"
+    return f"{prog}: {exc}; {hint}"
+
+
 def init_parameters(class_path: str) -> list[str]:
     """The keyword arguments a class accepts, for suggestions (empty when it cannot be imported)."""
     module, _, name = class_path.rpartition(".")

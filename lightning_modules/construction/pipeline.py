@@ -27,13 +27,10 @@ from .candidates import candidate_pools, sample_candidates
 from .catalogue import Catalogue, assign_splits, read_catalogue
 from .embedders import build_encoders
 from .journal import Journal, read_journal
-from .prompts import STAGES, Prompt, Stage, load_prompts
+from .prompts import PAPER_MAX_TOKENS, STAGES, Prompt, Stage, load_prompts
 from .release import write_atomic, write_release
 from .requests import Composites, caption_turn, triplet_turn, verify_turn
 from .runner import WorkItem, final_records, finished_keys, run_stage
-
-# Appendix A: every stage sampled at temperature 1.0; these are its max-token budgets.
-PAPER_MAX_TOKENS: dict[Stage, int] = {"captions": 8192, "verify": 16384, "triplets": 4096}
 
 
 class BuildIncomplete(RuntimeError):

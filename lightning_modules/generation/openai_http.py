@@ -6,9 +6,12 @@ Images go inline as base64 data URLs. Many requests are in flight at once (``con
 
 A connection refused is different: nothing listens at the URL, and waiting out every request's
 retries against a dead server only hides that for minutes. ``check`` asks the endpoint once before
-any work (``GET /models``, else a one-token chat request), and during ``complete`` an unbroken run of
-refused connections (``dead_after`` attempts, or ``dead_window_s`` seconds) stops it with
-``EndpointUnavailable``; answers already given were passed to ``on_result``. A request that gave up
+any work (``GET /models``, else a one-token chat request), and during ``complete`` refused
+connections alone for ``dead_window_s`` seconds (no answer of any kind in between) stop it with
+``EndpointUnavailable``; answers already given were passed to ``on_result``. The window is time, not
+a count: at concurrency 8 a server restarting for two seconds refuses dozens of attempts, and must
+not end a build of hours. Refused attempts are retried at most a quarter window apart, so a dead
+server is called dead soon after the window ends. A request that gave up
 on refused connections says so in ``Completion.unreachable``, so a caller can tell a dead server
 from a request the server failed.
 """
@@ -75,7 +78,7 @@ def answer_text(payload: dict[str, Any]) -> str:
 class OpenAIChat:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
                  timeout_s: float = 600.0, max_retries: int = 6, backoff_s: float = 1.0, backoff_cap_s: float = 60.0,
-                 extra_body: dict[str, Any] | None = None, send_tag: bool = False, dead_after: int = 16,
+                 extra_body: dict[str, Any] | None = None, send_tag: bool = False,
                  dead_window_s: float = 10.0) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency}: needs at least 1 request in flight")
@@ -91,8 +94,8 @@ class OpenAIChat:
         self.extra_body = dict(extra_body or {})
         # The tag names products; only a local test server should see it, never a hosted API.
         self.send_tag = send_tag
-        # Refused connections in a row (any HTTP answer resets them) that mean the server is gone.
-        self.dead_after, self.dead_window_s = dead_after, dead_window_s
+        # How long refused connections alone (any HTTP answer resets them) mean the server is gone.
+        self.dead_window_s = dead_window_s
         self._refused = 0
         self._refused_since = 0.0
 
@@ -196,7 +199,8 @@ class OpenAIChat:
                     TypeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"[:300]
             if attempt < self.max_retries:
-                await asyncio.sleep(self._delay(attempt, retry_after))
+                delay = self._delay(attempt, retry_after)
+                await asyncio.sleep(min(delay, self.dead_window_s / 4) if unreachable else delay)
         return Completion(error=f"gave up after {self.max_retries + 1} attempts: {error}",
                           requests=self.max_retries + 1, unreachable=unreachable)
 
@@ -207,7 +211,7 @@ class OpenAIChat:
             self._refused_since = now
         self._refused += 1
         span = now - self._refused_since
-        if self._refused >= self.dead_after or (self._refused >= 2 and span >= self.dead_window_s):
+        if self._refused >= 2 and span >= self.dead_window_s:
             raise EndpointUnavailable(self.url, f"{what} for every request over {span:.0f} s "
                                       f"({self._refused} attempts in a row)", "connect")
 

@@ -1,6 +1,7 @@
-"""`cir build --backend openai` against endpoints that cannot serve it: nothing listening, a server
-that does not list the model, one that answers 500, and one that dies after the check. Each stops
-in seconds with one line naming the URL, what answered and the option to fix."""
+"""`cir build --backend openai` (and `cir caption --base-url`) against endpoints that cannot serve
+it: nothing listening, a server that does not list the model, one that answers 500, and one that
+dies after the check. Each stops in seconds with one line naming the URL, what answered and the
+option to fix. A server that is down for a moment only (a restart) is waited for."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from support.ports import free_port
 
 from cir.build import main as cir_build
+from cir.caption import main as cir_caption
 from datamodules.synthetic import generate
 from datamodules.synthetic.catalogue import write_catalogue_layout
 from lightning_modules.generation import ChatRequest, EndpointUnavailable, OpenAIChat
@@ -28,6 +30,15 @@ def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("endpoint-catalogue")
     write_catalogue_layout(root, generate(10, seed=2), seed=2, accessories=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from datamodules.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("caption-shards")
+    write_synthetic(out, products=40, seed=0)
+    return out
 
 
 @contextmanager
@@ -169,6 +180,78 @@ def test_the_client_gives_up_on_a_dead_server_within_its_window() -> None:
     with pytest.raises(EndpointUnavailable, match="connection refused for every request") as stopped:
         client.complete([ChatRequest(user=[f"q{i}"]) for i in range(4)], lambda i, c: None)
     assert stopped.value.kind == "connect" and time.monotonic() - start < 8
+
+
+def test_a_server_down_for_two_seconds_is_waited_for_not_called_dead() -> None:
+    # Before, 16 refused attempts in a row stopped the call: at concurrency 8 they took about 1 s.
+    port = free_port()
+    client = OpenAIChat(f"http://127.0.0.1:{port}/v1", "m", concurrency=8)
+    answered: dict[int, str | None] = {}
+
+    def chat(h: BaseHTTPRequestHandler) -> None:
+        reply(h, 200, {"choices": [{"message": {"role": "assistant", "content": "ok"}}]})
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            chat(self)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    servers: list[ThreadingHTTPServer] = []
+
+    def come_back() -> None:
+        time.sleep(2.0)
+        servers.append(ThreadingHTTPServer(("127.0.0.1", port), Handler))
+        servers[0].serve_forever()
+
+    thread = threading.Thread(target=come_back, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        client.complete([ChatRequest(user=[f"q{i}"]) for i in range(16)],
+                        lambda i, c: answered.__setitem__(i, c.text if c.error is None else None))
+    finally:
+        while not servers and thread.is_alive():
+            time.sleep(0.05)
+        if servers:
+            servers[0].shutdown()
+            servers[0].server_close()
+    assert answered == dict.fromkeys(range(16), "ok")
+    assert time.monotonic() - start < client.dead_window_s  # it did not wait out the window either
+
+
+def test_caption_against_nothing_listening_is_one_line_before_any_work(tmp_path: Path, shards: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CIR_DEBUG", raising=False)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    out = tmp_path / "captions.jsonl"
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as stopped:
+        cir_caption(["--data", str(shards), "--out", str(out), "--base-url", url, "--name-or-path", "x"])
+    message = str(stopped.value.code)
+    check_message(message, f"{url}/models", "connection refused", "--base-url")
+    assert message.startswith("cir caption: ") and "rerun" not in message
+    assert time.monotonic() - start < 10 and not out.exists()
+
+
+def test_caption_against_a_server_gone_after_the_check_says_to_rerun(tmp_path: Path, shards: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CIR_DEBUG", raising=False)
+    with http_server(serves_x, requests=1) as url, pytest.raises(SystemExit) as stopped:
+        cir_caption(["--data", str(shards), "--out", str(tmp_path / "c.jsonl"), "--base-url", url,
+                     "--name-or-path", "x"])
+    message = str(stopped.value.code)
+    check_message(message, url, "connection refused", "--base-url", "captions so far are kept")
+
+
+def test_caption_of_a_folder_that_is_no_shard_folder_is_one_line(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CIR_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cir_caption(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "c.jsonl"), "--captioner", "oracle"])
+    assert str(stopped.value.code) == (f"cir caption: --data {tmp_path / 'nope'}: not a shard folder (no "
+                                       "manifest.json); make one with cir data")
 
 
 def test_a_server_without_a_models_list_is_checked_with_one_tiny_chat_request() -> None:

@@ -38,6 +38,13 @@ def small_catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _refused_empty(build: pytest.ExceptionInfo[SystemExit], out: Path) -> None:
+    """Nothing passed stage 1, so the build fails naming that stage, the summary kept to look at."""
+    message = str(build.value.code)
+    assert message.startswith("cir build: the release has no triplets: no product passed stage 1 (10 failed")
+    assert str(out / "build_summary.json") in message
+
+
 def _check_all_failed(out: Path, n: int, attempts: int, max_tokens: int) -> dict:
     summary = json.loads((out / "build_summary.json").read_text())
     assert summary["captions"] == {"requested": n, "non_clothing": 0, "failed": n, "clothing": 0}
@@ -57,9 +64,11 @@ def _check_all_failed(out: Path, n: int, attempts: int, max_tokens: int) -> dict
 def test_in_process_tiny_qwen_fails_every_answer_after_its_retries(small_catalogue: Path, tmp_path: Path) -> None:
     QwenBackbone("tiny").save_pretrained(tmp_path / "qwen")
     out = tmp_path / "out"
-    cir_build(["--catalogue", str(small_catalogue), "--out", str(out), "--backend", "transformers", "--model",
-               str(tmp_path / "qwen"), "--max-tokens", "6", "--attempts", "2", "--batch-size", "5",
-               "--temperature", "0", "--image-encoder", "clip:tiny", "--no-progress"])
+    with pytest.raises(SystemExit) as build:
+        cir_build(["--catalogue", str(small_catalogue), "--out", str(out), "--backend", "transformers", "--model",
+                   str(tmp_path / "qwen"), "--max-tokens", "6", "--attempts", "2", "--batch-size", "5",
+                   "--temperature", "0", "--image-encoder", "clip:tiny", "--no-progress"])
+    _refused_empty(build, out)
     summary = _check_all_failed(out, 10, attempts=2, max_tokens=6)
     assert summary["models"]["captions"] == [str(tmp_path / "qwen")]
 
@@ -92,10 +101,12 @@ def test_transformers_serve_on_localhost(small_catalogue: Path, tmp_path: Path) 
             except OSError:
                 time.sleep(0.5)
         out = tmp_path / "out"
-        cir_build(["--catalogue", str(small_catalogue), "--out", str(out), "--backend", "openai", "--base-url",
-                   f"http://127.0.0.1:{port}/v1", "--model", str(folder), "--max-tokens", "6", "--attempts", "2",
-                   "--temperature", "0", "--concurrency", "4", "--max-retries", "1", "--image-encoder", "clip:tiny",
-                   "--no-progress"])
+        with pytest.raises(SystemExit) as build:
+            cir_build(["--catalogue", str(small_catalogue), "--out", str(out), "--backend", "openai", "--base-url",
+                       f"http://127.0.0.1:{port}/v1", "--model", str(folder), "--max-tokens", "6", "--attempts",
+                       "2", "--temperature", "0", "--concurrency", "4", "--max-retries", "1", "--image-encoder",
+                       "clip:tiny", "--no-progress"])
+        _refused_empty(build, out)
     finally:
         os.killpg(server.pid, signal.SIGKILL)
         server.wait()

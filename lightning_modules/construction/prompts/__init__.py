@@ -16,6 +16,8 @@ from typing import Literal
 
 Stage = Literal["captions", "verify", "triplets"]
 STAGES: tuple[Stage, ...] = ("captions", "verify", "triplets")
+# Appendix A samples every stage at temperature 1.0 with these answer budgets (--max-tokens' default).
+PAPER_MAX_TOKENS: dict[Stage, int] = {"captions": 8192, "verify": 16384, "triplets": 4096}
 FOLDER = Path(__file__).parent
 
 
