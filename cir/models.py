@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .lightning_cli import build_cli, checkpoint_class_mismatch
 FINGERPRINT = ("family", "model_config", "checkpoint", "preprocessing", "image_transform", "normalisation")
 # Image processor settings that make up the pixel normalisation (recorded apart from the geometry).
 _NORMALISATION_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+DIGEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-cir" / "digests.json"
 REBUILD = "cir search build --config EXP --ckpt CKPT --out DIR"  # named when an index cannot be queried
 
 
@@ -129,14 +131,38 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]  # 64 bits: enough to tell models apart, short to read
 
 
-def file_digest(path: str | Path) -> str:
+def file_digest(path: str | Path, cache: Path | None = None) -> str:
     """sha256 of a file's bytes (first 16 hex digits), read in 1 MiB blocks: a multi-GB checkpoint
-    is never held in memory for this."""
+    is never held in memory for this. Remembered in ``cache`` (default
+    ``~/.cache/fashion-cir/digests.json``) by resolved path, size and modification time, so that
+    every start of ``cir serve`` does not read gigabytes again; a file written anew gets a new time
+    and is hashed again. A cache that cannot be read or written is ignored."""
+    cache = cache or DIGEST_CACHE
+    stat = Path(path).stat()
+    key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
+    try:
+        known = json.loads(cache.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(2**20):
             h.update(block)
-    return h.hexdigest()[:16]
+    digest = h.hexdigest()[:16]
+    known[key] = {"stamp": stamp, "sha256": digest}
+    try:  # written whole, then renamed: two commands starting at once never leave half a file
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return digest
 
 
 def describe_transform(transform: Any) -> tuple[str, str, str]:

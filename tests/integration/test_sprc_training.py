@@ -9,6 +9,7 @@ demo gets.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,11 @@ from support.quality import two_text_agreement
 from datamodules import ShardDataModule
 from lightning_modules import SPRC, RetrievalEval
 from lightning_modules.backbones import Blip2Backbone
-from lightning_modules.families.sprc import OneCycleSchedule
+from lightning_modules.families.sprc import OneCycleSchedule, SPRCLoss
+
+# CI runs seed 0; CIR_QUALITY_SEED=1 (data and training seed) is how the other seeds were measured.
+SEED = int(os.environ.get("CIR_QUALITY_SEED", "0"))
+EPOCHS = 16
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +32,28 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from datamodules.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("sprc-quality")
-    write_synthetic(out, products=1500, seed=0)
+    write_synthetic(out, products=1500, seed=SEED)
     return out
 
 
 @pytest.mark.slow
 def test_sprc_reads_the_text(data: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    L.seed_everything(0)
-    # configs/model/sprc/tiny.yaml's settings at twice its peak LR, for a run of eight epochs
-    model = SPRC(Blip2Backbone("tiny"), freeze_vision=False,
+    torch.manual_seed(SEED)
+    L.seed_everything(SEED)
+    # configs/model/sprc/tiny.yaml's settings (no align term) at twice its peak LR, for 16 epochs
+    model = SPRC(Blip2Backbone("tiny"), freeze_vision=False, loss=SPRCLoss(rtc_weight=0.4, align_weight=0.0),
                  optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.01),
                  scheduler=lambda o: OneCycleSchedule(o, pct_start=0.1, div_factor=10.0, final_div_factor=100.0),
                  evaluation=RetrievalEval(remove_source=True, score_k=(1, 5, 10)))
     dm = ShardDataModule(str(data), batch_size=16, eval_batch_size=64, num_workers=0)
-    trainer = L.Trainer(max_epochs=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, num_sanity_val_steps=0, check_val_every_n_epoch=8,
+    trainer = L.Trainer(max_epochs=EPOCHS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, num_sanity_val_steps=0, check_val_every_n_epoch=EPOCHS,
                         enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     share, pairs = two_text_agreement(model, dm)
-    print({k: round(metrics[f"val/{k}"], 3) for k in ("recall_at_1", "text_blind/recall_at_1", "recall_subset_at_1",
+    print({k: round(metrics[f"val/{k}"], 3) for k in ("recall_at_1", "text_blind/recall_at_1", "recall_at_10",
+                                                       "text_blind/recall_at_10", "recall_subset_at_1",
                                                        "text_blind/recall_subset_at_1")}, share, pairs)
     # Seeds 0/1/2: Recall_subset@1 0.266/0.248/0.380 vs text-blind 0.197/0.186/0.200 (1.33-1.90x);
     # two texts 0.223/0.265/0.332 (text-blind: 0; a random scorer: 0.25).

@@ -17,6 +17,7 @@ Seed 0 was measured again with the epoch permutation and masked false negatives 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -32,13 +33,16 @@ from lightning_modules.backbones import CLIPBackbone
 PRODUCTS = 1500  # as the demos: a smaller split leaves too few steps for the tiny models to read the text
 CIRR = RetrievalEval(remove_source=True, score_k=(1, 5, 10))  # configs/eval/generated.yaml
 
+# CI runs seed 0; CIR_QUALITY_SEED=1 (data and training seed) is how the other seeds were measured.
+SEED = int(os.environ.get("CIR_QUALITY_SEED", "0"))
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from datamodules.synthetic import write_synthetic
 
     out = tmp_path_factory.mktemp("quality")
-    write_synthetic(out, products=PRODUCTS, seed=0)
+    write_synthetic(out, products=PRODUCTS, seed=SEED)
     return out
 
 
@@ -81,8 +85,8 @@ def _opt(lr: float):  # noqa: ANN202
 def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
     # Seeds 0/1/2: Recall_subset@1 0.348/0.274/0.432 vs text-blind 0.197/0.186/0.200 (1.47-2.16x);
     # R@10 0.622/0.623/0.612 vs 0.510/0.530/0.420 (+0.09 to +0.19); two texts 0.267/0.263/0.353.
-    torch.manual_seed(0)
-    L.seed_everything(0)
+    torch.manual_seed(SEED)
+    L.seed_everything(SEED)
     module = CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), stage2_loss=StaticBankLoss(), optimizer=_opt(5e-4),
                       evaluation=CIRR)
     dm = _dm(data)
@@ -97,8 +101,8 @@ def test_llava_caption_two_stage_reads_the_text(data: Path, tmp_path: Path) -> N
     # Seeds 0/1/2 (oracle captions): Recall_subset@1 0.380/0.369/0.386 vs text-blind 0.197/0.186/0.200
     # (1.93-1.98x); R@10 0.675/0.657/0.588 vs 0.516/0.482/0.368 (+0.16 to +0.22); two texts
     # 0.432/0.389/0.387; R@1 0.169/0.210/0.124 vs 0.097/0.123/0.078 (1.59-1.75x).
-    torch.manual_seed(0)
-    L.seed_everything(0)
+    torch.manual_seed(SEED)
+    L.seed_everything(SEED)
     module = LLaVACaptionCIR(CLIPBackbone("tiny"), TransformerFusion(48), stage2_loss=StaticBankLoss(),
                              optimizer=_opt(5e-4), evaluation=CIRR)
     dm = _dm(data)
@@ -116,8 +120,8 @@ def test_procir_mt_align_reads_the_text(data: Path, tmp_path: Path) -> None:
 
     # Seeds 0/1/2: Recall_subset@1 0.350/0.311/0.462 vs text-blind 0.197/0.186/0.200 (1.67-2.31x);
     # R@10 0.567/0.665/0.644 vs 0.478/0.514/0.444 (+0.09 to +0.20); two texts 0.310/0.285/0.353.
-    torch.manual_seed(0)
-    L.seed_everything(0)
+    torch.manual_seed(SEED)
+    L.seed_everything(SEED)
     module = ProCIR(QwenBackbone("tiny"), optimizer=_opt(1e-3), scheduler=lambda o: CosineSchedule(o, warmup_steps=30),
                     evaluation=CIRR)
     dm = _dm(data, train_text="mixed")

@@ -231,6 +231,40 @@ def test_the_fingerprint_hashes_the_checkpoint_bytes_and_names_an_untrained_seed
     assert other["model_config"] != fa["model_config"] and other["checkpoint"] == fa["checkpoint"]
 
 
+def test_a_checkpoint_is_read_once_until_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+    import hashlib
+    import os
+
+    import cir.models
+    from cir.models import file_digest
+
+    ckpt, cache = tmp_path / "last.ckpt", tmp_path / "cache" / "digests.json"
+    ckpt.write_bytes(b"weights of epoch 1" * 1000)
+    reads: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(file) == str(ckpt) and "r" in mode:
+            reads.append(mode)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    first = file_digest(ckpt, cache)
+    assert first == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    reads.clear()
+    assert file_digest(ckpt, cache) == first and reads == []  # the second start reads no checkpoint byte
+    ckpt.write_bytes(b"weights of epoch 2" * 1000)  # same size, written anew: a new time
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 1_000_000))
+    second = file_digest(ckpt, cache)
+    assert second == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] != first and reads == ["rb"]
+    cache.write_text("{half a file")  # a damaged cache is ignored, then written whole again
+    assert file_digest(ckpt, cache) == second and json.loads(cache.read_text())
+    monkeypatch.setattr(cir.models, "DIGEST_CACHE", tmp_path / "not-a-folder" / "digests.json")
+    (tmp_path / "not-a-folder").write_text("a file where the cache folder would be")
+    assert file_digest(ckpt) == second  # an unwritable cache only costs the reading
+
+
 def _checkpoint_of(path: Path, class_path: str | None) -> Path:
     hparams = {"_class_path": class_path, "seed": 0} if class_path else {}
     torch.save({"state_dict": {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}, "hyper_parameters": hparams},
