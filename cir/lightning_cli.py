@@ -300,10 +300,10 @@ class CIRCLI(LightningCLI):
         wanted = model.get("class_path") if isinstance(model, dict | Namespace) else None
         if path is None or not wanted:
             return
-        message = checkpoint_class_mismatch(path, str(wanted), f"lightning {self.config.subcommand}", "--ckpt_path")
+        message = checkpoint_class_mismatch(path, str(wanted), self._prog(), "--ckpt_path")
         if message is None:
             return
-        if not self.concise_errors or debug_requested():
+        if not self._user_facing or debug_requested():  # as _refuse: a library caller gets the exception
             raise ValueError(message)
         raise SystemExit(message)
 

@@ -306,6 +306,22 @@ def test_lightning_refuses_a_checkpoint_of_another_model_class_before_any_run(
     assert checkpoint_class_mismatch(sprc, "lightning_modules.families.sprc.model.SPRC", "p", "--ckpt") is None
 
 
+def test_a_command_running_the_cli_refuses_another_class_in_one_line_and_a_library_gets_the_exception(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cir.lightning_cli import build_cli
+
+    monkeypatch.delenv("CIR_DEBUG", raising=False)
+    monkeypatch.setattr(CIRCLI, "instantiate_classes", _no_model)
+    monkeypatch.setattr(CIRCLI, "concise_errors", False)  # as in a library, whatever ran before
+    sprc = _checkpoint_of(tmp_path / "sprc.ckpt", "lightning_modules.SPRC")
+    argv = ["validate", "--config", str(DEMO), "--ckpt_path", str(sprc)]
+    with pytest.raises(SystemExit) as error:  # a cir command (prog given) that runs a subcommand
+        build_cli(argv, prog="cir something")
+    assert _one_line(error).startswith(f"cir something: --ckpt_path {sprc} holds a SPRC model")
+    with pytest.raises(ValueError, match="holds a SPRC model"):  # a library caller
+        build_cli(argv)
+
+
 # -- item 3: every experiment writes under its own folder --------------------------------------------
 
 EXPERIMENTS = sorted((ROOT / "experiments").rglob("*.yaml"))
