@@ -16,7 +16,7 @@ from lightning_modules.families.llava_caption.caption_job import build_captioner
 from lightning_modules.generation import EndpointUnavailable
 
 from .args import command_parser, parse
-from .errors import _exit, endpoint_message, user_errors
+from .errors import _exit, endpoint_message, one_line, user_errors
 
 PROG = "cir caption"
 # --base-url and --name-or-path set the endpoint and model; the key comes from the environment.
@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (Path(args.data) / "manifest.json").is_file():
         raise _exit(PROG, f"--data {args.data}: not a shard folder (no manifest.json); make one with cir data",
                     FileNotFoundError(Path(args.data) / "manifest.json"))
+    if args.captioner == "oracle" and args.base_url:
+        raise SystemExit(f"{PROG}: --base-url: the oracle captioner reads the generated data's own captions and asks "
+                         "no server; leave --base-url out, or choose --captioner llava or qwen3.5")
     with user_errors(PROG):
         captioner = build_captioner(args.captioner, args.name_or_path, args.load_in_4bit, args.device,
                                     args.base_url, args.concurrency)
@@ -60,4 +63,10 @@ def main(argv: list[str] | None = None) -> None:
                                      batch_size=args.batch_size, modified_text=not args.no_modified_text)
         except EndpointUnavailable as exc:  # gone mid-job: every finished batch is in the sidecar
             raise _exit(PROG, _line(exc) + ", then rerun the same command (captions so far are kept)", exc) from None
+        except (ValueError, KeyError) as exc:  # a bad manifest, a split it does not have
+            text = exc.args[0] if isinstance(exc, KeyError) and exc.args else one_line(exc)
+            raise _exit(PROG, f"{text} (CIR_DEBUG=1 shows the traceback)", exc) from None
+        except RuntimeError as exc:  # the server answered, with failures: every finished batch is kept
+            raise _exit(PROG, f"{one_line(exc)}; captions so far are kept, rerun the same command to go on",
+                        exc) from None
     print(json.dumps(counts))

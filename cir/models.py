@@ -34,7 +34,6 @@ from .lightning_cli import build_cli, checkpoint_class_mismatch
 FINGERPRINT = ("family", "model_config", "checkpoint", "preprocessing", "image_transform", "normalisation")
 # Image processor settings that make up the pixel normalisation (recorded apart from the geometry).
 _NORMALISATION_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
-DIGEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-cir" / "digests.json"
 REBUILD = "cir search build --config EXP --ckpt CKPT --out DIR"  # named when an index cannot be queried
 
 
@@ -131,15 +130,25 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]  # 64 bits: enough to tell models apart, short to read
 
 
+def digest_cache() -> Path:
+    """``$XDG_CACHE_HOME/fashion-cir/digests.json`` (default ``~/.cache/...``), read when needed:
+    tests and users may point ``XDG_CACHE_HOME`` elsewhere after import."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(base) / "fashion-cir" / "digests.json"
+
+
 def file_digest(path: str | Path, cache: Path | None = None) -> str:
     """sha256 of a file's bytes (first 16 hex digits), read in 1 MiB blocks: a multi-GB checkpoint
-    is never held in memory for this. Remembered in ``cache`` (default
-    ``~/.cache/fashion-cir/digests.json``) by resolved path, size and modification time, so that
-    every start of ``cir serve`` does not read gigabytes again; a file written anew gets a new time
-    and is hashed again. A cache that cannot be read or written is ignored."""
-    cache = cache or DIGEST_CACHE
+    is never held in memory for this. Remembered in ``cache`` (default ``digest_cache()``) by
+    resolved path, inode, size, modification and change time, so that every start of ``cir serve``
+    does not read gigabytes again. The change time is the system's own (``cp -p``, ``rsync -a`` and
+    ``tar`` can set the modification time, never it), so a file written or copied anew is hashed
+    again. Entries of files that are gone are dropped; a cache that cannot be read or written is
+    ignored."""
+    cache = cache or digest_cache()
     stat = Path(path).stat()
-    key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
+    key = str(Path(path).resolve())
+    stamp = [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
     try:
         known = json.loads(cache.read_text())
         if not isinstance(known, dict):
@@ -154,6 +163,7 @@ def file_digest(path: str | Path, cache: Path | None = None) -> str:
         while block := f.read(2**20):
             h.update(block)
     digest = h.hexdigest()[:16]
+    known = {k: v for k, v in known.items() if Path(k).exists()}
     known[key] = {"stamp": stamp, "sha256": digest}
     try:  # written whole, then renamed: two commands starting at once never leave half a file
         cache.parent.mkdir(parents=True, exist_ok=True)

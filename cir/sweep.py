@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import optuna
 import yaml
 from optuna.trial import TrialState
@@ -140,6 +141,16 @@ def nested(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _CountsSteps(L.Callback):
+    """How many training batches a fit ran (0: a resumed trial had nothing left to train)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.count += 1
+
+
 class Sweep:
     def __init__(self, config: SweepConfig) -> None:
         self.cfg = config
@@ -201,13 +212,15 @@ class Sweep:
                 args.append(f"--trainer.logger.init_args.run_id={run_id}")
         cli = build_cli(args, run=False)
         pruning = PyTorchLightningPruningCallback(trial, monitor=self.cfg.metric)
-        cli.trainer.callbacks.append(pruning)
+        steps = _CountsSteps()
+        cli.trainer.callbacks.extend([pruning, steps])
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
         value = cli.trainer.callback_metrics.get(self.cfg.metric)
-        if value is None and ckpt_path:
+        if value is None and ckpt_path and not steps.count:
             # Killed after writing its final checkpoint but before the study heard the result: fit
-            # restored the finished weights and had nothing left to run, so score those weights.
-            # Without the pruner, which must not judge a trial again at a step it already reported.
+            # restored the finished weights and had nothing left to run, so score those weights
+            # (MLflow then holds the last step's values twice). Without the pruner, which must not
+            # judge a trial again at a step it already reported.
             cli.trainer.callbacks.remove(pruning)
             cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
             value = cli.trainer.callback_metrics.get(self.cfg.metric)

@@ -127,9 +127,13 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
             f"{path} not found: {data_dir} is not a shard folder. Create one with `cir data synthetic --out "
             f"{data_dir}` (generated data) or a converter (`cir data --help`)."
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "fashion-cir-shards/1":
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}; expected 'fashion-cir-shards/1'")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); rewrite the folder with the converter that made it") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    if found != "fashion-cir-shards/1":
+        raise ValueError(f"{path}: unknown format {found!r}; expected 'fashion-cir-shards/1'")
     return manifest
 
 

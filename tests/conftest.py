@@ -57,3 +57,10 @@ def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     # `lightning ... --debug` run in process sets CIR_DEBUG for good; no test may inherit it.
     monkeypatch.delenv("CIR_DEBUG", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's ~/.cache (checkpoint digests) stays untouched, in this process and the commands
+    tests start."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))

@@ -238,11 +238,35 @@ def test_caption_against_nothing_listening_is_one_line_before_any_work(tmp_path:
 def test_caption_against_a_server_gone_after_the_check_says_to_rerun(tmp_path: Path, shards: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CIR_DEBUG", raising=False)
+    start = time.monotonic()
     with http_server(serves_x, requests=1) as url, pytest.raises(SystemExit) as stopped:
         cir_caption(["--data", str(shards), "--out", str(tmp_path / "c.jsonl"), "--base-url", url,
                      "--name-or-path", "x"])
     message = str(stopped.value.code)
     check_message(message, url, "connection refused", "--base-url", "captions so far are kept")
+    assert time.monotonic() - start < 30  # the 10 s window, then retries at most 2.5 s apart
+
+
+def test_caption_mistakes_are_one_line(tmp_path: Path, shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CIR_DEBUG", raising=False)
+    out = str(tmp_path / "c.jsonl")
+    cases = [
+        (["--data", str(shards), "--captioner", "oracle", "--base-url", "http://127.0.0.1:9/v1"],
+         ["--base-url", "oracle", "asks no server"]),
+        (["--data", str(shards), "--captioner", "oracle", "--splits", "nosuch"],
+         ["no split 'nosuch'", "'train'", "'val'"]),
+    ]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("[1, 2]")
+    cases.append((["--data", str(broken), "--captioner", "oracle"], [str(broken / "manifest.json"), "unknown format"]))
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as stopped:
+            cir_caption([*argv, "--out", out])
+        message = str(stopped.value.code)
+        assert message.startswith("cir caption: ") and len(message.splitlines()) == 1, message
+        assert all(w in message for w in words), message
+        assert not message.startswith("cir caption: \"")  # a KeyError's quotes are not shown
 
 
 def test_caption_of_a_folder_that_is_no_shard_folder_is_one_line(tmp_path: Path,

@@ -254,14 +254,25 @@ def test_a_checkpoint_is_read_once_until_it_changes(tmp_path: Path, monkeypatch:
     assert first == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     reads.clear()
     assert file_digest(ckpt, cache) == first and reads == []  # the second start reads no checkpoint byte
-    ckpt.write_bytes(b"weights of epoch 2" * 1000)  # same size, written anew: a new time
-    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 1_000_000))
-    second = file_digest(ckpt, cache)
+    mtime = ckpt.stat().st_mtime_ns
+    ckpt.write_bytes(b"weights of epoch 2" * 1000)  # same size, and the old time put back (as cp -p would)
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, mtime))
+    second = file_digest(ckpt, cache)  # the change time, which no tool sets, still tells
     assert second == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] != first and reads == ["rb"]
+    gone = tmp_path / "gone.ckpt"
+    gone.write_bytes(b"x")
+    file_digest(gone, cache)
+    assert str(gone) in cache.read_text()
+    gone.unlink()
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"y")
+    file_digest(other, cache)  # the next write drops the entry of the file that is gone
+    assert str(gone) not in cache.read_text() and str(ckpt.resolve()) in cache.read_text()
     cache.write_text("{half a file")  # a damaged cache is ignored, then written whole again
     assert file_digest(ckpt, cache) == second and json.loads(cache.read_text())
-    monkeypatch.setattr(cir.models, "DIGEST_CACHE", tmp_path / "not-a-folder" / "digests.json")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
     (tmp_path / "not-a-folder").write_text("a file where the cache folder would be")
+    assert cir.models.digest_cache() == tmp_path / "not-a-folder" / "fashion-cir" / "digests.json"
     assert file_digest(ckpt) == second  # an unwritable cache only costs the reading
 
 
