@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -91,15 +93,27 @@ class GalleryIndex:
                 for row_i, row_s in zip(idx, scores, strict=True)]
 
     def save(self, folder: str | Path) -> Path:
+        """Into ``folder``, replacing an index there only once the new one is whole: the faiss files
+        get names of their own, ``gallery_index.json`` (which names them) is renamed into place last,
+        and only then are the files of the old index removed. A kill at any moment leaves the old
+        index or the new one, never a mixture."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {"kind": self.kind, "datasets": {}}
         if self.fingerprint is not None:
             meta["fingerprint"] = dict(self.fingerprint)
+        token = uuid.uuid4().hex[:8]
         for n, (dataset, index) in enumerate(sorted(self.indexes.items())):
-            faiss.write_index(index, str(folder / f"{n:03d}.faiss"))
-            meta["datasets"][dataset] = {"file": f"{n:03d}.faiss", "ids": self.ids[dataset]}
-        (folder / "gallery_index.json").write_text(json.dumps(meta))
+            name = f"{n:03d}-{token}.faiss"
+            faiss.write_index(index, str(folder / name))
+            meta["datasets"][dataset] = {"file": name, "ids": self.ids[dataset]}
+        tmp = folder / f"gallery_index.json.{token}.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, folder / "gallery_index.json")
+        kept = {entry["file"] for entry in meta["datasets"].values()}
+        for stale in folder.glob("*.faiss"):
+            if stale.name not in kept:
+                stale.unlink()
         return folder
 
     @classmethod

@@ -37,6 +37,34 @@ def test_flat_index_is_exact_and_round_trips(vectors, tmp_path: Path) -> None:
         index.search(q, 10, dataset="c")
 
 
+def test_an_index_killed_while_saved_over_another_leaves_the_old_one_whole(vectors, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_modules.retrieval.gallery_index as gallery_index
+
+    g, q = vectors
+    ids = [f"p{i}" for i in range(len(g))]
+    old = GalleryIndex.build(g[:500], ids[:500], ["a"] * 250 + ["b"] * 250)
+    old.save(tmp_path / "idx")
+    expected = old.search(q, 5, dataset="b")
+    new = GalleryIndex.build(g[500:], ids[500:], ["a"] * 750 + ["b"] * 750)
+    real_write, written = gallery_index.faiss.write_index, []
+
+    def killed_at_the_second_file(index, path: str) -> None:
+        if written:
+            raise KeyboardInterrupt  # as a kill: nothing after this line runs
+        written.append(path)
+        real_write(index, path)
+
+    monkeypatch.setattr(gallery_index.faiss, "write_index", killed_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        new.save(tmp_path / "idx")
+    monkeypatch.undo()
+    assert GalleryIndex.load(tmp_path / "idx").search(q, 5, dataset="b") == expected  # the old index, whole
+    new.save(tmp_path / "idx")  # saved again to the end: the new index, and only its files
+    assert GalleryIndex.load(tmp_path / "idx").search(q, 5, dataset="b") == new.search(q, 5, dataset="b")
+    assert len(list((tmp_path / "idx").glob("*.faiss"))) == 2 and not list((tmp_path / "idx").glob("*.tmp"))
+
+
 @pytest.mark.parametrize("kind,min_recall", [("ivf", 0.9), ("hnsw", 0.9)])
 def test_approximate_indexes_recall_against_exact(vectors, kind: str, min_recall: float) -> None:
     g, q = vectors
