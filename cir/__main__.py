@@ -5,6 +5,7 @@
     cir caption ...   MLLM captions of a shard folder (LLaVA-caption CIR)
     cir build ...     CIR training data from a catalogue of photos (the FashionMV pipeline)
     cir search ...    saved faiss gallery indexes: build, query
+    cir index ...     a catalogue of product photos (no triplets) as a saved gallery index
     cir query ...     interactive queries (KV-cached for ProCIR's two-stage dialogue)
     cir serve ...     a trained model as an HTTP service with a web page over its gallery
     cir mine-negatives ...  offline hard negatives for training, mined with a trained model
@@ -42,6 +43,7 @@ COMMANDS = {
     "caption": "cir.caption",
     "build": "cir.build",
     "search": "cir.search",
+    "index": "cir.index",
     "query": "cir.query",
     "serve": "cir.serve.command",
     "sweep": "cir.sweep",

@@ -184,10 +184,13 @@ class ConciseArgumentParser(LightningArgumentParser):
 
 
 class CIRCLI(LightningCLI):
-    def __init__(self, *args: Any, prog: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, prog: str | None = None, needs_data: bool = True, **kwargs: Any) -> None:
         # ``prog`` (``cir query``…): a command's own CLI, which checks the files it names and
         # reports a mistake in one line under that name, as the console script does.
+        # ``needs_data=False``: a command that reads only the DataModule's preprocessing (``cir
+        # index`` embeds a catalogue), so the experiment's shard folder need not exist.
         self.prog = prog
+        self.needs_data = needs_data
         quiet_lightning(seed_too=prog is not None)
         super().__init__(*args, **kwargs)
 
@@ -283,7 +286,7 @@ class CIRCLI(LightningCLI):
         as the config's run). Refused first, in one line naming both classes, before anything is
         built or any MLflow run exists."""
         subcommand = self.config.get("subcommand")
-        if self._user_facing:  # the first hook after parsing: before the seed line and anything built
+        if self._user_facing and self.needs_data:  # the first hook after parsing: before anything is built
             self._check_data_dir(self.config[subcommand] if subcommand else self.config)
         if subcommand:
             self._check_checkpoint_class(self.config[subcommand])
@@ -354,7 +357,8 @@ def resolve_ckpt_path(ckpt_path: str | None, default_root_dir: str) -> Path | No
     return path if path.is_file() else None
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> CIRCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None,
+              needs_data: bool = True) -> CIRCLI:
     """The CLI over ``args`` (default: the command line); ``run=False`` only instantiates. With
     ``prog`` (the command using it, ``cir query``…) a config or shard folder that is not there ends
     the command in one line naming it (CIR_DEBUG=1: the exception)."""
@@ -365,7 +369,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None 
         if prog is None or debug_requested():
             raise
         raise SystemExit(f"{prog}: {one_line(exc)}") from None
-    return CIRCLI(**_cli_kwargs(), args=expanded, run=run, prog=prog)
+    return CIRCLI(**_cli_kwargs(), args=expanded, run=run, prog=prog, needs_data=needs_data)
 
 
 def _cli_kwargs() -> dict:

@@ -63,29 +63,33 @@ def load_model_and_data(configs: list[str], ckpt: str | None, extra: list[str],
     return model, dm
 
 
-def load_with_fingerprint(configs: list[str], ckpt: str | None,
-                          extra: list[str]) -> tuple[Retriever, RetrievalData, dict[str, str]]:
-    """``load_model_and_data`` plus the model's fingerprint (``model_fingerprint``)."""
-    model, dm, cli = _load(configs, ckpt, extra)
+def load_with_fingerprint(configs: list[str], ckpt: str | None, extra: list[str],
+                          needs_data: bool = True) -> tuple[Retriever, RetrievalData, dict[str, str]]:
+    """``load_model_and_data`` plus the model's fingerprint (``model_fingerprint``). With
+    ``needs_data=False`` the DataModule only preprocesses: its shard folder need not exist and
+    generated data is not written."""
+    model, dm, cli = _load(configs, ckpt, extra, needs_data=needs_data)
     config = cli.config["model"]
     config = config.as_dict() if hasattr(config, "as_dict") else config
     return model, dm, model_fingerprint(model, dm.image_transform, config, ckpt, cli.config.get("seed_everything"))
 
 
-def _load(configs: list[str], ckpt: str | None, extra: list[str],
-          prog: str | None = None) -> tuple[Retriever, RetrievalData, Any]:
+def _load(configs: list[str], ckpt: str | None, extra: list[str], prog: str | None = None,
+          needs_data: bool = True) -> tuple[Retriever, RetrievalData, Any]:
     prog = prog or command_name()
     if prog:  # every file named, before the model is built (its fragments and shard folder: build_cli)
         check_files(prog, [("--config", c) for c in configs] + [("--ckpt", ckpt)])
     args = [a for c in configs for a in ("--config", c)] + ["--trainer.logger=false", *extra]
-    cli = build_cli(args, run=False, prog=prog)
+    cli = build_cli(args, run=False, prog=prog, needs_data=needs_data)
     model, dm = cli.model, cli.datamodule
     if not isinstance(model, Retriever):
         raise SystemExit(f"{type(model).__name__} is not a retrieval model (it has no encode_query/encode_target): "
                          "give the experiment of a trained CIR model")
-    if isinstance(dm, SyntheticDataModule) and not (dm.data_dir / MANIFEST).is_file():
+    if needs_data and isinstance(dm, SyntheticDataModule) and not (dm.data_dir / MANIFEST).is_file():
         dm.prepare_data()  # generated data is written on first use, as training writes it
-    if not isinstance(dm, RetrievalData):
+    # Without data only the preprocessing is read: the Protocol check would read the manifest.
+    serves = isinstance(dm, RetrievalData) if needs_data else callable(getattr(dm, "set_image_transform", None))
+    if not serves:
         raise SystemExit(f"{type(dm).__name__} does not serve galleries: use datamodules.ShardDataModule")
     if ckpt:
         load_weights_into(model, ckpt)

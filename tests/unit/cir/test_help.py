@@ -40,6 +40,7 @@ HELPS = [
     (["search"], None),
     (["search", "build"], "(default: flat)"),
     (["search", "query"], "(default: 10)"),
+    (["index"], "(default: catalogue)"),
     (["query"], "(default: val)"),
     (["serve"], "(default: 8000)"),
     (["sweep"], None),

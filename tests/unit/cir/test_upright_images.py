@@ -9,32 +9,16 @@ import io
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
+from support.photos import ROTATED_CW, phone_jpeg
 
 from cir.models import query_batch
 from cir.serve.limits import BadInput, Limits
 from lightning_modules.backbones import CLIPBackbone
 from lightning_modules.backbones.images import open_upright, orientation, upright
 from lightning_modules.families.procir import InteractiveEncoder
-
-ROTATED_CW = 6  # stored pixels must be turned 90° clockwise to be seen upright
-
-
-def phone_jpeg(width: int, height: int, tag: int = ROTATED_CW, seed: int = 0) -> tuple[bytes, Image.Image]:
-    """A ``width × height`` (upright) picture stored as a camera stores it for ``tag``, and the
-    upright pixels: the stored JPEG's own decode, turned by hand."""
-    rng = np.random.default_rng(seed)
-    picture = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    stored = picture.transpose(Image.Transpose.ROTATE_90) if tag == ROTATED_CW else picture
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = tag
-    buf = io.BytesIO()
-    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    decoded = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return buf.getvalue(), decoded.transpose(Image.Transpose.ROTATE_270) if tag == ROTATED_CW else decoded
 
 
 @pytest.fixture(scope="module")

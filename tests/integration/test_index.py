@@ -1,0 +1,135 @@
+"""`cir index`: a catalogue of photos with no triplets becomes a gallery index. A catalogue of
+real-world JPEGs (mixed sizes, a phone photo stored sideways with its EXIF orientation, a truncated
+view, a product whose only view is truncated) goes through to `cir search query`. The index's
+answers are checked against a brute-force ranking of embeddings computed here by hand, through the
+model's own encoder, from pixels turned upright by hand."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from support.photos import phone_jpeg
+
+from cir.index import main as cir_index
+from cir.search import main as cir_search
+from datamodules.synthetic import generate
+from datamodules.synthetic.catalogue import write_catalogue_layout
+from lightning_modules.core import Products
+from lightning_modules.retrieval import GalleryIndex
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "experiments/demos/clip4cir.yaml")
+SPRC = str(ROOT / "experiments/demos/sprc_demo.yaml")
+NOWHERE = ["--", "--data.init_args.data_dir=/nonexistent/shards"]  # the experiment's data is not needed
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shop")
+    write_catalogue_layout(root, generate(10, seed=4), seed=4, accessories=1)
+    images = root / "images"
+    first = sorted(images.rglob("*.jpg"))[0]
+    big = images / "big" / "x1"  # the same picture at 7x the size, as a studio shot would be
+    big.mkdir(parents=True)
+    with Image.open(first) as img:
+        img.resize((img.width * 7, img.height * 7)).save(big / "00_front.jpg", quality=90)
+    stored, upright_pixels = phone_jpeg(300, 500, seed=3)
+    (images / "phone" / "sideways").mkdir(parents=True)
+    (images / "phone" / "sideways" / "00_front.jpg").write_bytes(stored)
+    (images / "phone" / "upright").mkdir(parents=True)
+    upright_pixels.save(images / "phone" / "upright" / "00_front.png")  # lossless: the same pixels
+    truncated = first.read_bytes()[: len(first.read_bytes()) // 2]
+    (images / "broken" / "half").mkdir(parents=True)
+    (images / "broken" / "half" / "00_front.jpg").write_bytes(truncated)  # no readable view at all
+    (images / "broken" / "partly").mkdir()
+    shutil.copy(first, images / "broken" / "partly" / "00_front.jpg")
+    (images / "broken" / "partly" / "01_back.jpg").write_bytes(truncated)  # one of two views unreadable
+    return root
+
+
+def _index(catalogue: Path, out: Path, *extra: str) -> None:
+    cir_index(["--config", DEMO, "--untrained", "--catalogue", str(catalogue), "--out", str(out), *extra, *NOWHERE])
+
+
+def test_a_catalogue_without_triplets_is_indexed_and_searched(catalogue: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from cir.models import load_with_fingerprint
+    from lightning_modules.backbones.images import open_upright
+
+    out = tmp_path / "index"
+    _index(catalogue, out)
+    printed = capsys.readouterr()
+    summary = json.loads((out / "catalogue_summary.json").read_text())
+    products_in = 10 + 1 + 4 + 1  # generated, the accessory, big + 2 phone + partly, half
+    assert summary["catalogue"]["products_in"] == products_in
+    assert summary["catalogue"]["unreadable_views"] == 2 and summary["without_readable_view"] == 1
+    assert sum(summary["indexed"].values()) == products_in - 1
+    assert "1 of 16 products have no readable view" in printed.err
+
+    # The reference: every product embedded here, each view opened by hand (EXIF applied by
+    # open_upright, checked on the phone pair below), in one batch per product.
+    model, dm, _ = load_with_fingerprint([DEMO], None, NOWHERE[1:], needs_data=False)
+    index = GalleryIndex.load(out)
+    assert set(index.ids) == {"catalogue", "synth_street"}  # the 10 generated products are all street
+
+    def embed(pid: str) -> torch.Tensor:
+        opened = []
+        for v in sorted((catalogue / "images" / pid).iterdir()):
+            try:
+                opened.append(dm.image_transform(open_upright(v)))
+            except OSError:  # the truncated view
+                continue
+        with torch.no_grad():
+            mask = torch.ones(1, len(opened), dtype=torch.bool)
+            return model.encode_target(Products(torch.stack(opened)[None], mask)).float()[0]
+
+    sideways, upright = embed("phone/sideways"), embed("phone/upright")
+    assert torch.allclose(sideways, upright, atol=1e-5)  # the phone photo was read upright
+    rotated = Image.open(io.BytesIO((catalogue / "images/phone/sideways/00_front.jpg").read_bytes())).convert("RGB")
+    with torch.no_grad():
+        as_stored = model.encode_target(Products(dm.image_transform(rotated)[None, None],
+                                                 torch.ones(1, 1, dtype=torch.bool))).float()[0]
+    assert not torch.allclose(as_stored, upright, atol=1e-3)  # reading it as stored would differ
+    noise = torch.Generator().manual_seed(0)
+    for dataset, ids in index.ids.items():  # the index ranks as brute force over the hand-made embeddings
+        gallery = F.normalize(torch.stack([embed(pid) for pid in ids]), dim=-1)
+        queries = F.normalize(gallery + 0.05 * torch.randn(gallery.shape, generator=noise), dim=-1)
+        k = min(3, len(ids))
+        scores = queries @ gallery.T
+        best = scores.topk(k, dim=1).values
+        # Compared by score: the phone pair embeds within 1e-5, so its order is a tie either way.
+        for q, row in enumerate(index.search(queries, k, dataset=dataset)):
+            assert [s for _, s in row] == pytest.approx(best[q].tolist(), abs=1e-4)
+            assert [float(scores[q, ids.index(pid)]) for pid, _ in row] == pytest.approx([s for _, s in row], abs=1e-4)
+
+    # cir search query answers from it, under the model that built it.
+    capsys.readouterr()
+    cir_search(["query", "--index", str(out), "--config", DEMO, "--untrained", "--dataset", "synth_street",
+                "--images", str(catalogue / "images/phone/sideways/00_front.jpg"), "--text", "make it red",
+                *NOWHERE])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["rank", "score", "product"]
+    assert len(table) == 1 + min(10, len(index.ids["synth_street"]))
+
+
+def test_index_refusals_are_one_line(catalogue: Path, tmp_path: Path) -> None:
+    cases = [
+        (["--config", DEMO, "--untrained", "--catalogue", str(tmp_path / "none"), "--out", str(tmp_path / "o")],
+         "no images/ folder"),
+        (["--config", SPRC, "--untrained", "--catalogue", str(catalogue), "--out", str(tmp_path / "o"), *NOWHERE],
+         "multi-vector"),
+        (["--config", DEMO, "--catalogue", str(catalogue), "--out", str(tmp_path / "o")], "--untrained"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as stopped:
+            cir_index(argv)
+        message = str(stopped.value.code)
+        assert message.startswith("cir index: ") and len(message.splitlines()) == 1 and words in message, message
+    assert not (tmp_path / "o" / "gallery_index.json").exists()
