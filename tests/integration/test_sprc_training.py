@@ -1,10 +1,10 @@
 """Tiny SPRC learns to read the text on the generated data: a shortened version of
-experiments/demos/sprc_demo.yaml beats its own text-blind line on the query groups.
+experiments/demos/sprc_demo.yaml beats its own text-blind line at R@1 and within the query groups.
 
-SPRC's tiny BLIP-2 learns slowest of the families: after 8 epochs it does not yet beat its
-text-blind line at R@1 over the whole gallery (0.055-0.076 against 0.068-0.071 over three seeds),
-only within the groups (see the measurements below); the README's demo table says how far the full
-demo gets.
+With SPRC's align term (which pulls the generated prompt, the image's only way into the query,
+towards one learnt vector) the random tiny BLIP-2 did not beat its text-blind line at R@1 in 8
+epochs (0.055-0.076 against 0.068-0.071 over three seeds); without it, and trained for 16 epochs,
+it does on every seed (the measurements below).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sprc_reads_the_text(data: Path, tmp_path: Path) -> None:
     torch.manual_seed(SEED)
     L.seed_everything(SEED)
-    # configs/model/sprc/tiny.yaml's settings (no align term) at twice its peak LR, for 16 epochs
+    # configs/model/sprc/tiny.yaml and experiments/demos/sprc_demo.yaml's settings, validated once at the end
     model = SPRC(Blip2Backbone("tiny"), freeze_vision=False, loss=SPRCLoss(rtc_weight=0.4, align_weight=0.0),
                  optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.01),
                  scheduler=lambda o: OneCycleSchedule(o, pct_start=0.1, div_factor=10.0, final_div_factor=100.0),
@@ -55,8 +55,11 @@ def test_sprc_reads_the_text(data: Path, tmp_path: Path) -> None:
     print({k: round(metrics[f"val/{k}"], 3) for k in ("recall_at_1", "text_blind/recall_at_1", "recall_at_10",
                                                        "text_blind/recall_at_10", "recall_subset_at_1",
                                                        "text_blind/recall_subset_at_1")}, share, pairs)
-    # Seeds 0/1/2: Recall_subset@1 0.266/0.248/0.380 vs text-blind 0.197/0.186/0.200 (1.33-1.90x);
-    # two texts 0.223/0.265/0.332 (text-blind: 0; a random scorer: 0.25).
-    # The two-text share is printed, not asserted: at a random scorer's level (0.25), it would say nothing.
+    # Seeds 0/1/2 (epoch permutation, masked false negatives, generator version 5):
+    # R@1 0.100/0.091/0.100 vs text-blind 0.057/0.065/0.058 (1.40-1.75x);
+    # Recall_subset@1 0.395/0.306/0.402 vs 0.197/0.185/0.200 (1.65-2.01x);
+    # R@10 0.617/0.625/0.594 vs 0.441/0.562/0.456 (+0.06 to +0.18); two texts 0.429/0.284/0.373.
+    # The two-text share is printed, not asserted: one seed is near a random scorer's 0.25.
     assert pairs > 100
-    assert metrics["val/recall_subset_at_1"] > 1.15 * metrics["val/text_blind/recall_subset_at_1"]
+    assert metrics["val/recall_at_1"] > 1.2 * metrics["val/text_blind/recall_at_1"]
+    assert metrics["val/recall_subset_at_1"] > 1.4 * metrics["val/text_blind/recall_subset_at_1"]
