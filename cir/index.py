@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from datamodules.batching import pad_views, stack_views
 from lightning_modules.backbones.images import open_upright
@@ -34,6 +33,7 @@ from lightning_modules.retrieval import GalleryIndex
 from .args import add_weights_options, command_parser, parse
 from .errors import _exit, check_files, one_line, user_errors
 from .models import load_with_fingerprint, require_weights
+from .progress import Progress
 
 PROG = "cir index"
 SUMMARY = "catalogue_summary.json"
@@ -60,7 +60,7 @@ def embed_catalogue(model: Retriever, transform: Any, products: list[CataloguePr
     ``transform`` (the model's own). A view that cannot be decoded any more (changed since the
     catalogue was read) ends the command naming it."""
     out = []
-    bar = tqdm(total=len(products), desc="embedding", unit="product", disable=not progress)
+    bar = Progress(PROG, "embedding", len(products), "product") if progress else None
     for start in range(0, len(products), batch_size):
         chunk = products[start:start + batch_size]
         stacks = []
@@ -76,8 +76,10 @@ def embed_catalogue(model: Retriever, transform: Any, products: list[CataloguePr
                              "multi-vector model: SPRC, or a maxsim view strategy); cir index holds one vector "
                              "per product: use a single-vector model or view strategy (joint, meanpool)")
         out.append(emb)
-        bar.update(len(chunk))
-    bar.close()
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
     return torch.cat(out)
 
 

@@ -29,6 +29,7 @@ from lightning_modules.core.adapters import LoraConfigured, apply_lora, has_lora
 
 from .errors import check_files, debug_requested, one_line
 from .lightning_cli import build_cli, checkpoint_class_mismatch
+from .progress import Progress
 
 # What a fingerprint records, in the order a mismatch names them.
 FINGERPRINT = ("family", "model_config", "checkpoint", "preprocessing", "image_transform", "normalisation")
@@ -287,11 +288,15 @@ def encode_gallery_with_meta(model: Retriever, dm: RetrievalData,
     """``encode_gallery`` plus each product's shard metadata (category, captions, attributes), which
     a result table shows beside the id."""
     embs, ids, datasets, metas = [], [], [], []
-    for batch in dm.eval_dataloaders(split)[0]:
-        embs.append(model.encode_target(Products.gallery_of(batch)).float())
-        ids += [m.get("raw_id") or m["product_id"] for m in batch["meta"]]
-        datasets += batch["dataset"]
-        metas += list(batch["meta"])
+    manifest = getattr(dm, "manifest", None)
+    total = manifest.get("splits", {}).get(split, {}).get("products") if isinstance(manifest, dict) else None
+    with Progress(command_name() or "cir", f"embedding the {split} gallery", total, "product") as progress:
+        for batch in dm.eval_dataloaders(split)[0]:
+            embs.append(model.encode_target(Products.gallery_of(batch)).float())
+            ids += [m.get("raw_id") or m["product_id"] for m in batch["meta"]]
+            datasets += batch["dataset"]
+            metas += list(batch["meta"])
+            progress.update(len(batch["meta"]))
     return torch.cat(embs), ids, datasets, metas
 
 
