@@ -8,11 +8,10 @@ differ only in the changed attributes, the source removed from the ranking, CIRR
 text-blind Recall_subset@1 is about 1 / group size (≈ 0.19 here), and it satisfies the two-text
 check never (one query embedding cannot order two targets both ways; a random scorer would 25 % of
 the time; only LLaVA-caption's oracle captions lift it clearly above that in these short runs).
-Thresholds come from three seeds (data and training seed 0, 1, 2) measured on this
-2-core machine with the resampled training stream, written beside each assertion; CI runs seed 0.
-Seed 0 was measured again with the epoch permutation and masked false negatives (generator version
-5): Recall_subset@1 CLIP4CIR 0.357, LLaVA-caption 0.418, ProCIR 0.412 (text-blind 0.197); R@10
-0.566 / 0.619 / 0.609 against 0.426 / 0.424 / 0.424; SPRC (test_sprc_training.py) 0.283.
+Thresholds come from three seeds (data and training seed 0, 1, 2; ``CIR_QUALITY_SEED``) measured
+on this 2-core machine with the epoch permutation and masked false negatives on generator version 5,
+written beside each assertion and set below the lowest seed; CI runs seed 0. (SPRC:
+test_sprc_training.py.)
 """
 
 from __future__ import annotations
@@ -83,8 +82,9 @@ def _opt(lr: float):  # noqa: ANN202
 
 @pytest.mark.slow
 def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
-    # Seeds 0/1/2: Recall_subset@1 0.348/0.274/0.432 vs text-blind 0.197/0.186/0.200 (1.47-2.16x);
-    # R@10 0.622/0.623/0.612 vs 0.510/0.530/0.420 (+0.09 to +0.19); two texts 0.267/0.263/0.353.
+    # Seeds 0/1/2: Recall_subset@1 0.357/0.300/0.450 vs text-blind 0.197/0.185/0.200 (1.62-2.25x);
+    # R@10 0.566/0.609/0.612 vs 0.426/0.550/0.406 (+0.06 to +0.21); two texts -/0.295/0.349;
+    # R@1 0.066/0.097/0.094 vs 0.068/0.077/0.060: not above its text-blind line on every seed, so not asserted.
     torch.manual_seed(SEED)
     L.seed_everything(SEED)
     module = CLIP4CIR(CLIPBackbone("tiny"), Combiner(48), stage2_loss=StaticBankLoss(), optimizer=_opt(5e-4),
@@ -92,15 +92,15 @@ def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
     dm = _dm(data)
     metrics = fit(module, dm, tmp_path, 12, [StageSwitch(switch_epoch=3)])
     assert module.training_stage == 2 and module.bank is not None
-    # The two-text share is at a random scorer's level (0.26-0.35): not asserted, see assert_reads_the_text.
-    assert_reads_the_text(metrics, module, dm, subset_ratio=1.25, r10_gain=0.04, two_text=None)
+    # The two-text share is near a random scorer's level (0.30-0.35): not asserted, see assert_reads_the_text.
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.4, r10_gain=0.04, two_text=None)
 
 
 @pytest.mark.slow
 def test_llava_caption_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
-    # Seeds 0/1/2 (oracle captions): Recall_subset@1 0.380/0.369/0.386 vs text-blind 0.197/0.186/0.200
-    # (1.93-1.98x); R@10 0.675/0.657/0.588 vs 0.516/0.482/0.368 (+0.16 to +0.22); two texts
-    # 0.432/0.389/0.387; R@1 0.169/0.210/0.124 vs 0.097/0.123/0.078 (1.59-1.75x).
+    # Seeds 0/1/2 (oracle captions): Recall_subset@1 0.418/0.415/0.376 vs text-blind 0.197/0.185/0.200
+    # (1.88-2.24x); R@10 0.619/0.694/0.606 vs 0.424/0.458/0.406 (+0.20 to +0.24); two texts
+    # -/0.424/0.379; R@1 0.174/0.222/0.164 vs 0.084/0.123/0.072 (1.80-2.28x).
     torch.manual_seed(SEED)
     L.seed_everything(SEED)
     module = LLaVACaptionCIR(CLIPBackbone("tiny"), TransformerFusion(48), stage2_loss=StaticBankLoss(),
@@ -108,8 +108,8 @@ def test_llava_caption_two_stage_reads_the_text(data: Path, tmp_path: Path) -> N
     dm = _dm(data)
     metrics = fit(module, dm, tmp_path, 12, [StageSwitch(switch_epoch=3)])
     assert module.training_stage == 2
-    assert_reads_the_text(metrics, module, dm, subset_ratio=1.6, r10_gain=0.08, two_text=0.3)
-    assert metrics["val/recall_at_1"] > 1.3 * metrics["val/text_blind/recall_at_1"]
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.6, r10_gain=0.12, two_text=0.3)
+    assert metrics["val/recall_at_1"] > 1.5 * metrics["val/text_blind/recall_at_1"]
 
 
 @pytest.mark.slow
@@ -118,14 +118,15 @@ def test_procir_mt_align_reads_the_text(data: Path, tmp_path: Path) -> None:
     from lightning_modules import CosineSchedule, ProCIR
     from lightning_modules.backbones import QwenBackbone
 
-    # Seeds 0/1/2: Recall_subset@1 0.350/0.311/0.462 vs text-blind 0.197/0.186/0.200 (1.67-2.31x);
-    # R@10 0.567/0.665/0.644 vs 0.478/0.514/0.444 (+0.09 to +0.20); two texts 0.310/0.285/0.353.
+    # Seeds 0/1/2: Recall_subset@1 0.412/0.329/0.462 vs text-blind 0.197/0.185/0.200 (1.78-2.31x);
+    # R@10 0.609/0.659/0.630 vs 0.424/0.530/0.462 (+0.13 to +0.19); two texts -/0.298/0.366;
+    # R@1 0.088/0.091/0.086 vs 0.055/0.062/0.064 (1.34-1.60x).
     torch.manual_seed(SEED)
     L.seed_everything(SEED)
     module = ProCIR(QwenBackbone("tiny"), optimizer=_opt(1e-3), scheduler=lambda o: CosineSchedule(o, warmup_steps=30),
                     evaluation=CIRR)
     dm = _dm(data, train_text="mixed")
     metrics = fit(module, dm, tmp_path, 2, gradient_clip_val=1.0)
-    assert_reads_the_text(metrics, module, dm, subset_ratio=1.4, r10_gain=0.04, two_text=None)  # two texts: 0.29-0.35
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.5, r10_gain=0.08, two_text=None)  # two texts: 0.30-0.37
     # image-text retrieval of the product's own caption: chance is 5 / gallery
     assert metrics["val/t2i_recall_at_5"] > 2 * 5 / metrics["val/synth_studio/gallery_size"]
