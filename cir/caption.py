@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from lightning_modules.families.llava_caption.caption_job import build_captioner, run_caption_job
+from lightning_modules.families.llava_caption.captioners import CaptionFailed
 from lightning_modules.generation import EndpointUnavailable
 
 from .args import command_parser, parse
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         except (ValueError, KeyError) as exc:  # a bad manifest, a split it does not have
             text = exc.args[0] if isinstance(exc, KeyError) and exc.args else one_line(exc)
             raise _exit(PROG, f"{text} (CIR_DEBUG=1 shows the traceback)", exc) from None
-        except RuntimeError as exc:  # the server answered, with failures: every finished batch is kept
+        except CaptionFailed as exc:  # the server answered, with failures: every finished batch is kept
             raise _exit(PROG, f"{one_line(exc)}; captions so far are kept, rerun the same command to go on",
                         exc) from None
     print(json.dumps(counts))

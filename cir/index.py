@@ -7,15 +7,16 @@
 Options after ``--`` go to the experiment's config. The experiment's data need not exist: only its
 preprocessing is used. The catalogue is the layout ``cir build`` reads: ``images/<product_id>/*.jpg``
 (a product's views, in name order, at most five) and an optional ``products.jsonl`` (``product_id``,
-``dataset``, ``category``, ``title``). Every product with a readable view is embedded with the trained model as
-its gallery item, views upright as their EXIF orientation says; unreadable views are skipped and
-counted, and products with none are reported. The index records the model's fingerprint, so that
-``cir search query`` refuses it to any other model; a kill while it is written leaves the index
-that was there before.
+``dataset``, ``category``, ``title``). Every product with a readable view is embedded with the
+trained model as its gallery item, its views read as evaluation reads a shard's (a phone photo's
+EXIF orientation applied); unreadable views are skipped and counted, and products with none are
+reported. The index records the model's fingerprint, so that ``cir search query`` refuses it to any
+other model; a kill while it is written leaves the index that was there before.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -23,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from datamodules.batching import pad_views, stack_views
-from lightning_modules.backbones.images import open_upright
+from datamodules.fast_decode import JPEG_MAGIC, open_view
+from lightning_modules.backbones.images import open_upright, orientation
 from lightning_modules.construction.catalogue import Catalogue, CatalogueProduct, read_catalogue
 from lightning_modules.core import Products, Retriever
 from lightning_modules.retrieval import GalleryIndex
@@ -53,10 +56,24 @@ def build_parser() -> Any:
     return p
 
 
+def read_view(path: Path) -> Any:
+    """A view as evaluation reads a shard's view (``open_view``: a colour JPEG decoded at the size
+    the preprocessing needs, so a catalogue product and the same product in shards embed alike),
+    unless its EXIF orientation asks for a turn: then decoded whole and turned upright, as ``cir
+    build`` writes it and as ``cir serve`` reads an upload."""
+    data = path.read_bytes()
+    if data.startswith(JPEG_MAGIC):
+        with Image.open(io.BytesIO(data)) as header:  # the header only: the orientation is in it
+            turned = orientation(header) != 1
+        if not turned:
+            return open_view(data)
+    return open_upright(io.BytesIO(data))
+
+
 @torch.no_grad()
 def embed_catalogue(model: Retriever, transform: Any, products: list[CatalogueProduct], batch_size: int = 32,
                     progress: bool = True) -> torch.Tensor:
-    """One embedding per product, ``[N, D]``, from its views read upright and preprocessed by
+    """One embedding per product, ``[N, D]``, from its views (``read_view``) preprocessed by
     ``transform`` (the model's own). A view that cannot be decoded any more (changed since the
     catalogue was read) ends the command naming it."""
     out = []
@@ -66,8 +83,8 @@ def embed_catalogue(model: Retriever, transform: Any, products: list[CataloguePr
         stacks = []
         for product in chunk:
             try:
-                stacks.append(stack_views([open_upright(v) for v in product.views], transform))
-            except OSError as exc:
+                stacks.append(stack_views([read_view(v) for v in product.views], transform))
+            except (OSError, ValueError) as exc:  # CorruptSample is a ValueError
                 raise SystemExit(f"{PROG}: product {product.product_id!r}: {one_line(exc)}") from None
         images, mask = pad_views(stacks)
         emb = model.encode_target(Products(images, mask, None, [p.meta() for p in chunk])).float().cpu()
@@ -102,6 +119,10 @@ def _write_summary(out: Path, catalogue: Catalogue, indexed: dict[str, int]) -> 
 
 def main(argv: list[str] | None = None) -> None:
     args, extra = parse(build_parser(), argv, passthrough=True)
+    if args.batch_size < 1:
+        raise SystemExit(f"{PROG}: --batch-size {args.batch_size}: at least 1")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"{PROG}: --out {args.out}: a file, not a folder; name a folder for the index")
     require_weights(PROG, args.ckpt, args.untrained)
     check_files(PROG, [("--config", c) for c in args.config])
     with user_errors(PROG):

@@ -136,10 +136,20 @@ def _digest(data: bytes) -> str:
 
 
 def digest_cache() -> Path:
-    """``$XDG_CACHE_HOME/fashion-cir/digests.json`` (default ``~/.cache/...``), read when needed:
-    tests and users may point ``XDG_CACHE_HOME`` elsewhere after import."""
+    """``$CIR_CACHE_DIR/digests.json``, by default ``$XDG_CACHE_HOME/fashion-cir/`` (``~/.cache``),
+    read when needed: a later change of the environment counts."""
+    own = os.environ.get("CIR_CACHE_DIR")
+    if own:
+        return Path(own) / "digests.json"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
     return Path(base) / "fashion-cir" / "digests.json"
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except OSError:  # a stale mount, a folder we may not read: kept, it costs nothing
+        return True
 
 
 def file_digest(path: str | Path, cache: Path | None = None) -> str:
@@ -168,7 +178,7 @@ def file_digest(path: str | Path, cache: Path | None = None) -> str:
         while block := f.read(2**20):
             h.update(block)
     digest = h.hexdigest()[:16]
-    known = {k: v for k, v in known.items() if Path(k).exists()}
+    known = {k: v for k, v in known.items() if _exists(k)}
     known[key] = {"stamp": stamp, "sha256": digest}
     try:  # written whole, then renamed: two commands starting at once never leave half a file
         cache.parent.mkdir(parents=True, exist_ok=True)

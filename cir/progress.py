@@ -1,6 +1,7 @@
 """Progress of a long job, readable where it runs: a bar with rate and ETA at a terminal, and
 without one (a log file, a batch scheduler, a pipe) a plain line every ``every_s`` seconds, since a
-bar there is either invisible or thousands of carriage returns in the log."""
+bar there is either invisible or thousands of carriage returns in the log. A job shorter than one
+interval prints nothing without a terminal."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.every_s, self.clock = every_s, clock
         self.done = 0
+        self.lines = 0
         self.start = self.last = clock()
         is_tty = self.stream.isatty() if tty is None else tty
         self.bar = tqdm(total=total, desc=what, unit=unit, file=self.stream) if is_tty else None
@@ -53,6 +55,7 @@ class Progress:
             self._line(now)
 
     def _line(self, now: float, final: bool = False) -> None:
+        self.lines += 1
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
         counts = f"{self.done}/{self.total} {self.unit}s ({self.done / self.total:.0%})" if self.total else \
@@ -63,9 +66,11 @@ class Progress:
               flush=True)
 
     def close(self) -> None:
+        """Ends the bar; without a terminal, a last line with the time taken, where the job was long
+        enough to print any line (a short job says nothing: its caller's own output follows)."""
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.lines:
             self._line(self.clock(), final=True)
 
     def __enter__(self) -> Progress:

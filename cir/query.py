@@ -215,6 +215,9 @@ def _run(args: Any, extra: list[str]) -> None:
     if not args.text and sys.stdin.isatty():  # the model and gallery take a while: say so, and how to stop
         print("cir query: loading the model and embedding the gallery (Ctrl-C stops)…", flush=True)
     model, dm = load_model_and_data(args.config, args.ckpt, extra, prog="cir query")
+    known = getattr(dm, "datasets", None)  # from the manifest: a missing --dataset is refused before embedding
+    if isinstance(known, list) and known:
+        choose_dataset(known, args.dataset, "cir query")
     gallery, ids, datasets, metas = encode_gallery_with_meta(model, dm, args.split)
     dataset = choose_dataset(datasets, args.dataset, "cir query")
     rows = torch.tensor([d == dataset for d in datasets])

@@ -129,11 +129,13 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not JSON ({exc}); rewrite the folder with the converter that made it") from None
-    found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-    if found != "fashion-cir-shards/1":
-        raise ValueError(f"{path}: unknown format {found!r}; expected 'fashion-cir-shards/1'")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: a JSON {type(manifest).__name__}, not an object; rewrite the folder with the "
+                         "converter that made it")
+    if manifest.get("format") != "fashion-cir-shards/1":
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}; expected 'fashion-cir-shards/1'")
     return manifest
 
 

@@ -61,6 +61,6 @@ def _isolated_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The user's ~/.cache (checkpoint digests) stays untouched, in this process and the commands
-    tests start."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    """The user's cache of checkpoint digests stays untouched, in this process and the commands
+    tests start (only ours: the Hugging Face and torch caches stay where they are)."""
+    monkeypatch.setenv("CIR_CACHE_DIR", str(tmp_path / "cir-cache"))

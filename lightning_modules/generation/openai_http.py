@@ -197,7 +197,7 @@ class OpenAIChat:
                 self._note_refused(unreachable)
             except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, KeyError, IndexError, AttributeError,
                     TypeError) as exc:
-                self._refused = 0  # a timeout or a dropped connection: something took the connection
+                self._refused = 0  # a timeout or a dropped connection: not a refusal, whatever the cause
                 error = f"{type(exc).__name__}: {exc}"[:300]
             if attempt < self.max_retries:
                 delay = self._delay(attempt, retry_after)

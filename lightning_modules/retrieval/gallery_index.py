@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,20 @@ def build_faiss_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int 
         raise ValueError(f"unknown index kind {kind!r}; choose flat, ivf or hnsw")
     index.add(vectors)
     return index
+
+
+# Files a save writes: faiss files (``000.faiss`` before names carried a token) and the index's
+# JSON while it is written.
+_OWN_FILE = re.compile(r"\d{3}(-[0-9a-f]{8})?\.faiss|gallery_index\.json\.[0-9a-f]{8}\.tmp")
+
+
+def _files_named(meta_path: Path) -> set[str]:
+    """The files the index at ``meta_path`` names (none when it is missing or unreadable)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        return {str(entry["file"]) for entry in meta["datasets"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 class GalleryIndex:
@@ -99,6 +114,7 @@ class GalleryIndex:
         index or the new one, never a mixture."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        previous = _files_named(folder / "gallery_index.json")
         meta: dict[str, Any] = {"kind": self.kind, "datasets": {}}
         if self.fingerprint is not None:
             meta["fingerprint"] = dict(self.fingerprint)
@@ -110,10 +126,13 @@ class GalleryIndex:
         tmp = folder / f"gallery_index.json.{token}.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, folder / "gallery_index.json")
+        # Only what an index of ours left: the old index's files, and files of a save killed midway
+        # (our own name patterns). Anything else in the folder is someone else's.
         kept = {entry["file"] for entry in meta["datasets"].values()}
-        for stale in folder.glob("*.faiss"):
+        ours = [f for f in folder.iterdir() if f.name in previous or _OWN_FILE.fullmatch(f.name)]
+        for stale in ours:
             if stale.name not in kept:
-                stale.unlink()
+                stale.unlink(missing_ok=True)
         return folder
 
     @classmethod

@@ -259,7 +259,7 @@ def test_caption_mistakes_are_one_line(tmp_path: Path, shards: Path, monkeypatch
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("[1, 2]")
-    cases.append((["--data", str(broken), "--captioner", "oracle"], [str(broken / "manifest.json"), "unknown format"]))
+    cases.append((["--data", str(broken), "--captioner", "oracle"], [str(broken / "manifest.json"), "not an object"]))
     for argv, words in cases:
         with pytest.raises(SystemExit) as stopped:
             cir_caption([*argv, "--out", out])

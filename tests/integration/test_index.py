@@ -19,6 +19,8 @@ from support.photos import phone_jpeg
 
 from cir.index import main as cir_index
 from cir.search import main as cir_search
+from datamodules.batching import stack_views, views_of
+from datamodules.shards import decode_sample
 from datamodules.synthetic import generate
 from datamodules.synthetic.catalogue import write_catalogue_layout
 from lightning_modules.core import Products
@@ -80,28 +82,39 @@ def test_a_catalogue_without_triplets_is_indexed_and_searched(catalogue: Path, t
     assert set(index.ids) == {"catalogue", "synth_street"}  # the 10 generated products are all street
 
     def embed(pid: str) -> torch.Tensor:
-        opened = []
-        for v in sorted((catalogue / "images" / pid).iterdir()):
-            try:
-                opened.append(dm.image_transform(open_upright(v)))
-            except OSError:  # the truncated view
-                continue
+        """As evaluation embeds a gallery product of a shard: its view members through the shard
+        decoder (lazy JPEGs) and the data's view reader, then the model's transform. A phone photo's
+        pixels are turned upright by hand first (a shard holds what cir build wrote: upright)."""
+        sample: dict[str, object] = {"__key__": pid, "__url__": "catalogue", "json": b"{}"}
+        files = [v for v in sorted((catalogue / "images" / pid).iterdir()) if not v.name.startswith("01_back")
+                 or "broken" not in pid]  # the truncated view of broken/partly is what cir index skips
+        for n, view in enumerate(files):
+            data = view.read_bytes()
+            if pid == "phone/sideways":
+                buf = io.BytesIO()
+                upright_pixels.save(buf, "PNG")
+                data = buf.getvalue()
+            sample[f"view{n}.{view.suffix.lstrip('.')}"] = data
+        decoded = decode_sample(sample)
+        views = stack_views(views_of(decoded, "view"), dm.image_transform)
         with torch.no_grad():
-            mask = torch.ones(1, len(opened), dtype=torch.bool)
-            return model.encode_target(Products(torch.stack(opened)[None], mask)).float()[0]
+            return model.encode_target(Products(views[None], torch.ones(1, len(views), dtype=torch.bool))).float()[0]
 
+    upright_pixels = open_upright(catalogue / "images/phone/upright/00_front.png")
     sideways, upright = embed("phone/sideways"), embed("phone/upright")
-    assert torch.allclose(sideways, upright, atol=1e-5)  # the phone photo was read upright
+    assert torch.allclose(sideways, upright, atol=1e-5)  # the same pixels both ways, by construction
     rotated = Image.open(io.BytesIO((catalogue / "images/phone/sideways/00_front.jpg").read_bytes())).convert("RGB")
     with torch.no_grad():
         as_stored = model.encode_target(Products(dm.image_transform(rotated)[None, None],
                                                  torch.ones(1, 1, dtype=torch.bool))).float()[0]
-    assert not torch.allclose(as_stored, upright, atol=1e-3)  # reading it as stored would differ
+    assert not torch.allclose(as_stored, upright, atol=1e-3)  # reading the photo as stored would differ
     noise = torch.Generator().manual_seed(0)
     for dataset, ids in index.ids.items():  # the index ranks as brute force over the hand-made embeddings
         gallery = F.normalize(torch.stack([embed(pid) for pid in ids]), dim=-1)
         queries = F.normalize(gallery + 0.05 * torch.randn(gallery.shape, generator=noise), dim=-1)
         k = min(3, len(ids))
+        stored = torch.from_numpy(index.indexes[dataset].reconstruct_n(0, len(ids)))
+        assert torch.allclose(stored, gallery, atol=1e-5), dataset  # cir index embeds as evaluation does
         scores = queries @ gallery.T
         best = scores.topk(k, dim=1).values
         # Compared by score: the phone pair embeds within 1e-5, so its order is a tie either way.
@@ -126,6 +139,10 @@ def test_index_refusals_are_one_line(catalogue: Path, tmp_path: Path) -> None:
         (["--config", SPRC, "--untrained", "--catalogue", str(catalogue), "--out", str(tmp_path / "o"), *NOWHERE],
          "multi-vector"),
         (["--config", DEMO, "--catalogue", str(catalogue), "--out", str(tmp_path / "o")], "--untrained"),
+        (["--config", DEMO, "--untrained", "--catalogue", str(catalogue), "--out", str(tmp_path / "o"),
+          "--batch-size", "0"], "--batch-size 0: at least 1"),
+        (["--config", DEMO, "--untrained", "--catalogue", str(catalogue), "--out", str(catalogue / "products.jsonl")],
+         "a file, not a folder"),
     ]
     for argv, words in cases:
         with pytest.raises(SystemExit) as stopped:

@@ -37,6 +37,11 @@ class OracleCaptioner:
         return [m.get("modification_long") or m.get("modification_short") or "" for m in metas]
 
 
+class CaptionFailed(RuntimeError):
+    """Requests the backend answered with errors (a server's 4xx/5xx, an answer it could not give):
+    the batch is not written, the finished ones are."""
+
+
 class ChatCaptioner:
     """Greedy captions from any chat backend: an image then the prompt, or a text then the prompt."""
 
@@ -50,7 +55,7 @@ class ChatCaptioner:
         self.backend.complete(requests, lambda i, c: answers.__setitem__(i, c))
         failed = [c.error for c in answers.values() if c.error]
         if failed:
-            raise RuntimeError(f"the {self.name} captioner failed on {len(failed)} requests: {failed[0]}")
+            raise CaptionFailed(f"the {self.name} captioner failed on {len(failed)} requests: {failed[0]}")
         return [answers[i].text for i in range(len(turns))]
 
     def describe(self, images: list[Image.Image], prompt: str, metas: list[dict[str, Any]]) -> list[str]:

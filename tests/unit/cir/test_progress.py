@@ -48,6 +48,14 @@ def test_an_unknown_total_shows_counts_and_rate_only() -> None:
                                            "cir search: embedding the val gallery 10 products, 2.5/s, in 4s"]
 
 
+def test_a_job_shorter_than_one_interval_prints_nothing_without_a_terminal() -> None:
+    clock, out = Clock(), io.StringIO()
+    with Progress("cir index", "embedding", 10, "product", stream=out, every_s=30, tty=False, clock=clock) as progress:
+        clock.now += 29
+        progress.update(10)
+    assert out.getvalue() == ""
+
+
 def test_a_terminal_gets_the_bar_and_no_lines() -> None:
     clock, out = Clock(), io.StringIO()
     with Progress("cir index", "embedding", 10, "product", stream=out, every_s=0, tty=True, clock=clock) as progress:

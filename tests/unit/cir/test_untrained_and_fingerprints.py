@@ -235,6 +235,7 @@ def test_a_checkpoint_is_read_once_until_it_changes(tmp_path: Path, monkeypatch:
     import builtins
     import hashlib
     import os
+    import time
 
     import cir.models
     from cir.models import file_digest
@@ -254,9 +255,15 @@ def test_a_checkpoint_is_read_once_until_it_changes(tmp_path: Path, monkeypatch:
     assert first == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     reads.clear()
     assert file_digest(ckpt, cache) == first and reads == []  # the second start reads no checkpoint byte
-    mtime = ckpt.stat().st_mtime_ns
+    mtime, ctime = ckpt.stat().st_mtime_ns, ckpt.stat().st_ctime_ns
     ckpt.write_bytes(b"weights of epoch 2" * 1000)  # same size, and the old time put back (as cp -p would)
     os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, mtime))
+    for _ in range(300):  # a file system with coarse times: wait until the change time has moved
+        if ckpt.stat().st_ctime_ns != ctime:
+            break
+        time.sleep(0.01)
+        os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, mtime))
+    assert ckpt.stat().st_ctime_ns != ctime and ckpt.stat().st_mtime_ns == mtime
     second = file_digest(ckpt, cache)  # the change time, which no tool sets, still tells
     assert second == hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16] != first and reads == ["rb"]
     gone = tmp_path / "gone.ckpt"
@@ -270,6 +277,7 @@ def test_a_checkpoint_is_read_once_until_it_changes(tmp_path: Path, monkeypatch:
     assert str(gone) not in cache.read_text() and str(ckpt.resolve()) in cache.read_text()
     cache.write_text("{half a file")  # a damaged cache is ignored, then written whole again
     assert file_digest(ckpt, cache) == second and json.loads(cache.read_text())
+    monkeypatch.delenv("CIR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-folder"))
     (tmp_path / "not-a-folder").write_text("a file where the cache folder would be")
     assert cir.models.digest_cache() == tmp_path / "not-a-folder" / "fashion-cir" / "digests.json"
