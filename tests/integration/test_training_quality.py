@@ -83,7 +83,7 @@ def _opt(lr: float):  # noqa: ANN202
 @pytest.mark.slow
 def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
     # Seeds 0/1/2: Recall_subset@1 0.357/0.300/0.450 vs text-blind 0.197/0.185/0.200 (1.62-2.25x);
-    # R@10 0.566/0.609/0.612 vs 0.426/0.550/0.406 (+0.06 to +0.21); two texts -/0.295/0.349;
+    # R@10 0.566/0.609/0.612 vs 0.426/0.550/0.406 (+0.06 to +0.21); two texts 0.381/0.295/0.349;
     # R@1 0.066/0.097/0.094 vs 0.068/0.077/0.060: not above its text-blind line on every seed, so not asserted.
     torch.manual_seed(SEED)
     L.seed_everything(SEED)
@@ -92,7 +92,7 @@ def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
     dm = _dm(data)
     metrics = fit(module, dm, tmp_path, 12, [StageSwitch(switch_epoch=3)])
     assert module.training_stage == 2 and module.bank is not None
-    # The two-text share is near a random scorer's level (0.30-0.35): not asserted, see assert_reads_the_text.
+    # The two-text share is near a random scorer's level on one seed (0.30-0.38): not asserted.
     assert_reads_the_text(metrics, module, dm, subset_ratio=1.4, r10_gain=0.04, two_text=None)
 
 
@@ -100,7 +100,7 @@ def test_clip4cir_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
 def test_llava_caption_two_stage_reads_the_text(data: Path, tmp_path: Path) -> None:
     # Seeds 0/1/2 (oracle captions): Recall_subset@1 0.418/0.415/0.376 vs text-blind 0.197/0.185/0.200
     # (1.88-2.24x); R@10 0.619/0.694/0.606 vs 0.424/0.458/0.406 (+0.20 to +0.24); two texts
-    # -/0.424/0.379; R@1 0.174/0.222/0.164 vs 0.084/0.123/0.072 (1.80-2.28x).
+    # 0.436/0.424/0.379; R@1 0.174/0.222/0.164 vs 0.084/0.123/0.072 (1.80-2.28x).
     torch.manual_seed(SEED)
     L.seed_everything(SEED)
     module = LLaVACaptionCIR(CLIPBackbone("tiny"), TransformerFusion(48), stage2_loss=StaticBankLoss(),
@@ -119,7 +119,7 @@ def test_procir_mt_align_reads_the_text(data: Path, tmp_path: Path) -> None:
     from lightning_modules.backbones import QwenBackbone
 
     # Seeds 0/1/2: Recall_subset@1 0.412/0.329/0.462 vs text-blind 0.197/0.185/0.200 (1.78-2.31x);
-    # R@10 0.609/0.659/0.630 vs 0.424/0.530/0.462 (+0.13 to +0.19); two texts -/0.298/0.366;
+    # R@10 0.609/0.659/0.630 vs 0.424/0.530/0.462 (+0.13 to +0.19); two texts 0.417/0.298/0.366;
     # R@1 0.088/0.091/0.086 vs 0.055/0.062/0.064 (1.34-1.60x).
     torch.manual_seed(SEED)
     L.seed_everything(SEED)
@@ -127,6 +127,6 @@ def test_procir_mt_align_reads_the_text(data: Path, tmp_path: Path) -> None:
                     evaluation=CIRR)
     dm = _dm(data, train_text="mixed")
     metrics = fit(module, dm, tmp_path, 2, gradient_clip_val=1.0)
-    assert_reads_the_text(metrics, module, dm, subset_ratio=1.5, r10_gain=0.08, two_text=None)  # two texts: 0.30-0.37
+    assert_reads_the_text(metrics, module, dm, subset_ratio=1.5, r10_gain=0.08, two_text=None)  # two texts: 0.30-0.42
     # image-text retrieval of the product's own caption: chance is 5 / gallery
     assert metrics["val/t2i_recall_at_5"] > 2 * 5 / metrics["val/synth_studio/gallery_size"]
