@@ -31,7 +31,7 @@ from PIL import Image
 
 from .atomic import write_json_atomic
 from .batching import views_of
-from .sample_index import member_key, shard_stamp
+from .sample_index import keyed_members, shard_stamp
 from .shards import IMAGE_EXTS, JSON_EXTS, decode_sample, read_manifest, shard_urls
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,10 @@ def _scan_shard(path: Path, number: int, products: dict[str, dict[str, Location]
     """Add every product of one gallery tar, named by its json, located by its image and json
     members (the only ones ``decode_sample`` reads), and its dataset's own id where that differs
     (``raw_id``: what evaluation and the indexes report). Keys and extensions split as WebDataset
-    splits them (``sample_index.member_key``)."""
+    splits them (``sample_index.keyed_members``)."""
     found: dict[str, dict[str, Any]] = {}
     with tarfile.open(path) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            split = member_key(info.name)
-            if split is None:
-                continue
-            key, ext = split
+        for info, key, ext in keyed_members(tar):
             entry = found.setdefault(key, {"members": [], "meta": None})
             if ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS | JSON_EXTS:
                 entry["members"].append((ext, info.offset_data, info.size))

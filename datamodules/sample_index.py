@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,14 @@ def member_key(name: str) -> tuple[str, str] | None:
     return (found.group(1), found.group(2)) if found else None
 
 
+def keyed_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str, str]]:
+    """(member, sample key, extension) of every file member WebDataset would read, in file order."""
+    for info in tar:
+        split = member_key(info.name) if info.isfile() else None
+        if split is not None:
+            yield info, split[0], split[1]
+
+
 def scan_ranges(path: Path) -> list[tuple[int, int]]:
     """(start, end) byte ranges of the samples of one tar, in file order (headers only are read).
 
@@ -59,18 +68,13 @@ def scan_ranges(path: Path) -> list[tuple[int, int]]:
     current: str | None = None
     try:
         with tarfile.open(path) as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                split = member_key(info.name)
-                if split is None:
-                    continue
+            for info, key, _ in keyed_members(tar):
                 end = info.offset_data + -(-info.size // _BLOCK) * _BLOCK
-                if split[0] == current:
+                if key == current:
                     ranges[-1] = (ranges[-1][0], end)
                 else:
                     ranges.append((info.offset, end))
-                    current = split[0]
+                    current = key
     except tarfile.TarError as error:
         ranges = ranges[:-1]
         log.warning("%s is damaged (%s): training reads its first %d samples; repair or rewrite the shard",
@@ -156,15 +160,12 @@ class SampleReader:
         chunk = f.read(int(self.index.end[i]) - start)
         sample: dict[str, Any] = {"__url__": url}
         with tarfile.open(fileobj=io.BytesIO(chunk)) as tar:
-            for info in tar:
-                split = member_key(info.name) if info.isfile() else None
-                if split is None:
-                    continue
+            for info, key, ext in keyed_members(tar):
                 extracted = tar.extractfile(info)
                 if extracted is None:
                     continue
-                sample["__key__"] = split[0]
-                sample[split[1].lower()] = extracted.read()
+                sample["__key__"] = key
+                sample[ext.lower()] = extracted.read()
         if "__key__" not in sample:
             raise tarfile.ReadError(f"{url}: no tar member at bytes {start}-{int(self.index.end[i])}; the shard "
                                     f"changed after its index {index_path(self.index.data_dir, '<split>')} was built")
