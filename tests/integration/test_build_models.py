@@ -10,12 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from support.ports import free_port
+from support.servers import wait_healthy
 
 from cir.build import main as cir_build
 from datamodules.synthetic import generate
@@ -91,15 +90,7 @@ def test_transformers_serve_on_localhost(small_catalogue: Path, tmp_path: Path) 
                                "cpu", "--port", str(port), "--trust-remote-code"], env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"))  # noqa: SIM115
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "transformers serve did not come up"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", server, tmp_path / "serve.log", name="transformers serve")
         out = tmp_path / "out"
         with pytest.raises(SystemExit) as build:
             cir_build(["--catalogue", str(small_catalogue), "--out", str(out), "--backend", "openai", "--base-url",

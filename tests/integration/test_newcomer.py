@@ -13,13 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 from support.ports import free_port
+from support.servers import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -79,16 +79,7 @@ def test_the_readme_commands_in_order_from_a_fresh_folder(tmp_path: Path) -> Non
                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "cir serve did not come up"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(url, server, tmp_path / "serve.log", limit_s=300)
         with urllib.request.urlopen(f"{url}/datasets", timeout=30) as r:
             dataset = json.loads(r.read())[0]["name"]
         with urllib.request.urlopen(f"{url}/examples/{dataset}?n=1", timeout=30) as r:

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +29,7 @@ import pytest
 import torch
 from PIL import Image
 from support.ports import free_port
+from support.servers import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "experiments/demos/clip4cir.yaml"
@@ -97,18 +97,6 @@ def raw_http(url: str, head: str) -> tuple[int, str]:
 def _length(data: bytes) -> int:
     found = re.search(rb"content-length: (\d+)", data.split(b"\r\n\r\n", 1)[0], re.I)
     return int(found.group(1)) if found else 0
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, log: Path | None = None, limit_s: float = 180) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"cir serve exited with {proc.returncode}:\n{log.read_text()[-3000:] if log else ''}")
-        with contextlib.suppress(OSError):
-            if get(f"{url}/health")[0] == 200:
-                return
-        time.sleep(0.3)
-    pytest.fail(f"cir serve did not answer /health within {limit_s} s")
 
 
 @pytest.fixture(scope="module")
