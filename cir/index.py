@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from datamodules.atomic import write_text_atomic
 from datamodules.batching import pad_views, stack_views
 from datamodules.fast_decode import JPEG_MAGIC, open_view
 from lightning_modules.backbones.images import open_upright, orientation
@@ -112,9 +112,7 @@ def _refuse_caption_targets(model: Any) -> None:
 def _write_summary(out: Path, catalogue: Catalogue, indexed: dict[str, int]) -> None:
     body = {"catalogue": dict(catalogue.counts), "indexed": indexed,
             "without_readable_view": catalogue.counts["no_readable_images"]}
-    tmp = out / f"{SUMMARY}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(body, indent=2))
-    os.replace(tmp, out / SUMMARY)
+    write_text_atomic(out / SUMMARY, json.dumps(body, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,7 @@ from PIL import UnidentifiedImageError
 from torch import nn
 
 from datamodules import SyntheticDataModule
+from datamodules.atomic import write_json_atomic
 from datamodules.interfaces import RetrievalData
 from datamodules.shards import MANIFEST
 from lightning_modules.backbones.images import open_upright
@@ -180,11 +181,8 @@ def file_digest(path: str | Path, cache: Path | None = None) -> str:
     digest = h.hexdigest()[:16]
     known = {k: v for k, v in known.items() if _exists(k)}
     known[key] = {"stamp": stamp, "sha256": digest}
-    try:  # written whole, then renamed: two commands starting at once never leave half a file
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
+    try:  # two commands starting at once never leave half a file (each writes its own temporary)
+        write_json_atomic(cache, known)
     except OSError:
         pass
     return digest

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import uuid
 from collections.abc import Sequence
@@ -24,6 +23,8 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 import torch
+
+from datamodules.atomic import write_json_atomic
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 
@@ -58,9 +59,8 @@ def build_faiss_index(vectors: np.ndarray, kind: IndexKind = "flat", nlist: int 
     return index
 
 
-# Files a save writes: faiss files (``000.faiss`` before names carried a token) and the index's
-# JSON while it is written.
-_OWN_FILE = re.compile(r"\d{3}(-[0-9a-f]{8})?\.faiss|gallery_index\.json\.[0-9a-f]{8}\.tmp")
+# The faiss files a save writes (``000.faiss`` before names carried a token).
+_OWN_FILE = re.compile(r"\d{3}(-[0-9a-f]{8})?\.faiss")
 
 
 def _files_named(meta_path: Path) -> set[str]:
@@ -123,11 +123,10 @@ class GalleryIndex:
             name = f"{n:03d}-{token}.faiss"
             faiss.write_index(index, str(folder / name))
             meta["datasets"][dataset] = {"file": name, "ids": self.ids[dataset]}
-        tmp = folder / f"gallery_index.json.{token}.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, folder / "gallery_index.json")
-        # Only what an index of ours left: the old index's files, and files of a save killed midway
-        # (our own name patterns). Anything else in the folder is someone else's.
+        # One writer per index folder, so a temporary file of this name is a killed save's.
+        write_json_atomic(folder / "gallery_index.json", meta, remove_stale=True)
+        # Only what an index of ours left: the old index's files, and faiss files of a save killed
+        # midway (our own name pattern). Anything else in the folder is someone else's.
         kept = {entry["file"] for entry in meta["datasets"].values()}
         ours = [f for f in folder.iterdir() if f.name in previous or _OWN_FILE.fullmatch(f.name)]
         for stale in ours:
