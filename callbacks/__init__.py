@@ -3,6 +3,7 @@
 from .best_checkpoint import BestCheckpoint
 from .cot_schedule import CoTSchedule
 from .data_health import SkippedSamplesLogger
+from .embedding_writer import EmbeddingWriter
 from .eval_artifacts import EvalArtifacts
 from .metrics_table import MetricsTable
 from .mlflow_logging import DEFAULT_TRACKING_URI, LogConfigToMLflow, MLflowLogger
@@ -11,6 +12,7 @@ from .speedups import Speedups
 from .stage_switch import StageSwitch
 from .submission import RetrievalSubmission
 
-__all__ = ["DEFAULT_TRACKING_URI", "BestCheckpoint", "CoTSchedule", "EvalArtifacts", "LogConfigToMLflow",
-           "MLflowLogger", "MetricsTable", "RetrievalSubmission", "RunTags", "SkippedSamplesLogger", "Speedups",
-           "StageSwitch"]
+__all__ = ["DEFAULT_TRACKING_URI", "BestCheckpoint", "CoTSchedule", "EmbeddingWriter", "EvalArtifacts",
+           "LogConfigToMLflow", "MLflowLogger", "MetricsTable", "RetrievalSubmission", "RunTags",
+           "SkippedSamplesLogger",
+           "Speedups", "StageSwitch"]

@@ -1,36 +1,38 @@
 """``cir index``: a catalogue of product photos, with no triplets, as a searchable gallery.
 
     cir index --config experiments/demos/clip4cir.yaml --ckpt outputs/clip4cir_demo/checkpoints/last.ckpt \\
-        --catalogue data/shop --out index/shop [--kind hnsw] [--dataset shop]
+        --catalogue data/shop --out index/shop [--kind hnsw] [--dataset shop] [--device auto]
+    cir index --config ... --ckpt ... --embeddings exports/shop --out index/shop   # from a lightning predict export
     cir search query --index index/shop --config ... --ckpt ... --images front.jpg --text "in red"
 
 Options after ``--`` go to the experiment's config. The experiment's data need not exist: only its
-preprocessing is used. The catalogue is the layout ``cir build`` reads: ``images/<product_id>/*.jpg``
-(a product's views, in name order, at most five) and an optional ``products.jsonl`` (``product_id``,
-``dataset``, ``category``, ``title``). Every product with a readable view is embedded with the
-trained model as its gallery item, its views read as evaluation reads a shard's (a phone photo's
-EXIF orientation applied); unreadable views are skipped and counted, and products with none are
-reported. The index records the model's fingerprint, so that ``cir search query`` refuses it to any
-other model; a kill while it is written leaves the index that was there before.
+preprocessing is used. ``--catalogue`` is the layout ``cir build`` reads (``images/<product_id>/*.jpg``,
+a product's views in name order, at most five, and an optional ``products.jsonl`` with
+``product_id``, ``dataset``, ``category``, ``title``), the FashionMV release (``--layout fashionmv``:
+``images/<dataset>/<product_id>/``) or a shard folder (its ``--split`` gallery). Every product with a
+readable view is embedded with the trained model as its gallery item, its views read as evaluation
+reads a shard's (a phone photo's EXIF orientation applied); unreadable views are skipped and counted,
+and products with none are reported. ``--embeddings`` builds the index from the parts a ``lightning
+predict`` export wrote (configs/export/catalogue.yaml: many GPUs, resumable), refused when the
+export was made by another model or preprocessing. The index records the model's fingerprint, so
+that ``cir search query`` refuses it to any other model; a kill while it is written leaves the
+index that was there before.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from datamodules.atomic import write_text_atomic
-from datamodules.batching import pad_views, stack_views
-from datamodules.fast_decode import JPEG_MAGIC, open_view
-from lightning_modules.backbones.images import open_upright, orientation
-from lightning_modules.construction.catalogue import Catalogue, CatalogueProduct, read_catalogue
-from lightning_modules.core import Products, Retriever
+from datamodules.catalogue_data import CatalogueDataModule, PartStream
+from datamodules.embedding_parts import checkpoint_stamp, read_export
+from lightning_modules.core import Retriever
+from lightning_modules.core.embedding import Embedded, embed_products, place
 from lightning_modules.retrieval import GalleryIndex
 
 from .args import add_weights_options, command_parser, parse
@@ -45,7 +47,13 @@ SUMMARY = "catalogue_summary.json"
 def build_parser() -> Any:
     p = command_parser("index", __doc__)
     add_weights_options(p, "embed with")
-    p.add_argument("--catalogue", required=True, help="folder of images/<product_id>/*.jpg [+ products.jsonl]")
+    p.add_argument("--catalogue", help="folder of images/<product_id>/*.jpg [+ products.jsonl], the FashionMV "
+                   "release (--layout fashionmv) or a shard folder")
+    p.add_argument("--embeddings", help="an export folder written by lightning predict with callbacks.EmbeddingWriter")
+    p.add_argument("--layout", choices=["auto", "catalogue", "fashionmv", "shards"], default="auto",
+                   help="how --catalogue is laid out (auto: a shard folder when it has manifest.json)")
+    p.add_argument("--split", default="val", help="the gallery split of a shard folder")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--out", required=True, help="folder the index is written to (gallery_index.json, faiss files, "
                    f"{SUMMARY})")
     p.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
@@ -56,48 +64,42 @@ def build_parser() -> Any:
     return p
 
 
-def read_view(path: Path) -> Any:
-    """A view as evaluation reads a shard's view (``open_view``: a colour JPEG decoded at the size
-    the preprocessing needs, so a catalogue product and the same product in shards embed alike),
-    unless its EXIF orientation asks for a turn: then decoded whole and turned upright, as ``cir
-    build`` writes it and as ``cir serve`` reads an upload."""
-    data = path.read_bytes()
-    if data.startswith(JPEG_MAGIC):
-        with Image.open(io.BytesIO(data)) as header:  # the header only: the orientation is in it
-            turned = orientation(header) != 1
-        if not turned:
-            return open_view(data)
-    return open_upright(io.BytesIO(data))
+def embed_source(model: Retriever, transform: Any, source: str, layout: str, dataset: str, split: str,
+                 batch_size: int, device: str) -> tuple[Embedded, list[dict[str, str]], int, dict[str, int]]:
+    """Every product of ``source`` embedded as the exporter embeds it (one part, this process):
+    the embeddings, the products with no readable view, the unreadable views, the listing counts."""
+    data = CatalogueDataModule(source, layout=layout, split=split, dataset=dataset, batch_size=batch_size,
+                               num_workers=0, part_size=2**62)
+    data.set_image_transform(transform)
+    parts = data.parts
+    total = sum(len(p.products) for p in parts) if parts and parts[0].shard is None else None
+    skipped: list[dict[str, str]] = []
+    unreadable = 0
+
+    def batches() -> Any:
+        nonlocal skipped, unreadable
+        for part in parts:
+            for batch in PartStream([part], data.image_transform, batch_size):
+                if batch["part_end"]:
+                    skipped += batch["skipped"]
+                    unreadable += batch["unreadable_views"]
+                if batch["meta"]:
+                    yield batch
+
+    target = place(model, device)
+    with Progress(PROG, "embedding", total, "product") as bar:
+        try:
+            embedded = embed_products(model, batches(), target, progress=bar)
+        except ValueError as exc:  # nothing readable at all
+            raise SystemExit(f"{PROG}: {source}: {one_line(exc)}") from None
+    return embedded, skipped, unreadable, data.counts
 
 
-@torch.no_grad()
-def embed_catalogue(model: Retriever, transform: Any, products: list[CatalogueProduct], batch_size: int = 32,
-                    progress: bool = True) -> torch.Tensor:
-    """One embedding per product, ``[N, D]``, from its views (``read_view``) preprocessed by
-    ``transform`` (the model's own). A view that cannot be decoded any more (changed since the
-    catalogue was read) ends the command naming it."""
-    out = []
-    bar = Progress(PROG, "embedding", len(products), "product") if progress else None
-    for start in range(0, len(products), batch_size):
-        chunk = products[start:start + batch_size]
-        stacks = []
-        for product in chunk:
-            try:
-                stacks.append(stack_views([read_view(v) for v in product.views], transform))
-            except (OSError, ValueError) as exc:  # CorruptSample is a ValueError
-                raise SystemExit(f"{PROG}: product {product.product_id!r}: {one_line(exc)}") from None
-        images, mask = pad_views(stacks)
-        emb = model.encode_target(Products(images, mask, None, [p.meta() for p in chunk])).float().cpu()
-        if emb.ndim != 2:
-            raise SystemExit(f"{PROG}: {type(model).__name__} embeds a product as {emb.shape[1]} vectors (a "
-                             "multi-vector model: SPRC, or a maxsim view strategy); cir index holds one vector "
-                             "per product: use a single-vector model or view strategy (joint, meanpool)")
-        out.append(emb)
-        if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
-    return torch.cat(out)
+def _refuse_multi_vector(model: Any, emb: torch.Tensor) -> None:
+    if emb.ndim != 2:
+        raise SystemExit(f"{PROG}: {type(model).__name__} embeds a product as {emb.shape[1]} vectors (a multi-vector "
+                         "model: SPRC, or a maxsim view strategy); cir index holds one vector per product: use a "
+                         "single-vector model or view strategy (joint, meanpool)")
 
 
 def _refuse_caption_targets(model: Any) -> None:
@@ -109,38 +111,68 @@ def _refuse_caption_targets(model: Any) -> None:
                          "caption it first, or set model.init_args.target_caption_weight=0 after --")
 
 
-def _write_summary(out: Path, catalogue: Catalogue, indexed: dict[str, int]) -> None:
-    body = {"catalogue": dict(catalogue.counts), "indexed": indexed,
-            "without_readable_view": catalogue.counts["no_readable_images"]}
+def _write_summary(out: Path, body: dict[str, Any]) -> None:
     write_text_atomic(out / SUMMARY, json.dumps(body, indent=2))
+
+
+def export_mismatch(plan: dict[str, Any], fingerprint: dict[str, str], ckpt: str | None) -> str | None:
+    """One line naming what differs between the model an export was made with and this run's."""
+    current = {**fingerprint, "checkpoint": checkpoint_stamp(ckpt)}
+    differ = [f"{key} {plan.get(key)!r} (export) vs {current.get(key)!r} (this run)"
+              for key in ("family", "checkpoint", "preprocessing", "image_transform", "normalisation")
+              if plan.get(key) != current.get(key)]
+    if not differ:
+        return None
+    return ("--embeddings was exported by another model: " + "; ".join(differ) +
+            ". Index it with the experiment and checkpoint it was exported with, or export again")
 
 
 def main(argv: list[str] | None = None) -> None:
     args, extra = parse(build_parser(), argv, passthrough=True)
     if args.batch_size < 1:
         raise SystemExit(f"{PROG}: --batch-size {args.batch_size}: at least 1")
+    if (args.catalogue is None) == (args.embeddings is None):
+        raise SystemExit(f"{PROG}: give --catalogue DIR (photos to embed) or --embeddings DIR (a lightning predict "
+                         "export), one of the two")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise SystemExit(f"{PROG}: --out {args.out}: a file, not a folder; name a folder for the index")
     require_weights(PROG, args.ckpt, args.untrained)
     check_files(PROG, [("--config", c) for c in args.config])
     with user_errors(PROG):
-        try:  # read (and every view decoded once) before the model, which takes seconds to minutes
-            catalogue = read_catalogue(args.catalogue, default_dataset=args.dataset)
+        export = None
+        try:  # listed (or the export read) before the model, which takes seconds to minutes to load
+            if args.embeddings:
+                export = read_export(args.embeddings)
+            else:
+                listing = CatalogueDataModule(args.catalogue, layout=args.layout, split=args.split,
+                                              dataset=args.dataset)
+                listing.parts  # noqa: B018 (lists the products: a wrong folder fails here, in one line)
         except (FileNotFoundError, ValueError) as exc:
             raise _exit(PROG, one_line(exc), exc) from None
-        counts = catalogue.counts
-        if counts["no_readable_images"] or counts["unreadable_views"]:
-            print(f"{PROG}: skipped {counts['unreadable_views']} unreadable views; {counts['no_readable_images']} "
-                  f"of {counts['products_in']} products have no readable view and are left out "
-                  f"(counted in {Path(args.out) / SUMMARY})", file=sys.stderr, flush=True)
         model, dm, fingerprint = load_with_fingerprint(args.config, args.ckpt, extra, needs_data=False)
         _refuse_caption_targets(model)
-        products = catalogue.products
-        emb = embed_catalogue(model, dm.image_transform, products, args.batch_size)
-        ids, datasets = [p.product_id for p in products], [p.dataset for p in products]
+        if export is not None:
+            if problem := export_mismatch(export.plan, fingerprint, args.ckpt):
+                raise SystemExit(f"{PROG}: {problem}")
+            emb, ids, datasets = torch.from_numpy(export.per_product()), export.ids, export.datasets
+            skipped, unreadable, listed = export.skipped, export.unreadable_views, export.plan.get("listing", {})
+            source = {"embeddings": str(Path(args.embeddings).resolve()), "catalogue_dir": export.plan.get("source")}
+        else:
+            embedded, skipped, unreadable, listed = embed_source(model, dm.image_transform, args.catalogue, args.layout,
+                                                                 args.dataset, args.split, args.batch_size, args.device)
+            emb, ids, datasets = embedded.embeddings, embedded.product_ids, embedded.datasets
+            source = {"catalogue_dir": str(Path(args.catalogue).resolve())}
+        _refuse_multi_vector(model, emb)
+        if skipped or unreadable:
+            print(f"{PROG}: skipped {unreadable} unreadable views; {len(skipped)} of {len(ids) + len(skipped)} "
+                  f"products have no readable view and are left out (listed in {Path(args.out) / SUMMARY})",
+                  file=sys.stderr, flush=True)
         index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint)
         out = index.save(args.out)
         indexed = {d: len(v) for d, v in index.ids.items()}
-        _write_summary(out, catalogue, indexed)
+        counts = {**listed, "products_in": len(ids) + len(skipped), "unreadable_views": unreadable,
+                  "no_readable_images": len(skipped)}
+        _write_summary(out, {**source, "catalogue": counts, "indexed": indexed,
+                             "without_readable_view": len(skipped), "skipped": skipped})
     print(f"indexed {len(ids)} products ({', '.join(f'{d}: {n}' for d, n in indexed.items())}; {args.kind}) "
           f"in {out}")

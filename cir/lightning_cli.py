@@ -37,7 +37,8 @@ from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.mlflow_logging import LogConfigToMLflow
-from datamodules import ShardDataModule, SyntheticDataModule
+from datamodules import CatalogueDataModule, ShardDataModule, SyntheticDataModule
+from datamodules.catalogue_data import resolve_layout
 from datamodules.shards import read_manifest
 from lightning_modules.core.checkpoints import checkpoint_metadata
 
@@ -250,7 +251,15 @@ class CIRCLI(LightningCLI):
         except (ImportError, AttributeError):
             return  # the instantiation names a class that does not import
         init_args = data.get("init_args") or {}
-        data_dir = init_args.get("data_dir") if isinstance(init_args, dict | Namespace) else None
+        if not isinstance(init_args, dict | Namespace):
+            return
+        if isinstance(cls, type) and issubclass(cls, CatalogueDataModule):  # the exporter's products
+            try:
+                resolve_layout(Path(str(init_args.get("source"))), init_args.get("layout") or "auto")
+            except FileNotFoundError as exc:
+                self._refuse(f"data.init_args.source: {one_line(exc)}", exc)
+            return
+        data_dir = init_args.get("data_dir")
         if not (isinstance(cls, type) and issubclass(cls, ShardDataModule)) or issubclass(cls, SyntheticDataModule):
             return
         try:
@@ -376,7 +385,7 @@ def _cli_kwargs() -> dict:
     return dict(
         # Any LightningModule: the retrieval families and ProCIR's SFT stage (an LM, not a retriever).
         model_class=L.LightningModule,
-        datamodule_class=ShardDataModule,
+        datamodule_class=L.LightningDataModule,  # the shards, and the exporter's CatalogueDataModule
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LogConfigToMLflow,

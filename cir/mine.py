@@ -26,19 +26,22 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from datamodules.batching import TripletExample, collate
 from datamodules.interfaces import RetrievalData
 from datamodules.negatives import gallery_offsets, write_negatives
 from datamodules.shards import SkipCounter, decode_sample, read_manifest, shard_urls
-from lightning_modules.core import Products, Retriever
+from lightning_modules.core import Retriever
+from lightning_modules.core.embedding import embed_products, place
+from lightning_modules.core.embedding import embed_queries as embed_query_batches
 from lightning_modules.retrieval.search import block_size, similarities
 
 from .args import command_parser, parse
 from .errors import user_errors
 from .models import load_model_and_data
+from .progress import Progress
 
+PROG = "cir mine-negatives"
 SCORE_BLOCK = 2**24  # scores held at once per query chunk (64 MiB of float32)
 
 
@@ -112,25 +115,19 @@ class KeyedQuery:
         return {**self.example(sample), "key": sample["__key__"]}
 
 
-def _device(model: Retriever, device: str) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        model.to(device)
-    return torch.device(device)
+def gallery_total(dm: RetrievalData, split: str, kind: str = "products") -> int | None:
+    manifest = getattr(dm, "manifest", None)
+    return manifest.get("splits", {}).get(split, {}).get(kind) if isinstance(manifest, dict) else None
 
 
-@torch.no_grad()
 def embed_gallery(model: Retriever, dm: RetrievalData, split: str,
                   device: torch.device) -> tuple[torch.Tensor, list[str], list[str]]:
     """Every gallery product of ``split`` as the target encoder sees it: embeddings, ids, datasets."""
-    embs, ids, datasets = [], [], []
-    for batch in dm.eval_dataloaders(split)[0]:
-        embs.append(model.encode_target(Products.gallery_of(move_data_to_device(batch, device))).float().cpu())
-        ids += batch["product_id"]
-        datasets += batch["dataset"]
-    return torch.cat(embs), ids, datasets
+    with Progress(PROG, f"embedding the {split} gallery", gallery_total(dm, split), "product") as progress:
+        out = embed_products(model, dm.eval_dataloaders(split)[0], device, progress=progress)
+    return out.embeddings, out.product_ids, out.datasets
 
 
-@torch.no_grad()
 def embed_queries(model: Retriever, dm: RetrievalData, split: str, device: torch.device, batch_size: int,
                   workers: int) -> tuple[torch.Tensor, list[dict[str, str]]]:
     """Every triplet of ``split`` as the query encoder sees it (short text, as in evaluation):
@@ -144,11 +141,13 @@ def embed_queries(model: Retriever, dm: RetrievalData, split: str, device: torch
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     embs, rows = [], []
-    for batch in wds.WebLoader(pipeline, batch_size=None, num_workers=min(workers, len(urls))):
-        embs.append(model.encode_query(move_data_to_device(batch, device)).float().cpu())
-        rows += [{"key": k, "dataset": d, "source_id": s, "target_id": t}
-                 for k, d, s, t in zip(batch["key"], batch["dataset"], batch["source_id"], batch["target_id"],
-                                       strict=True)]
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=min(workers, len(urls)))
+    with Progress(PROG, f"embedding the {split} queries", gallery_total(dm, split, "triplets"), "query") as progress:
+        for emb, batch in embed_query_batches(model, loader, device, progress=progress):
+            embs.append(emb)
+            rows += [{"key": k, "dataset": d, "source_id": s, "target_id": t}
+                     for k, d, s, t in zip(batch["key"], batch["dataset"], batch["source_id"], batch["target_id"],
+                                           strict=True)]
     return torch.cat(embs), rows
 
 
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     args, extra = parse(parser, argv, passthrough=True)
     bad = [f"--k {args.k}: must be >= 1"] if args.k < 1 else []
     bad += [f"--margin {args.margin}: must be in (0, 1]"] if not 0 < args.margin <= 1 else []
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _mine(args: argparse.Namespace, extra: list[str]) -> None:
     model, dm = load_model_and_data(args.config, args.ckpt, extra, prog="cir mine-negatives")
-    device = _device(model, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = place(model, args.device)
     gallery, ids, gallery_datasets = embed_gallery(model, dm, args.split, device)
     queries, rows = embed_queries(model, dm, args.split, device, args.batch_size, args.num_workers)
     where = {(d, pid): i for i, (d, pid) in enumerate(zip(gallery_datasets, ids, strict=True))}

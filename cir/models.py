@@ -24,9 +24,11 @@ from datamodules import SyntheticDataModule
 from datamodules.atomic import write_json_atomic
 from datamodules.interfaces import RetrievalData
 from datamodules.shards import MANIFEST
+from datamodules.transform_identity import describe_transform
 from lightning_modules.backbones.images import open_upright
-from lightning_modules.core import Products, Retriever, load_weights, state_dict_of
+from lightning_modules.core import Retriever, load_weights, state_dict_of
 from lightning_modules.core.adapters import LoraConfigured, apply_lora, has_lora_weights, merge_lora
+from lightning_modules.core.embedding import embed_products, embed_queries, resolve_device
 
 from .errors import check_files, debug_requested, one_line
 from .lightning_cli import build_cli, checkpoint_class_mismatch
@@ -34,8 +36,6 @@ from .progress import Progress
 
 # What a fingerprint records, in the order a mismatch names them.
 FINGERPRINT = ("family", "model_config", "checkpoint", "preprocessing", "image_transform", "normalisation")
-# Image processor settings that make up the pixel normalisation (recorded apart from the geometry).
-_NORMALISATION_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 REBUILD = "cir search build --config EXP --ckpt CKPT --out DIR"  # named when an index cannot be queried
 
 
@@ -188,41 +188,6 @@ def file_digest(path: str | Path, cache: Path | None = None) -> str:
     return digest
 
 
-def describe_transform(transform: Any) -> tuple[str, str, str]:
-    """(``fast``/``exact``, the transform chain with a hash of its settings, the pixel normalisation)
-    of a DataModule's image transform; ``n/a`` where a transform does not say. Wrappers such as
-    ``TargetPad`` hold the backbone's transform in ``.transform``: the chain is followed through them."""
-    mode, normalisation, names, settings = "n/a", "n/a", [], {}
-    seen: set[int] = set()
-    while transform is not None and id(transform) not in seen:
-        seen.add(id(transform))
-        name = type(transform).__name__
-        names.append(name)
-        own = vars(transform) if hasattr(transform, "__dict__") else {}
-        settings[name] = {k: v for k, v in own.items() if isinstance(v, int | float | str | bool | list | tuple)}
-        mode = str(own.get("preprocessing", mode))
-        processor = own.get("processor")
-        if processor is not None and hasattr(processor, "to_dict"):
-            options = processor.to_dict()
-            normalisation = _normalisation(options)
-            settings["processor"] = {k: v for k, v in options.items() if k not in _NORMALISATION_KEYS}
-        transform = own.get("transform")
-    digest = _digest(json.dumps(settings, sort_keys=True, default=str).encode())
-    return mode, f"{'>'.join(names) or 'none'} {digest}", normalisation
-
-
-def _normalisation(options: dict[str, Any]) -> str:
-    parts = []
-    if options.get("do_rescale"):
-        parts.append(f"rescale {float(options.get('rescale_factor', 1.0)):.6g}")
-    if options.get("do_normalize"):
-        for key in ("image_mean", "image_std"):
-            value = options.get(key)
-            values = value if isinstance(value, list | tuple) else [value]
-            parts.append(f"{key.removeprefix('image_')} " + ",".join(f"{float(v):.4g}" for v in values))
-    return "; ".join(parts) or "none"
-
-
 def fingerprint_mismatch(recorded: dict[str, str] | None, current: dict[str, str], what: str,
                          rebuild: str) -> str | None:
     """None when ``current`` (this run's model) equals the fingerprint ``recorded`` with ``what`` (an
@@ -283,29 +248,23 @@ def export_merged(configs: list[str], ckpt_in: str | Path, ckpt_out: str | Path,
     return merged
 
 
-@torch.no_grad()
-def encode_gallery(model: Retriever, dm: RetrievalData, split: str) -> tuple[torch.Tensor, list[str], list[str]]:
+def encode_gallery(model: Retriever, dm: RetrievalData, split: str,
+                   device: str | torch.device | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """Every gallery product of ``split``: embeddings, the dataset's own ids, dataset names."""
-    embs, ids, datasets, _ = encode_gallery_with_meta(model, dm, split)
+    embs, ids, datasets, _ = encode_gallery_with_meta(model, dm, split, device)
     return embs, ids, datasets
 
 
-@torch.no_grad()
-def encode_gallery_with_meta(model: Retriever, dm: RetrievalData,
-                             split: str) -> tuple[torch.Tensor, list[str], list[str], list[dict[str, Any]]]:
+def encode_gallery_with_meta(model: Retriever, dm: RetrievalData, split: str, device: str | torch.device | None = None,
+                             ) -> tuple[torch.Tensor, list[str], list[str], list[dict[str, Any]]]:
     """``encode_gallery`` plus each product's shard metadata (category, captions, attributes), which
-    a result table shows beside the id."""
-    embs, ids, datasets, metas = [], [], [], []
+    a result table shows beside the id. Embedded on ``device`` (default: where the model is)."""
     manifest = getattr(dm, "manifest", None)
     total = manifest.get("splits", {}).get(split, {}).get("products") if isinstance(manifest, dict) else None
+    target = resolve_device(device) if device is not None else None
     with Progress(command_name() or "cir", f"embedding the {split} gallery", total, "product") as progress:
-        for batch in dm.eval_dataloaders(split)[0]:
-            embs.append(model.encode_target(Products.gallery_of(batch)).float())
-            ids += [m.get("raw_id") or m["product_id"] for m in batch["meta"]]
-            datasets += batch["dataset"]
-            metas += list(batch["meta"])
-            progress.update(len(batch["meta"]))
-    return torch.cat(embs), ids, datasets, metas
+        out = embed_products(model, dm.eval_dataloaders(split)[0], target, progress=progress)
+    return out.embeddings, out.raw_ids, out.datasets, out.metas
 
 
 def query_batch(dm: RetrievalData, images: list[str], text: str) -> dict[str, Any]:
@@ -324,6 +283,6 @@ def query_batch(dm: RetrievalData, images: list[str], text: str) -> dict[str, An
             "source_mask": torch.ones(1, len(images), dtype=torch.bool), "text": [text]}
 
 
-@torch.no_grad()
 def encode_query(model: Retriever, dm: RetrievalData, images: list[str], text: str) -> torch.Tensor:
-    return model.encode_query(query_batch(dm, images, text)).float()
+    """One query from image files and a text, embedded as every query batch is."""
+    return next(embed_queries(model, [query_batch(dm, images, text)]))[0]

@@ -56,3 +56,29 @@ class ReportsPadding(Protocol):
     def padding_fraction(self, reset: bool = False) -> float | None:
         """Padded share of the image slots of the training batches since the last reset (None: no batch yet)."""
         ...
+
+
+@runtime_checkable
+class Preprocessed(Protocol):
+    """A DataModule whose views the model's own preprocessing should read (its ``setup`` hands the
+    backbone's transform over)."""
+
+    def set_image_transform(self, transform: Callable[[Any], Any]) -> None: ...
+
+
+@runtime_checkable
+class PartitionedProducts(Protocol):
+    """Products to export in numbered parts, each owned by one rank (``CatalogueDataModule``;
+    ``callbacks.EmbeddingWriter`` writes and resumes them)."""
+
+    image_transform: Callable[[Any], Any]
+
+    def export_plan(self) -> dict[str, Any]:
+        """What the export holds: source, layout, part count and size, a digest of the products."""
+        ...
+
+    def assigned_parts(self, rank: int, world_size: int) -> list[int]: ...
+
+    def exclude_parts(self, done: set[int]) -> None:
+        """Leave these (finished) parts out of the predict loader."""
+        ...

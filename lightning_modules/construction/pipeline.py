@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.catalogue import Catalogue, assign_splits, read_catalogue
+
 from ..generation.chat import ChatBackend, ChatRequest
 from .answers import WordRanges, check_captions, check_selections, check_verification
 from .candidates import candidate_pools, sample_candidates
-from .catalogue import Catalogue, assign_splits, read_catalogue
 from .embedders import build_encoders
 from .journal import Journal, read_journal
 from .prompts import PAPER_MAX_TOKENS, STAGES, Prompt, Stage, load_prompts

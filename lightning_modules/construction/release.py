@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from datamodules.atomic import write_text_atomic
+from datamodules.catalogue import SPLITS, CatalogueProduct
 
 from .answers import words
-from .catalogue import SPLITS, CatalogueProduct
 
 
 def write_atomic(path: Path, text: str) -> None:

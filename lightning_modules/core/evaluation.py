@@ -22,6 +22,7 @@ from datamodules.schema import stable_id
 from ..retrieval.recall import GalleryProtocol, RecallAtK, subset_tensor
 from ..retrieval.search import Backend
 from .contract import Products
+from .embedding import embed_product_batch
 
 Split = Literal["train", "val", "test"]
 
@@ -116,7 +117,7 @@ class GalleryEvaluation:
         datasets = self.dataset_index(batch["dataset"])
         if "images" in batch:  # a gallery product
             products = Products.gallery_of(batch)
-            emb = self.encode_target(products)
+            emb = embed_product_batch(self, batch)
             ids = self.id_tensor(batch["product_id"])
             metric.update(emb, ids, datasets, gallery=True)
             self.after_gallery_batch(products, emb, split, ids, datasets)

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from datamodules.interfaces import RetrievalData
+from datamodules.interfaces import Preprocessed, RetrievalData
 
 from ..components.bank import TargetBank
 from ..components.false_negatives import batch_keys, id_kwargs, negative_keys
@@ -25,6 +25,7 @@ from ..components.mined_negatives import MinedNegativesLoss
 from .adapters import LoraSettings, apply_lora
 from .checkpoints import load_init_checkpoint, mlflow_run_id
 from .contract import Products, TrainingPair
+from .embedding import embed_product_batch, embed_query_batch
 from .evaluation import GalleryEvaluation, RetrievalEval, Split
 from .grad_cache import Terms, batch_size, grad_cache_step
 from .interfaces import DistributedLoss, MasksFalseNegatives, Tempered
@@ -198,10 +199,11 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
             self.enter_stage2()
         self.connect_ranks(self.global_rank, self.trainer.world_size)
         dm = self.trainer.datamodule
-        if isinstance(dm, RetrievalData):
+        if isinstance(dm, Preprocessed):  # RetrievalData, and the exporter's CatalogueDataModule
             transform = self.image_transform()
             if transform is not None:
                 dm.set_image_transform(transform)
+        if isinstance(dm, RetrievalData):
             self.dataset_names = list(dm.datasets)
 
     def configure_model(self) -> None:
@@ -332,16 +334,18 @@ class RetrievalModule(GalleryEvaluation, TwoStageTraining, L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Embeddings with their ids; the dataset's own ids (``raw_id``) for submission files."""
+        if "images" not in batch and not batch.get("text"):  # an exporter's batch of a part with nothing readable
+            return {"product_id": [], "dataset": [], "raw_id": [], "embedding": None}
         if "images" in batch:
             return {"product_id": batch["product_id"], "dataset": batch["dataset"],
                     "raw_id": [m.get("raw_id") or m["product_id"] for m in batch["meta"]],
-                    "embedding": self.encode_target(Products.gallery_of(batch)).cpu()}
+                    "embedding": embed_product_batch(self, batch).cpu()}
         targets = [m["target"] for m in batch["meta"]]
         return {"source_id": batch["source_id"], "target_id": batch["target_id"], "dataset": batch["dataset"],
                 "text": batch["text"],
                 "raw_id": [m["source"].get("raw_id") or m["source"]["product_id"] for m in batch["meta"]],
                 "target_raw_id": [(t.get("raw_id") or t["product_id"]) if t else None for t in targets],
-                "embedding": self.encode_query(batch).cpu()}
+                "embedding": embed_query_batch(self, batch).cpu()}
 
     # -- optimisation ------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..components.bank import TargetBank
 from .contract import Products, TrainingPair
+from .embedding import iter_product_embeddings
 
 TrainingStage = Literal[1, 2]
 
@@ -50,12 +51,10 @@ class TwoStageTraining:
     @torch.no_grad()
     def build_bank(self, gallery_batches: Iterable[dict[str, Any]], hard_negatives: int = 8) -> TargetBank:
         """Embed every product of ``gallery_batches`` with the (frozen) target encoder."""
-        was_training = self.training
-        self.eval()
-        encoded = ((self.encode_target(Products.gallery_of(self.transfer_batch_to_device(b, self.device, 0))),
-                    b["meta"]) for b in gallery_batches)
-        self.bank = TargetBank.from_batches(encoded, hard_negatives=hard_negatives).to(self.device)
-        self.train(was_training)
+        encoded = iter_product_embeddings(self, gallery_batches, self.device,
+                                          transfer=lambda b, d: self.transfer_batch_to_device(b, d, 0))
+        self.bank = TargetBank.from_batches(((emb, batch["meta"]) for emb, batch in encoded),
+                                            hard_negatives=hard_negatives).to(self.device)
         return self.bank
 
     def stage2_pair(self, batch: dict[str, Any]) -> TrainingPair:

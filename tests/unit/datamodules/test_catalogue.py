@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lightning_modules.construction.catalogue import CatalogueProduct, assign_splits, read_catalogue
+from datamodules.catalogue import CatalogueProduct, assign_splits, read_catalogue
 
 
 def _img(path: Path, colour: tuple[int, int, int] = (200, 10, 10)) -> None:

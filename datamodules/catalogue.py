@@ -74,7 +74,14 @@ def _rows(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def read_catalogue(root: str | Path, default_dataset: str = "catalogue", max_views: int = MAX_VIEWS) -> Catalogue:
+def read_catalogue(root: str | Path, default_dataset: str = "catalogue", max_views: int = MAX_VIEWS,
+                   check_views: bool = True, dataset_folders: bool = False) -> Catalogue:
+    """The products of the catalogue at ``root``. ``check_views``: decode every view now and drop
+    the unreadable ones (``cir build``, which must not fail mid-stage); without it views are only
+    listed and the reader of each view skips and counts what it cannot decode (``cir index`` and the
+    exporter over 10^5+ products, where decoding everything twice would double the work).
+    ``dataset_folders``: the first folder under ``images/`` names the dataset (the FashionMV
+    release's ``images/<dataset>/<product_id>/``)."""
     root = Path(root)
     images = root / "images"
     if not images.is_dir():
@@ -92,17 +99,22 @@ def read_catalogue(root: str | Path, default_dataset: str = "catalogue", max_vie
     for pid in sorted(set(folders) | set(rows)):
         counts["products_in"] += 1
         listed = sorted(folders.get(pid, []), key=lambda p: p.name)[:max_views]
-        views = [p for p in listed if _readable(p)]
+        views = [p for p in listed if _readable(p)] if check_views else listed
         counts["unreadable_views"] += len(listed) - len(views)
         if not views:
             counts["no_readable_images"] += 1
             continue
         row = rows.get(pid, {})
-        dataset = str(row.get("dataset") or default_dataset)
+        dataset, own_id = str(row.get("dataset") or default_dataset), pid
+        if dataset_folders:
+            dataset, _, own_id = pid.partition("/")
+            if not own_id:
+                raise ValueError(f"catalogue {root}: images/{pid} holds views but no dataset folder above it; "
+                                 "the release layout is images/<dataset>/<product_id>/")
         check_key(dataset, f"dataset of product {pid!r} in {meta_file}")
         # Candidates are searched within a category: without one, a product competes with its whole dataset.
         counts["without_category"] += not row.get("category")
-        products.append(CatalogueProduct(pid, dataset, views, str(row.get("category") or ""),
+        products.append(CatalogueProduct(own_id, dataset, views, str(row.get("category") or ""),
                                          str(row.get("gender") or ""), str(row.get("title") or ""),
                                          str(row.get("split") or "")))
     if not products:
