@@ -37,7 +37,7 @@ from lightning_modules.retrieval import GalleryIndex
 
 from .args import add_weights_options, command_parser, parse
 from .errors import _exit, check_files, one_line, user_errors
-from .models import load_with_fingerprint, require_weights
+from .models import load_with_fingerprint, require_weights, resolve_device_or_exit
 from .progress import Progress
 
 PROG = "cir index"
@@ -65,7 +65,8 @@ def build_parser() -> Any:
 
 
 def embed_source(model: Retriever, transform: Any, source: str, layout: str, dataset: str, split: str,
-                 batch_size: int, device: str) -> tuple[Embedded, list[dict[str, str]], int, dict[str, int]]:
+                 batch_size: int, device: torch.device,
+                 ) -> tuple[Embedded, list[dict[str, str]], int, dict[str, int]]:
     """Every product of ``source`` embedded as the exporter embeds it (one part, this process):
     the embeddings, the products with no readable view, the unreadable views, the listing counts."""
     data = CatalogueDataModule(source, layout=layout, split=split, dataset=dataset, batch_size=batch_size,
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{PROG}: --out {args.out}: a file, not a folder; name a folder for the index")
     require_weights(PROG, args.ckpt, args.untrained)
     check_files(PROG, [("--config", c) for c in args.config])
+    device = resolve_device_or_exit(PROG, args.device)
     with user_errors(PROG):
         export = None
         try:  # listed (or the export read) before the model, which takes seconds to minutes to load
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             source = {"embeddings": str(Path(args.embeddings).resolve()), "catalogue_dir": export.plan.get("source")}
         else:
             embedded, skipped, unreadable, listed = embed_source(model, dm.image_transform, args.catalogue, args.layout,
-                                                                 args.dataset, args.split, args.batch_size, args.device)
+                                                                 args.dataset, args.split, args.batch_size, device)
             emb, ids, datasets = embedded.embeddings, embedded.product_ids, embedded.datasets
             source = {"catalogue_dir": str(Path(args.catalogue).resolve())}
         _refuse_multi_vector(model, emb)

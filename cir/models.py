@@ -248,6 +248,15 @@ def export_merged(configs: list[str], ckpt_in: str | Path, ckpt_out: str | Path,
     return merged
 
 
+def resolve_device_or_exit(prog: str, device: str) -> torch.device:
+    """``--device`` resolved before the model loads; CUDA asked for where there is none ends the
+    command in one line."""
+    try:
+        return resolve_device(device)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: a device string torch does not know
+        raise SystemExit(f"{prog}: {one_line(exc)}") from None
+
+
 def encode_gallery(model: Retriever, dm: RetrievalData, split: str,
                    device: str | torch.device | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """Every gallery product of ``split``: embeddings, the dataset's own ids, dataset names."""

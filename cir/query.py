@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
+from lightning_modules.core.embedding import place
 from lightning_modules.families.procir import InteractiveEncoder, ProCIR
 
 from .args import add_weights_options, command_parser, parse
 from .errors import check_files, check_images, user_errors
-from .models import encode_gallery_with_meta, encode_query, load_model_and_data, require_weights
+from .models import encode_gallery_with_meta, encode_query, load_model_and_data, require_weights, resolve_device_or_exit
 from .search import choose_dataset
 
 PROMPT = "query> "
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     add_weights_options(p, "answer with")
     p.add_argument("--images", nargs="+", required=True, help="the source product's views")
     p.add_argument("--split", default="val", help="split whose gallery is searched")
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available) for the model")
     p.add_argument("--dataset", default=None, help="the gallery searched (needed when the split holds several)")
     p.add_argument("-k", type=int, default=DEFAULT_K, help=f"results per query (default {DEFAULT_K}; :k N at the "
                    "prompt changes it)")
@@ -214,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
 def _run(args: Any, extra: list[str]) -> None:
     if not args.text and sys.stdin.isatty():  # the model and gallery take a while: say so, and how to stop
         print("cir query: loading the model and embedding the gallery (Ctrl-C stops)…", flush=True)
+    device = resolve_device_or_exit("cir query", args.device)
     model, dm = load_model_and_data(args.config, args.ckpt, extra, prog="cir query")
+    place(model, device)
     known = getattr(dm, "datasets", None)  # from the manifest: a missing --dataset is refused before embedding
     if isinstance(known, list) and known:
         choose_dataset(known, args.dataset, "cir query")

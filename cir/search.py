@@ -19,11 +19,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_modules.core.embedding import place
 from lightning_modules.retrieval import GalleryIndex
 
 from .args import add_weights_options, command_parser, parse
 from .errors import check_files, check_images, user_errors
-from .models import REBUILD, encode_gallery, encode_query, fingerprint_mismatch, load_with_fingerprint, require_weights
+from .models import (
+    REBUILD,
+    encode_gallery,
+    encode_query,
+    fingerprint_mismatch,
+    load_with_fingerprint,
+    require_weights,
+    resolve_device_or_exit,
+)
 
 
 def choose_dataset(available: Sequence[str], wanted: str | None, prog: str) -> str:
@@ -54,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (summary, description) in about.items():
         p = sub.add_parser(name, help=summary, description=description)
         add_weights_options(p, "use")
+        p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available) for the model")
     b = sub.choices["build"]
     b.add_argument("--out", required=True, help="folder the index is written to (gallery_index.json and the faiss "
                    "files)")
@@ -86,7 +96,9 @@ def _main(prog: str, args: Any, extra: list[str]) -> None:
         dataset = choose_dataset(list(index.indexes), args.dataset, prog)
         if index.fingerprint is None:  # nothing to compare with: refused before the model is built
             raise SystemExit(f"{prog}: {fingerprint_mismatch(None, {}, f'--index {args.index}', REBUILD)}")
+    device = resolve_device_or_exit(prog, args.device)
     model, dm, fingerprint = load_with_fingerprint(args.config, args.ckpt, extra)
+    place(model, device)
     if args.command == "build":
         emb, ids, datasets = encode_gallery(model, dm, args.split)
         GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint).save(args.out)
