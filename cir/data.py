@@ -26,6 +26,7 @@ from datamodules.synthetic.layouts import write_fashioniq_layout, write_fashionm
 
 from .args import command_parser, parse
 from .errors import debug_requested
+from .progress import Progress
 
 
 def _synthetic(args: argparse.Namespace) -> None:
@@ -43,15 +44,17 @@ def _synthetic(args: argparse.Namespace) -> None:
 
 
 def _fashioniq(args: argparse.Namespace) -> None:
-    convert_fashioniq(args.root, args.out, categories=args.categories, splits=args.splits, maxcount=args.maxcount,
-                      max_side=args.max_side)
+    with Progress("cir data fashioniq", "converting", None, "record") as progress:
+        convert_fashioniq(args.root, args.out, categories=args.categories, splits=args.splits,
+                          maxcount=args.maxcount, max_side=args.max_side, progress=progress)
 
 
 def _fashionmv(args: argparse.Namespace) -> None:
     if args.root is None and (args.data_dir is None or args.image_root is None):
         raise SystemExit("cir data fashionmv: give --root, or both --data-dir and --image-root")
-    convert_fashionmv(args.root, args.out, splits=args.splits, maxcount=args.maxcount, max_side=args.max_side,
-                      data_dir=args.data_dir, image_root=args.image_root)
+    with Progress("cir data fashionmv", "converting", None, "record") as progress:
+        convert_fashionmv(args.root, args.out, splits=args.splits, maxcount=args.maxcount, max_side=args.max_side,
+                          data_dir=args.data_dir, image_root=args.image_root, progress=progress)
 
 
 def _fashiongen(args: argparse.Namespace) -> None:

@@ -54,6 +54,13 @@ class Progress:
             self.last = now
             self._line(now)
 
+    def expect(self, n: int) -> None:
+        """``n`` more items of work, learnt as the job goes (a converter reads one file at a time)."""
+        self.total = (self.total or 0) + n
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
+
     def _line(self, now: float, final: bool = False) -> None:
         self.lines += 1
         elapsed = max(now - self.start, 1e-9)

@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 
+class ProgressSink(Protocol):
+    """What a long job reports to (``cir.progress.Progress`` is one): ``update(n)`` as items are done,
+    ``expect(n)`` as more work becomes known."""
+
+    def update(self, n: int) -> None: ...
+
+    def expect(self, n: int) -> None: ...
+
+
 @runtime_checkable
 class RetrievalData(Protocol):
     data_dir: Path

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..batching import fashioniq_text
+from ..interfaces import ProgressSink
 from ..schema import Triplet, check_key
 from ..shards import ShardSetWriter, write_manifest
 from .common import find_image, load_image_bytes, read_json, write_summary
@@ -58,10 +59,11 @@ class _ProductCache:
 
 def convert_fashioniq(root: str | Path, out: str | Path, categories: Sequence[str] = CATEGORIES,
                       splits: Sequence[str] = SPLITS, maxcount: int = 1000,
-                      max_side: int | None = None, order_seed: int = 0) -> dict[str, Any]:
+                      max_side: int | None = None, order_seed: int = 0,
+                      progress: ProgressSink | None = None) -> dict[str, Any]:
     """Write shards + ``manifest.json`` + ``summary.json``; returns the summary. Each split's triplets
     are written in a random order seeded by ``order_seed`` over all categories, so neighbouring
-    records are not one category's consecutive annotations."""
+    records are not one category's consecutive annotations. ``progress`` counts images and captions."""
     root, out = Path(root), Path(out)
     unknown = sorted(set(categories) - set(CATEGORIES))
     if unknown:
@@ -76,14 +78,22 @@ def convert_fashioniq(root: str | Path, out: str | Path, categories: Sequence[st
             counts = {"triplets_written": 0, "triplets_skipped": 0, "gallery_written": 0, "gallery_missing": 0}
             dataset = dataset_name(category)
             product = _ProductCache(images, category, max_side)
-            for name in read_json(root / "image_splits" / f"split.{category}.{split}.json"):
+            names = read_json(root / "image_splits" / f"split.{category}.{split}.json")
+            entries = read_json(root / "captions" / f"cap.{category}.{split}.json")
+            if progress is not None:
+                progress.expect(len(names) + len(entries))
+            for name in names:
+                if progress is not None:
+                    progress.update(1)
                 item = product(name)
                 if item is None:
                     counts["gallery_missing"] += 1
                     continue
                 writer.write_product(*item)
                 counts["gallery_written"] += 1
-            for n, entry in enumerate(read_json(root / "captions" / f"cap.{category}.{split}.json")):
+            for n, entry in enumerate(entries):
+                if progress is not None:
+                    progress.update(1)
                 if "candidate" not in entry or "captions" not in entry:
                     raise ValueError(f"{root}/captions/cap.{category}.{split}.json entry {n}: needs 'candidate' "
                                      f"and 'captions', has {sorted(entry)}")

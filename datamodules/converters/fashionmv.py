@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..interfaces import ProgressSink
 from ..schema import MAX_VIEWS, Triplet, check_key, safe_key
 from ..shards import ShardSetWriter, write_manifest
 from .common import IMAGE_SUFFIXES, load_image_bytes, read_jsonl, write_summary
@@ -114,10 +115,11 @@ def _check_something_to_convert(triplets: dict[str, list[dict[str, Any]]], data_
 
 def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence[str] = SPLITS, maxcount: int = 500,
                       max_views: int = MAX_VIEWS, max_side: int | None = None, data_dir: str | Path | None = None,
-                      image_root: str | Path | None = None, order_seed: int = 0) -> dict[str, Any]:
+                      image_root: str | Path | None = None, order_seed: int = 0,
+                      progress: ProgressSink | None = None) -> dict[str, Any]:
     """Write shards + ``manifest.json`` + ``summary.json``; returns the summary. Each split's triplets
     are written in a random order seeded by ``order_seed`` (the release lists them source by source),
-    so neighbouring records are not one product's triplets."""
+    so neighbouring records are not one product's triplets. ``progress`` counts products and triplets."""
     image_flag = "--image-root" if image_root is not None else "--root (its images/ folder)"
     data_dir, image_root = resolve_layout(root, data_dir, image_root, splits)
     out = Path(out)
@@ -147,6 +149,8 @@ def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence
                 if pid not in needed[t["dataset"]]:
                     needed[t["dataset"]].append(pid)
         products: dict[tuple[str, str], tuple[dict[str, Any], list[bytes]]] = {}
+        if progress is not None:
+            progress.expect(sum(len(ids) for ids in needed.values()) + len(triplets))
         for dataset, ids in sorted(needed.items()):
             check_key(dataset, "FashionMV dataset name")
             datasets.add(dataset)
@@ -156,6 +160,8 @@ def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence
                 if seen_keys.setdefault(key, pid) != pid:
                     raise ValueError(f"FashionMV {dataset}: product ids {seen_keys[key]!r} and {pid!r} map to the "
                                      f"same shard key {key!r}; rename one of them")
+                if progress is not None:
+                    progress.update(1)
                 listed = _view_files(image_root / dataset / pid, max_views)
                 loaded = [(f, load_image_bytes(f, max_side)) for f in listed]
                 files = [f for f, b in loaded if b is not None]  # an unreadable view is dropped, not the product
@@ -176,6 +182,8 @@ def convert_fashionmv(root: str | Path | None, out: str | Path, splits: Sequence
         ordered = list(triplets)
         random.Random(f"{order_seed}|{split}").shuffle(ordered)
         for t in ordered:
+            if progress is not None:
+                progress.update(1)
             dataset, src, tgt = t["dataset"], str(t["source_id"]), str(t["target_id"])
             if (dataset, src) not in products or (dataset, tgt) not in products:
                 counts[dataset]["triplets_skipped"] += 1

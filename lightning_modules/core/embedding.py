@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from datamodules.interfaces import ProgressSink
+
 from .contract import Products
 
 
@@ -29,12 +31,6 @@ class Encoders(Protocol):
     def encode_target(self, products: Products) -> torch.Tensor: ...
 
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor: ...
-
-
-class ProgressSink(Protocol):
-    """What the loops report to (``cir.progress.Progress`` is one): ``n`` more items done."""
-
-    def update(self, n: int) -> None: ...
 
 
 def embed_product_batch(model: Encoders, batch: dict[str, Any]) -> torch.Tensor:

@@ -38,6 +38,20 @@ def _expected_fashioniq(root: Path, present: set[str], categories=("dress", "shi
     return out
 
 
+class _Counting:
+    """A progress sink that remembers what a converter announced and reported."""
+
+    def __init__(self) -> None:
+        self.done = self.total = 0
+
+    def expect(self, n: int) -> None:
+        self.total += n
+
+    def update(self, n: int) -> None:
+        self.done += n
+        assert self.done <= self.total  # never more done than announced
+
+
 def test_fashioniq_layout_end_to_end_with_missing_and_broken_images(data, tmp_path: Path) -> None:
     root = tmp_path / "fiq"
     write_fashioniq_layout(root, data)
@@ -46,8 +60,11 @@ def test_fashioniq_layout_end_to_end_with_missing_and_broken_images(data, tmp_pa
         p.unlink()
     (images[1]).write_bytes(b"\xff\xd8 not a jpeg")  # ... and one unreadable
     present = {p.stem for p in (root / "images").glob("*.jpg")} - {images[1].stem}
-    summary = convert_fashioniq(root, tmp_path / "out")
+    progress = _Counting()
+    summary = convert_fashioniq(root, tmp_path / "out", progress=progress)
     assert summary == _expected_fashioniq(root, present)
+    every = [n for per in summary.values() for c in per.values() for n in c.values()]  # images and captions read
+    assert progress.done == progress.total == sum(every)
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
 
     manifest = read_manifest(tmp_path / "out")
@@ -73,7 +90,10 @@ def test_fashionmv_layout_end_to_end_with_nested_ids_and_missing_products(data, 
     broken_views = sorted(broken_dir.iterdir())
     broken_views[0].write_bytes(b"garbage")
 
-    summary = convert_fashionmv(root, tmp_path / "out")
+    progress = _Counting()
+    summary = convert_fashionmv(root, tmp_path / "out", progress=progress)
+    every = [n for per in summary.values() for c in per.values() for n in c.values()]  # products and triplets
+    assert progress.done == progress.total == sum(every)
     for split in ("train", "val"):
         triplets = [json.loads(line) for line in (root / f"{split}_triplets.jsonl").read_text().splitlines()]
         for ds in {t["dataset"] for t in triplets}:
