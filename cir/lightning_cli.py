@@ -415,3 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"lightning{' ' + subcommand if subcommand else ''}: {one_line(exc)}") from None
     CIRCLI.concise_errors = True
     CIRCLI(**_cli_kwargs())
+
+
+if __name__ == "__main__":  # torchrun -m cir.lightning_cli predict ... (multi-node launches)
+    main()
