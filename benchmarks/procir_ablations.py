@@ -2,6 +2,7 @@
 training-quality tests' shortened scale, each beside its own text-blind line.
 
     python benchmarks/procir_ablations.py --out ablations.jsonl [--products 1500] [--seed 0] [--epochs 2]
+    python benchmarks/procir_ablations.py --out after.jsonl --before before.jsonl   # two runs side by side
 
 The experiment files under ``experiments/procir/ablations/`` set the paper's 0.8B model on
 FashionMV; this script runs the same switches on the tiny random Qwen3.5 over generated data
@@ -100,6 +101,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(before: list[dict], after: list[dict]) -> str:
+    """Before/after rows of the variants both files hold: R@1 and its gain over the text-blind line."""
+    old = {r["variant"]: r["metrics"] for r in before}
+    lines = ["| variant | R@1 vs text-blind, before | after | gain before → after | Recall_subset@1 before → after |",
+             "|---|---|---|---|---|"]
+    gains = []
+    for r in after:
+        if r["variant"] not in old:
+            continue
+        b, a = old[r["variant"]], r["metrics"]
+        gb, ga = b["recall_at_1"] - b["text_blind/recall_at_1"], a["recall_at_1"] - a["text_blind/recall_at_1"]
+        gains.append((gb, ga))
+        lines.append(f"| {r['variant']} | {b['recall_at_1']:.3f} vs {b['text_blind/recall_at_1']:.3f} | "
+                     f"{a['recall_at_1']:.3f} vs {a['text_blind/recall_at_1']:.3f} | {gb:+.3f} → {ga:+.3f} | "
+                     f"{b['recall_subset_at_1']:.3f} → {a['recall_subset_at_1']:.3f} |")
+    if gains:
+        n = len(gains)
+        above = (sum(g > 0 for g, _ in gains), sum(g > 0 for _, g in gains))
+        lines.append(f"\nmean gain over {n} variants: before {sum(g for g, _ in gains) / n:+.3f}, after "
+                     f"{sum(g for _, g in gains) / n:+.3f}; gain above zero: before {above[0]}/{n}, "
+                     f"after {above[1]}/{n}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per finished variant")
@@ -109,7 +134,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--sft-epochs", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="variant names (default: all 16)")
+    parser.add_argument("--before", type=Path, help="another run's --out file: print both side by side and stop")
     args = parser.parse_args()
+    if args.before:
+        before, after = ([json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                         for f in (args.before, args.out))
+        print(compare(before, after))
+        return
 
     from datamodules.synthetic import write_synthetic
 
