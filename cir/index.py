@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from datamodules.atomic import write_text_atomic
-from datamodules.catalogue_data import CatalogueDataModule, PartStream
+from datamodules.catalogue_data import CatalogueDataModule, PartStream, resolve_layout
 from datamodules.embedding_parts import checkpoint_stamp, read_export
 from lightning_modules.core import Retriever
 from lightning_modules.core.embedding import Embedded, embed_products, place
@@ -158,12 +158,15 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{PROG}: {problem}")
             emb, ids, datasets = torch.from_numpy(export.per_product()), export.ids, export.datasets
             skipped, unreadable, listed = export.skipped, export.unreadable_views, export.plan.get("listing", {})
-            source = {"embeddings": str(Path(args.embeddings).resolve()), "catalogue_dir": export.plan.get("source")}
+            source = {"embeddings": str(Path(args.embeddings).resolve()), "catalogue_dir": export.plan.get("source"),
+                      "layout": export.plan.get("layout"), "split": export.plan.get("split")}
         else:
             embedded, skipped, unreadable, listed = embed_source(model, dm.image_transform, args.catalogue, args.layout,
                                                                  args.dataset, args.split, args.batch_size, device)
             emb, ids, datasets = embedded.embeddings, embedded.product_ids, embedded.datasets
-            source = {"catalogue_dir": str(Path(args.catalogue).resolve())}
+            source = {"catalogue_dir": str(Path(args.catalogue).resolve()),
+                      "layout": resolve_layout(Path(args.catalogue), args.layout), "split": args.split,
+                      "dataset": args.dataset}
         _refuse_multi_vector(model, emb)
         if skipped or unreadable:
             print(f"{PROG}: skipped {unreadable} unreadable views; {len(skipped)} of {len(ids) + len(skipped)} "

@@ -8,6 +8,8 @@
     GET  /images/{dataset}/{n}/{id}             its n-th view, the bytes stored in the shard
     GET  /examples/{dataset}?n=                 queries of the split's triplets (source, text, target)
     POST /search                                multipart: text, dataset, k, source_id or 1-5 images
+    POST /products                              multipart: product_id, dataset, 1-5 images, category, title
+    DELETE /products/{dataset}/{id}             (both writes need the API key: ``writes.py``)
 
 Ids may hold slashes (FashionMV's nested ids), so they come last in a path. Every refusal is a 4xx
 with ``{"error": "<one line>"}``; only a fault of the model itself is a 500.
@@ -30,10 +32,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .batcher import MicroBatcher, QueueFull
-from .engine import Answer, SearchEngine
+from .engine import ProductJob, SearchEngine
 from .engine import Query as EngineQuery
 from .gallery import UnknownProduct
 from .limits import BadInput, Limits, upload_digest
+from .uploads import UploadStore
+from .writes import WriteGuard, Writer, add_write_routes, writes_off
 
 
 def image_url(dataset: str, n: int, product_id: str) -> str:
@@ -70,21 +74,29 @@ class BodyLimit:
 
 
 def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: int = 8,
-               max_wait_ms: float = 5.0, max_queue: int = 256) -> FastAPI:
+               max_wait_ms: float = 5.0, max_queue: int = 256, api_key: str | None = None,
+               uploads: UploadStore | None = None, writes_refused: str | None = None,
+               compact_after: int = 10_000) -> FastAPI:
+    """The service. ``api_key`` (``CIR_API_KEY``) turns the write routes on, given a store that keeps
+    changes and ``uploads`` for their photos; ``writes_refused`` says why they stay off otherwise."""
     limits = limits or Limits()
-    batcher: MicroBatcher[EngineQuery, Answer] = MicroBatcher(engine.run, max_batch, max_wait_ms / 1000, max_queue)
+    batcher: MicroBatcher[EngineQuery | ProductJob, Any] = MicroBatcher(engine.run, max_batch, max_wait_ms / 1000,
+                                                                         max_queue)
+    off = writes_off(engine, api_key, writes_refused)
+    writer = Writer(engine, uploads, compact_after)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         batcher.close()
+        writer.close()
 
     app = FastAPI(title="fashion-cir retrieval", version="1", lifespan=lifespan,
                   description="Composed image retrieval over a trained model's gallery: a source product (gallery "
                               "id or uploaded views) plus a modification text → the top-k products.")
     app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
     app.add_middleware(BodyLimit, max_bytes=limits.max_request_bytes)
-    examples: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    app.add_middleware(WriteGuard, api_key=api_key, off=off)  # added last, so it answers first
 
     @app.exception_handler(BadInput)
     async def bad_input(_: Request, error: BadInput) -> JSONResponse:
@@ -128,6 +140,9 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
     @app.get("/health", summary="Liveness, model, galleries, batching and cache counters")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": type(engine.model).__name__, "split": engine.split,
+                "device": str(engine.device), "dtype": str(engine.dtype).removeprefix("torch."),
+                "store": type(engine.gallery).__name__, "writes": off or "on",
+                "changes_not_compacted": getattr(engine.gallery, "pending", None),
                 "datasets": {d: engine.gallery_size(d) for d in engine.datasets},
                 "turn1_cache": engine.cache.stats() if engine.caches_turn1 else None,
                 "batching": batcher.stats()}
@@ -156,10 +171,7 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
 
     @app.get("/examples/{dataset}", summary="Queries from the split's triplets, with their targets")
     async def example_queries(dataset: str, n: Annotated[int, Query(ge=1, le=100)] = 24) -> list[dict[str, Any]]:
-        key = (dataset_of(dataset), n)
-        if key not in examples:
-            examples[key] = await asyncio.to_thread(engine.store.examples, *key)
-        return examples[key]
+        return await asyncio.to_thread(engine.store.examples, dataset_of(dataset), n)
 
     @app.post("/search", summary="Top-k gallery products for a source and a modification text")
     async def search(text: Annotated[str, Form(description="the modification text")] = "",
@@ -177,7 +189,7 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
             raise BadInput(400, "give either source_id or images, not both")
         if source_id:
             views, caption = await asyncio.to_thread(engine.store.source, ds, source_id)
-            key: Any = ("gallery", ds, source_id)
+            key: Any = engine.store.source_key(ds, source_id)
         elif uploads:
             limits.view_count(len(uploads))
             data = [await f.read(limits.max_image_bytes + 1) for f in uploads]
@@ -199,4 +211,5 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
                 "results": [{"rank": r, "id": pid, "score": score, "image": image_url(ds, 0, pid)}
                             for r, (pid, score) in enumerate(answer.results, 1)]}
 
+    add_write_routes(app, engine, batcher, limits, writer, image_url)
     return app

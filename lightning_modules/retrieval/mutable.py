@@ -1,0 +1,460 @@
+"""A saved gallery index that changes while it is served: the index as a read-only base, plus a
+change log in its folder.
+
+``MutableGallery.open(folder)`` loads the ``GalleryIndex`` saved there and replays ``changes.log``
+on top of it. Each ``upsert`` or ``delete`` appends one record to the log and fsyncs it before it
+returns, then applies it in memory: added or replaced products live in a small exact overlay,
+removed or replaced base products are hidden from the base's results (which are fetched deeper by
+as many as are hidden, so ``k`` stays full on an exact base). ``compact()`` folds everything into a
+new base (``GalleryIndex.save``, itself kill-safe) and starts a new log.
+
+The log never holds pickles: it is ``MAGIC`` then records of ``<u32 length><u32 crc32><payload>``,
+a payload being ``<u32 n><n bytes of JSON><float32 little-endian vectors>``. Its first record (the
+header, written whole by an atomic rename) names the base it applies to by the faiss files the
+base's ``gallery_index.json`` lists (every save names them afresh). A kill mid-append leaves a torn
+last record: it is found by its length or checksum, dropped on load and cut off the file, and every
+record before it is kept. A kill during ``compact()`` leaves either the old base with its log, or
+the new base with the old log, whose header then names another base: that log is already in the
+new base (its last record says a compaction began) and is replaced by an empty one. Replaying
+changes is idempotent in any case (each one sets or removes whole products), so nothing is ever
+lost or counted twice.
+
+One writer per folder: writes are serialised by a lock, and searches see each change whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import faiss
+import numpy as np
+import torch
+
+from datamodules.atomic import atomic_write
+
+from .gallery_index import GalleryIndex
+from .store import Hit
+
+LOG = "changes.log"
+MAGIC = b"CIRCHG1\n"
+_FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
+_COUNT = struct.Struct("<I")
+
+
+def _f32(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().cpu().numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def encode_record(head: Mapping[str, Any], vectors: np.ndarray | None = None) -> bytes:
+    body = json.dumps(head, separators=(",", ":")).encode()
+    payload = _COUNT.pack(len(body)) + body + (b"" if vectors is None else _f32(vectors).astype("<f4").tobytes())
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
+    (n,) = _COUNT.unpack_from(payload)
+    head = json.loads(payload[_COUNT.size:_COUNT.size + n])
+    raw = payload[_COUNT.size + n:]
+    if "shape" not in head:
+        return head, None
+    return head, np.frombuffer(raw, dtype="<f4").reshape(head["shape"]).astype(np.float32)
+
+
+def read_log(path: Path) -> tuple[list[tuple[dict[str, Any], np.ndarray | None]], int]:
+    """The log's records and the byte length of its whole part. A damaged last record (a kill
+    mid-append) is left out; damage followed by more records is not a kill's and is refused."""
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        raise ValueError(f"{path}: not a gallery change log (it does not start with {MAGIC!r}); move it away "
+                         "to serve the index without its changes")
+    records, at = [], len(MAGIC)
+    while at < len(data):
+        whole = at + _FRAME.size <= len(data)
+        length, crc = _FRAME.unpack_from(data, at) if whole else (0, 0)
+        end = at + _FRAME.size + length
+        if not whole or end > len(data) or zlib.crc32(data[at + _FRAME.size:end]) != crc:
+            if whole and end < len(data):
+                raise ValueError(f"{path}: damaged record at byte {at} with {len(data) - end} bytes after it (not a "
+                                 "torn last write); restore the folder from a copy")
+            break  # the last record, torn by a kill: everything before it stands
+        records.append(decode_payload(data[at + _FRAME.size:end]))
+        at = end
+    if not records or records[0][0].get("op") != "header":
+        raise ValueError(f"{path}: no header record; move it away to serve the index without its changes")
+    return records, at
+
+
+def base_id(folder: Path) -> str:
+    """Which saved base an index folder holds: its faiss file names, new at every save."""
+    try:
+        meta = json.loads((folder / "gallery_index.json").read_text())
+        return ",".join(sorted(str(e["file"]) for e in meta["datasets"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+
+
+def base_vectors(index: faiss.Index) -> np.ndarray:
+    """Every vector of a faiss index, in insertion order (flat, IVF-flat and HNSW-flat store them whole)."""
+    if index.ntotal == 0:
+        return np.zeros((0, index.d), dtype=np.float32)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.make_direct_map()
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def build_options(base: GalleryIndex) -> dict[str, Any]:
+    """How a base was built and is searched, kept when it is rebuilt: the faiss settings, and (where
+    the index keeps them) its stored vectors, re-ranking depth and on-disk lists."""
+    out: dict[str, Any] = {}
+    index = next(iter(base.indexes.values()), None)
+    ivf = faiss.try_extract_index_ivf(index) if index is not None else None
+    if ivf is not None:
+        out["nprobe"] = int(ivf.nprobe)
+    elif hasattr(index, "hnsw"):
+        out.update(hnsw_m=int(index.hnsw.nb_neighbors(1)), ef_search=int(index.hnsw.efSearch))
+    if getattr(base, "stored", None):
+        out["store_vectors"] = True
+        out["rerank"] = int(getattr(base, "defaults", {}).get("rerank", 0))
+    if getattr(base, "on_disk", None):
+        out["on_disk"] = True
+    return out
+
+
+def vectors_of(base: GalleryIndex, dataset: str) -> np.ndarray:
+    """A base dataset's vectors in id order: the index's own (stored ones where it keeps them), else
+    rebuilt from faiss."""
+    own = getattr(base, "vectors", None)
+    return np.asarray(own(dataset), dtype=np.float32) if callable(own) else base_vectors(base.indexes[dataset])
+
+
+def is_multi_vector(base: GalleryIndex) -> bool:
+    return any(len(r) for r in getattr(base, "rows", {}).values())
+
+
+@dataclass
+class Overlay:
+    """One dataset's added or replaced products: an exact search over a growing array."""
+
+    dim: int
+    ids: list[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    vectors: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.zeros((16, self.dim), dtype=np.float32)
+
+    def put(self, pid: str, vector: np.ndarray) -> None:
+        row = self.rows.get(pid)
+        if row is None:
+            row = len(self.ids)
+            if row == len(self.vectors):  # doubling: n adds cost O(n) copies in all
+                self.vectors = np.concatenate([self.vectors, np.zeros_like(self.vectors)])
+            self.ids.append(pid)
+            self.rows[pid] = row
+        self.vectors[row] = vector
+
+    def remove(self, pid: str) -> bool:
+        row = self.rows.pop(pid, None)
+        if row is None:
+            return False
+        last = len(self.ids) - 1
+        if row != last:  # the last product takes the freed row
+            self.ids[row], self.vectors[row] = self.ids[last], self.vectors[last]
+            self.rows[self.ids[row]] = row
+        self.ids.pop()
+        return True
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        n = len(self.ids)
+        if n == 0 or k <= 0:
+            return [[] for _ in queries]
+        scores = queries @ self.vectors[:n].T
+        k = min(k, n)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out = []
+        for row, cand in zip(scores, top, strict=True):
+            order = cand[np.argsort(-row[cand], kind="stable")]
+            out.append([(self.ids[i], float(row[i])) for i in order])
+        return out
+
+
+class MutableGallery:
+    """``WritableStore`` over a saved ``GalleryIndex`` and its change log (see the module's doc)."""
+
+    def __init__(self, folder: str | Path, base: GalleryIndex, base_name: str) -> None:
+        self.folder, self.base, self.base_name = Path(folder), base, base_name
+        self.log_path = self.folder / LOG
+        self.dim: int | None = next((ix.d for ix in base.indexes.values()), None)
+        self.notes: list[str] = []  # what opening found and did, for the caller to show
+        self.pending = 0  # changes in the log, not yet in the base
+        self._overlay: dict[str, Overlay] = {}
+        self._hidden: dict[str, set[str]] = {}  # base ids removed or replaced
+        self._meta: dict[str, dict[str, dict[str, str]]] = {}
+        self._index_base()
+        self._fd: int | None = None
+        self._state = threading.RLock()  # searches and in-memory changes
+        self._writer = threading.Lock()  # one change (log, then memory) at a time
+
+    @property
+    def fingerprint(self) -> dict[str, str] | None:
+        return self.base.fingerprint
+
+    def _index_base(self) -> None:
+        self._base_ids = {d: set(ids) for d, ids in self.base.ids.items()}
+
+    @classmethod
+    def open(cls, folder: str | Path, base: GalleryIndex | None = None) -> MutableGallery:
+        """The index in ``folder`` (``base``: it, already loaded) with its change log replayed. An
+        index of several vectors per product is refused: the overlay holds one per product."""
+        folder = Path(folder)
+        base = base if base is not None else GalleryIndex.load(folder)
+        if is_multi_vector(base):
+            raise ValueError(f"{folder} holds several vectors per product (a multi-vector index); MutableGallery "
+                             "adds one per product")
+        out = cls(folder, base, base_id(folder))
+        if out.log_path.is_file():
+            out._replay()
+        return out
+
+    # -- reading -----------------------------------------------------------------------------
+    def datasets(self) -> list[str]:
+        with self._state:
+            return sorted(d for d in set(self.base.ids) | set(self._overlay) if self._count(d))
+
+    def _count(self, dataset: str) -> int:
+        ov = self._overlay.get(dataset)
+        return (len(self.base.ids.get(dataset, ())) - len(self._hidden.get(dataset, ()))
+                + (len(ov.ids) if ov else 0))
+
+    def count(self, dataset: str) -> int:
+        with self._state:
+            return self._count(dataset)
+
+    def ids(self, dataset: str) -> list[str]:
+        """The dataset's products: the base's in its order, then the added ones."""
+        with self._state:
+            hidden = self._hidden.get(dataset, set())
+            ov = self._overlay.get(dataset)
+            return [i for i in self.base.ids.get(dataset, []) if i not in hidden] + (list(ov.ids) if ov else [])
+
+    def contains(self, dataset: str, pid: str) -> bool:
+        with self._state:
+            ov = self._overlay.get(dataset)
+            return (ov is not None and pid in ov.rows) or (
+                pid in self._base_ids.get(dataset, ()) and pid not in self._hidden.get(dataset, ()))
+
+    def meta(self, dataset: str, pid: str) -> dict[str, str]:
+        with self._state:
+            return dict(self._meta.get(dataset, {}).get(pid, {}))
+
+    def search(self, queries: Any, k: int, dataset: str | None = None,
+               where: Mapping[str, str] | None = None) -> list[list[Hit]]:
+        q = _f32(queries)
+        if q.ndim != 2:
+            raise ValueError(f"queries of shape {tuple(q.shape)}: this store holds one vector per product ([Q, D])")
+        with self._state:
+            dataset = self._dataset_of(dataset)
+            hidden = self._hidden.get(dataset, set())
+            kept = self._meta.get(dataset, {})
+
+            def ok(pid: str) -> bool:
+                return where is None or all(kept.get(pid, {}).get(key) == v for key, v in where.items())
+
+            base: list[list[Hit]] = [[] for _ in q]
+            n_base = len(self.base.ids.get(dataset, ()))
+            if n_base:
+                deep = n_base if where else min(n_base, k + len(hidden))  # as many more as may be filtered out
+                base = [[h for h in row if h[0] not in hidden and ok(h[0])]
+                        for row in self.base.search(q, deep, dataset=dataset)]
+            ov = self._overlay.get(dataset)
+            added = ov.search(q, len(ov.ids) if where else k) if ov else [[] for _ in q]
+            return [sorted(b + [h for h in a if ok(h[0])], key=lambda h: -h[1])[:k]
+                    for b, a in zip(base, added, strict=True)]
+
+    def _dataset_of(self, dataset: str | None) -> str:
+        held = [d for d in set(self.base.ids) | set(self._overlay) if self._count(d)]
+        if dataset is None:
+            if len(held) != 1:
+                raise ValueError(f"this index holds datasets {sorted(held)}: name one with dataset=")
+            return held[0]
+        if dataset not in held:
+            raise KeyError(f"no gallery for dataset {dataset!r}; the index holds {sorted(held)}")
+        return dataset
+
+    # -- writing -----------------------------------------------------------------------------
+    def upsert(self, dataset: str, ids: Sequence[str], vectors: Any,
+               meta: Sequence[Mapping[str, str]] | None = None) -> None:
+        ids = [str(i) for i in ids]
+        v = _f32(vectors)
+        if v.ndim != 2 or len(v) != len(ids):
+            raise ValueError(f"{len(ids)} ids and vectors of shape {tuple(v.shape)}: give one [D] row per id")
+        if self.dim is not None and v.shape[1] != self.dim:
+            raise ValueError(f"vectors of {v.shape[1]} dimensions; this index holds {self.dim}")
+        if not np.isfinite(v).all():
+            raise ValueError("vectors hold NaN or infinite values")
+        if meta is not None and len(meta) != len(ids):
+            raise ValueError(f"{len(ids)} ids and {len(meta)} metadata records differ")
+        if not dataset or not ids:
+            raise ValueError("name the dataset and at least one product id")
+        head = {"op": "upsert", "dataset": dataset, "ids": ids, "shape": list(v.shape),
+                "meta": [{str(k): str(x) for k, x in m.items()} for m in meta] if meta is not None else None}
+        with self._writer:
+            self._append(encode_record(head, v))
+            with self._state:
+                self._apply(head, v)
+
+    def delete(self, dataset: str, ids: Sequence[str]) -> int:
+        with self._writer:
+            present = list(dict.fromkeys(str(i) for i in ids if self.contains(dataset, str(i))))
+            if present:
+                head = {"op": "delete", "dataset": dataset, "ids": present}
+                self._append(encode_record(head))
+                with self._state:
+                    self._apply(head, None)
+            return len(present)
+
+    def _apply(self, head: Mapping[str, Any], vectors: np.ndarray | None) -> None:
+        dataset, op = head["dataset"], head["op"]
+        kept = self._meta.setdefault(dataset, {})
+        for n, pid in enumerate(head["ids"]):
+            if pid in self._base_ids.get(dataset, ()):
+                self._hidden.setdefault(dataset, set()).add(pid)
+            kept.pop(pid, None)
+            if op == "upsert":
+                if self.dim is None:
+                    self.dim = vectors.shape[1]
+                self._overlay.setdefault(dataset, Overlay(self.dim)).put(pid, vectors[n])
+                if head.get("meta") and head["meta"][n]:
+                    kept[pid] = dict(head["meta"][n])
+            elif dataset in self._overlay:
+                self._overlay[dataset].remove(pid)
+        self.pending += 1
+
+    def _append(self, record: bytes) -> None:
+        """``record`` on disk (fsynced) at the log's end, or not at all."""
+        if self._fd is None:
+            if not self.log_path.is_file():
+                self._write_header(self._all_meta())
+            self._fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+        size = os.fstat(self._fd).st_size
+        try:
+            view = memoryview(record)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except BaseException:
+            # A failed write (a full disk) must not leave half a record for the next one to follow.
+            try:
+                os.ftruncate(self._fd, size)
+                os.fsync(self._fd)
+            except OSError:
+                os.close(self._fd)
+                self._fd = None
+            raise
+
+    def _write_header(self, meta: Mapping[str, Any]) -> None:
+        header = {"op": "header", "format": 1, "base": self.base_name, "dim": self.dim, "meta": meta}
+
+        def write(f: BinaryIO) -> None:
+            f.write(MAGIC + encode_record(header))
+
+        atomic_write(self.log_path, write, remove_stale=True)
+
+    def _all_meta(self) -> dict[str, dict[str, dict[str, str]]]:
+        return {d: dict(m) for d, m in self._meta.items() if m}
+
+    def close(self) -> None:
+        with self._writer:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    # -- loading and compaction ------------------------------------------------------------
+    def _replay(self) -> None:
+        records, whole = read_log(self.log_path)
+        if whole < self.log_path.stat().st_size:
+            self.notes.append(f"{self.log_path}: dropped a torn last record ({self.log_path.stat().st_size - whole} "
+                              "bytes of a write cut off by a kill); every change before it is kept")
+            with open(self.log_path, "r+b") as f:
+                f.truncate(whole)
+                os.fsync(f.fileno())
+        header = records[0][0]
+        if header.get("base") != self.base_name:
+            self._supersede(records)
+            return
+        if self.dim is None and header.get("dim"):
+            self.dim = int(header["dim"])
+        self._meta = {d: {p: dict(m) for p, m in ms.items()} for d, ms in (header.get("meta") or {}).items()}
+        for head, vectors in records[1:]:
+            if head.get("op") in ("upsert", "delete"):
+                self._apply(head, vectors)
+
+    def _supersede(self, records: list[tuple[dict[str, Any], np.ndarray | None]]) -> None:
+        """The log was written for an earlier base. After a compaction killed before it replaced
+        the log, that base's changes are all in the current one; after a rebuild of the index by
+        other means they are not, and the old log is kept aside. The metadata of products still
+        there is carried over."""
+        meta: dict[str, dict[str, dict[str, str]]] = {}
+        for d, ms in (records[0][0].get("meta") or {}).items():
+            meta[d] = {p: dict(m) for p, m in ms.items()}
+        for head, _ in records[1:]:
+            if head.get("op") not in ("upsert", "delete"):
+                continue
+            kept = meta.setdefault(head["dataset"], {})
+            for n, pid in enumerate(head["ids"]):
+                kept.pop(pid, None)
+                if head["op"] == "upsert" and head.get("meta") and head["meta"][n]:
+                    kept[pid] = dict(head["meta"][n])
+        self._meta = {d: {p: m for p, m in ms.items() if p in self._base_ids.get(d, ())} for d, ms in meta.items()}
+        changes = sum(1 for h, _ in records[1:] if h.get("op") in ("upsert", "delete"))
+        if records[-1][0].get("op") != "compacting" and changes:
+            aside = self.folder / f"changes-superseded-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            os.replace(self.log_path, aside)
+            self.notes.append(f"{self.log_path} was written for another base than the index there now (rebuilt "
+                              f"since?): its {changes} changes are not replayed; kept as {aside.name}")
+        self._write_header(self._all_meta())
+
+    def compact(self) -> None:
+        """Everything into a new base; the log starts again. Searches go on meanwhile; writes wait."""
+        with self._writer:
+            with self._state:
+                rows = []
+                for dataset in sorted(set(self.base.ids) | set(self._overlay)):
+                    hidden = self._hidden.get(dataset, set())
+                    if dataset in self.base.indexes:
+                        vecs = vectors_of(self.base, dataset)
+                        rows += [(dataset, pid, vecs[n]) for n, pid in enumerate(self.base.ids[dataset])
+                                 if pid not in hidden]
+                    if dataset in self._overlay:
+                        ov = self._overlay[dataset]
+                        rows += [(dataset, pid, ov.vectors[n].copy()) for n, pid in enumerate(ov.ids)]
+                options = build_options(self.base)
+            if self.log_path.is_file():
+                self._append(encode_record({"op": "compacting", "dataset": "", "ids": []}))
+            if rows:
+                new = GalleryIndex.build(np.stack([r[2] for r in rows]), [r[1] for r in rows], [r[0] for r in rows],
+                                         kind=self.base.kind, fingerprint=self.base.fingerprint, **options)
+            else:
+                new = GalleryIndex(self.base.kind, self.base.fingerprint)
+            new.save(self.folder)
+            with self._state:  # the new base holds exactly what base + overlay held
+                self.base, self.base_name = new, base_id(self.folder)
+                self._overlay, self._hidden, self.pending = {}, {}, 0
+                self._index_base()
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+            # If this is cut off, the next write starts a log for the new base: nothing is missing.
+            self._write_header(self._all_meta())
