@@ -58,7 +58,7 @@ def datamodule(data: Path) -> ShardDataModule:
 
 
 def sft_stage(data: Path, work: Path, seed: int, epochs: int) -> Path:
-    path = work / f"sft_seed{seed}_epochs{epochs}.ckpt"
+    path = work / f"sft_{data.name}_epochs{epochs}.ckpt"  # the data folder's name carries products and seed
     if path.exists():
         return path
     L.seed_everything(seed)
@@ -137,9 +137,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="another run's --out file: print both side by side and stop")
     args = parser.parse_args()
     if args.before:
-        before, after = ([json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-                         for f in (args.before, args.out))
-        print(compare(before, after))
+        print(compare(_rows(args.before), _rows(args.out)))
         return
 
     from datamodules.synthetic import write_synthetic
@@ -147,9 +145,13 @@ def main() -> None:
     data = args.work / f"data_{args.products}_seed{args.seed}"
     if not (data / "manifest.json").exists():
         write_synthetic(data, products=args.products, seed=args.seed)
+    settings = {"seed": args.seed, "epochs": args.epochs, "products": args.products}
     done = set()
-    if args.out.exists():
-        done = {json.loads(line)["variant"] for line in args.out.read_text().splitlines() if line.strip()}
+    for row in _rows(args.out):
+        if {k: row[k] for k in settings} != settings:
+            raise SystemExit(f"{args.out} holds runs of {({k: row[k] for k in settings})}, this one is {settings}: "
+                             "give another --out")
+        done.add(row["variant"])
     for name, mt, align, cot, sft in variants():
         if name in done or (args.only and name not in args.only):
             continue
@@ -161,8 +163,18 @@ def main() -> None:
         with args.out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-    print(table(rows))
+    print(table(_rows(args.out)))
+
+
+def _rows(path: Path) -> list[dict]:
+    """The finished variants of ``path``; a last line cut by a kill is left out (rerun: it is redone)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 if __name__ == "__main__":

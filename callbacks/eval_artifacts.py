@@ -25,6 +25,7 @@ from datamodules.batching import TripletExample, collate, views_of
 from datamodules.interfaces import RetrievalData
 from datamodules.schema import stable_id
 from lightning_modules.core.checkpoints import checkpoint_metadata
+from lightning_modules.core.embedding import embed_query_batch
 from lightning_modules.core.interfaces import Retriever
 from lightning_modules.retrieval import similarities
 from lightning_modules.retrieval.recall import DATASET_PATTERN, REFERENCE_PATTERN
@@ -210,7 +211,7 @@ class EvalArtifacts(Callback):
         batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
         was_training = pl_module.training
         pl_module.eval()
-        queries = pl_module.encode_query(batch).float()
+        queries = embed_query_batch(pl_module, batch).float()
         pl_module.train(was_training)
         names = list(pl_module.dataset_names)
         picks = []

@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+from callbacks.embedding_writer import MODEL
 from datamodules.atomic import write_text_atomic
 from datamodules.catalogue_data import CatalogueDataModule, PartStream, resolve_layout
-from datamodules.embedding_parts import checkpoint_stamp, read_export
+from datamodules.embedding_parts import read_export
+from datamodules.transform_identity import hparams_digest
 from lightning_modules.core import Retriever
 from lightning_modules.core.embedding import Embedded, embed_products, place
 from lightning_modules.retrieval import GalleryIndex
@@ -116,16 +118,15 @@ def _write_summary(out: Path, body: dict[str, Any]) -> None:
     write_text_atomic(out / SUMMARY, json.dumps(body, indent=2))
 
 
-def export_mismatch(plan: dict[str, Any], fingerprint: dict[str, str], ckpt: str | None) -> str | None:
+def export_mismatch(plan: dict[str, Any], fingerprint: dict[str, str], model: Any) -> str | None:
     """One line naming what differs between the model an export was made with and this run's."""
-    current = {**fingerprint, "checkpoint": checkpoint_stamp(ckpt)}
-    differ = [f"{key} {plan.get(key)!r} (export) vs {current.get(key)!r} (this run)"
-              for key in ("family", "checkpoint", "preprocessing", "image_transform", "normalisation")
+    current = {**fingerprint, "model_hparams": hparams_digest(getattr(model, "hparams", {}))}
+    differ = [f"{key} {plan.get(key)!r} (export) vs {current.get(key)!r} (this run)" for key in MODEL
               if plan.get(key) != current.get(key)]
     if not differ:
         return None
     return ("--embeddings was exported by another model: " + "; ".join(differ) +
-            ". Index it with the experiment and checkpoint it was exported with, or export again")
+            ". Index it with the experiment, overrides and checkpoint it was exported with, or export again")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         model, dm, fingerprint = load_with_fingerprint(args.config, args.ckpt, extra, needs_data=False)
         _refuse_caption_targets(model)
         if export is not None:
-            if problem := export_mismatch(export.plan, fingerprint, args.ckpt):
+            if problem := export_mismatch(export.plan, fingerprint, model):
                 raise SystemExit(f"{PROG}: {problem}")
             emb, ids, datasets = torch.from_numpy(export.per_product()), export.ids, export.datasets
             skipped, unreadable, listed = export.skipped, export.unreadable_views, export.plan.get("listing", {})

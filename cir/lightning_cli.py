@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.mlflow_logging import LogConfigToMLflow
 from datamodules import CatalogueDataModule, ShardDataModule, SyntheticDataModule
 from datamodules.catalogue_data import resolve_layout
+from datamodules.embedding_parts import ExportRefused
 from datamodules.shards import read_manifest
 from lightning_modules.core.checkpoints import checkpoint_metadata
 
@@ -217,6 +218,14 @@ class CIRCLI(LightningCLI):
             sys.stderr.write(report(prog, detail).replace("error in the configuration", "could not build the run")
                              + "\n")
             raise SystemExit(2) from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except ExportRefused as exc:  # the exporter's refusals, raised inside the run: one line
+            if not self._user_facing or debug_requested():
+                raise
+            raise SystemExit(f"{self._prog()}: {one_line(exc)}") from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--defaults", type=list[str] | None, default=None,

@@ -38,7 +38,7 @@ from lightning_modules.retrieval.search import block_size, similarities
 
 from .args import command_parser, parse
 from .errors import user_errors
-from .models import load_model_and_data
+from .models import gallery_total, load_model_and_data
 from .progress import Progress
 
 PROG = "cir mine-negatives"
@@ -113,11 +113,6 @@ class KeyedQuery:
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         return {**self.example(sample), "key": sample["__key__"]}
-
-
-def gallery_total(dm: RetrievalData, split: str, kind: str = "products") -> int | None:
-    manifest = getattr(dm, "manifest", None)
-    return manifest.get("splits", {}).get(split, {}).get(kind) if isinstance(manifest, dict) else None
 
 
 def embed_gallery(model: Retriever, dm: RetrievalData, split: str,

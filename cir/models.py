@@ -24,7 +24,7 @@ from datamodules import SyntheticDataModule
 from datamodules.atomic import write_json_atomic
 from datamodules.interfaces import RetrievalData
 from datamodules.shards import MANIFEST
-from datamodules.transform_identity import describe_transform
+from datamodules.transform_identity import NOT_EMBEDDING, describe_transform
 from lightning_modules.backbones.images import open_upright
 from lightning_modules.core import Retriever, load_weights, state_dict_of
 from lightning_modules.core.adapters import LoraConfigured, apply_lora, has_lora_weights, merge_lora
@@ -114,12 +114,6 @@ def model_fingerprint(model: nn.Module, transform: Any, model_config: Any, ckpt:
                                                default=str).encode()),
             "checkpoint": f"sha256:{file_digest(ckpt)}" if ckpt else f"untrained (seed {seed})",
             "preprocessing": preprocessing, "image_transform": settings, "normalisation": normalisation}
-
-
-# Settings of the model section that change how training runs or how Recall@K is computed, never the
-# vector a product is embedded into: an index stays valid when only these differ.
-NOT_EMBEDDING = frozenset({"evaluation", "optimizer", "scheduler", "loss", "stage2_loss", "mined_negatives",
-                           "skip_bad_steps", "grad_cache_chunk", "init_checkpoint", "training_stage"})
 
 
 def _embedding_config(model_config: Any) -> Any:
@@ -257,6 +251,12 @@ def resolve_device_or_exit(prog: str, device: str) -> torch.device:
         raise SystemExit(f"{prog}: {one_line(exc)}") from None
 
 
+def gallery_total(dm: RetrievalData, split: str, kind: str = "products") -> int | None:
+    """How many products (or ``triplets``) the manifest lists for ``split``: a progress bar's total."""
+    manifest = getattr(dm, "manifest", None)
+    return manifest.get("splits", {}).get(split, {}).get(kind) if isinstance(manifest, dict) else None
+
+
 def encode_gallery(model: Retriever, dm: RetrievalData, split: str,
                    device: str | torch.device | None = None) -> tuple[torch.Tensor, list[str], list[str]]:
     """Every gallery product of ``split``: embeddings, the dataset's own ids, dataset names."""
@@ -268,8 +268,7 @@ def encode_gallery_with_meta(model: Retriever, dm: RetrievalData, split: str, de
                              ) -> tuple[torch.Tensor, list[str], list[str], list[dict[str, Any]]]:
     """``encode_gallery`` plus each product's shard metadata (category, captions, attributes), which
     a result table shows beside the id. Embedded on ``device`` (default: where the model is)."""
-    manifest = getattr(dm, "manifest", None)
-    total = manifest.get("splits", {}).get(split, {}).get("products") if isinstance(manifest, dict) else None
+    total = gallery_total(dm, split)
     target = resolve_device(device) if device is not None else None
     with Progress(command_name() or "cir", f"embedding the {split} gallery", total, "product") as progress:
         out = embed_products(model, dm.eval_dataloaders(split)[0], target, progress=progress)

@@ -7,9 +7,9 @@
 ``cir build`` reads), the FashionMV release (``images/<dataset>/<product_id>/``: ``layout:
 fashionmv``), or a shard folder (``manifest.json``: every gallery product of ``split``). The
 products are cut into parts (``part_size`` products of the sorted catalogue, or one gallery shard
-each), and part ``p`` belongs to rank ``p mod world_size``, then to DataLoader worker ``p mod
-workers`` of that rank: every product is embedded once, on one GPU or many, and the assignment needs
-no communication. ``callbacks.EmbeddingWriter`` writes each part when its last batch is embedded
+each), and part ``p`` belongs to rank ``p mod world_size``; a rank's unfinished parts are dealt to
+its DataLoader workers in turn: every product is embedded once, on one GPU or many, and the
+assignment needs no communication. ``callbacks.EmbeddingWriter`` writes each part when its last batch is embedded
 and, on a rerun, tells this module (``exclude_parts``) which parts are finished, so they are not
 read again.
 
@@ -64,6 +64,15 @@ class Part:
 
 
 def resolve_layout(source: Path, layout: Layout) -> Layout:
+    """``auto`` resolved, and the source checked to have what its layout needs (one line if not)."""
+    if layout == "shards" and not (source / MANIFEST).is_file():
+        raise FileNotFoundError(f"{source}: no {MANIFEST}; a shard folder is written by `cir data ...`")
+    if layout == "fashionmv" and not (source / "images").is_dir():
+        raise FileNotFoundError(f"{source}: no images/ folder; the FashionMV release keeps its photos in "
+                                "images/<dataset>/<product_id>/")
+    if layout == "catalogue" and not (source / "images").is_dir():
+        raise FileNotFoundError(f"{source}: no images/ folder; a catalogue is images/<product_id>/*.jpg "
+                                "[+ products.jsonl]")
     if layout != "auto":
         return layout
     if (source / MANIFEST).is_file():

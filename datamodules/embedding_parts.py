@@ -25,6 +25,11 @@ import numpy as np
 from .atomic import atomic_write, write_json_atomic
 
 EXPORT_FILE = "export.json"
+
+
+class ExportRefused(ValueError):
+    """An export that cannot go on as asked (another plan or model in the folder, non-finite
+    vectors, data that is not in parts): the CLI reports it in one line."""
 _PART = re.compile(r"part-(\d{6})\.json")
 
 
@@ -135,6 +140,9 @@ def read_export(folder: str | Path) -> Export:
         datasets += meta["datasets"]
         skipped += meta["skipped"]
         unreadable += meta["unreadable_views"]
+    if not ids:
+        raise ValueError(f"{folder}: the export holds no product: all {len(skipped)} were skipped as unreadable "
+                         f"(listed with their reasons in {folder}/part-*.json); fix the photos and export again")
     dims = {v.shape[1] for v in vectors if len(v)}
     if len(dims) > 1:
         raise ValueError(f"{folder}: parts of dimensions {sorted(dims)}: written by different models; export again "
@@ -145,13 +153,17 @@ def read_export(folder: str | Path) -> Export:
                   skipped, unreadable, plan)
 
 
-def checkpoint_stamp(ckpt: str | Path | None) -> str:
-    """How an export names the checkpoint it was made with: resolved path, size and modification
-    time (hashing a checkpoint of several GB on every rank's start would cost more than it saves)."""
+def checkpoint_stamp(ckpt: str | Path | None, seed: str | None = None) -> str:
+    """How a checkpoint is named in a fingerprint (``cir.models.model_fingerprint``): ``sha256:`` and
+    the first 16 hex digits of its bytes (read in 1 MiB blocks), wherever the file lies; without one,
+    ``untrained (seed N)``."""
     if not ckpt:
-        return "untrained"
-    stat = Path(ckpt).stat()
-    return f"{Path(ckpt).resolve()} ({stat.st_size} bytes, modified {int(stat.st_mtime)})"
+        return f"untrained (seed {seed})"
+    h = hashlib.sha256()
+    with Path(ckpt).open("rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return f"sha256:{h.hexdigest()[:16]}"
 
 
 def plan_digest(keys: Iterable[str]) -> str:

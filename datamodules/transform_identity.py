@@ -1,4 +1,5 @@
-"""What a DataModule's image transform does to a view, as comparable strings.
+"""What a DataModule's image transform does to a view, and which model settings shape an embedding,
+as comparable strings.
 
 A saved index, an embedding export and a running model each describe their preprocessing this way,
 so that vectors made with other pixels (another resize, padding or normalisation) are refused
@@ -13,6 +14,19 @@ from typing import Any
 
 # Image processor settings that make up the pixel normalisation (recorded apart from the geometry).
 _NORMALISATION_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
+# Settings of the model section that change how training runs or how Recall@K is computed, never the
+# vector a product is embedded into: an index stays valid when only these differ.
+NOT_EMBEDDING = frozenset({"evaluation", "optimizer", "scheduler", "loss", "stage2_loss", "mined_negatives",
+                           "skip_bad_steps", "grad_cache_chunk", "init_checkpoint", "training_stage"})
+
+
+def hparams_digest(hparams: Any) -> str:
+    """A digest of a module's saved hyperparameters without the ``NOT_EMBEDDING`` ones: two modules
+    built from the same model section (a CLI run saves it in config form) give the same digest."""
+    own = {k: v for k, v in dict(hparams or {}).items() if k not in NOT_EMBEDDING and not k.startswith("_")}
+    return _digest(json.dumps(own, sort_keys=True, default=str).encode())
 
 
 def _digest(data: bytes) -> str:

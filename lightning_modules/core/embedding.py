@@ -34,7 +34,7 @@ class Encoders(Protocol):
 
 
 def embed_product_batch(model: Encoders, batch: dict[str, Any]) -> torch.Tensor:
-    """A gallery batch (``images``, ``image_mask``, ``meta``) as the model's target encoder embeds it:
+    """A gallery batch (``images``, ``mask``, ``meta``) as the model's target encoder embeds it:
     ``[B, D]``, or ``[B, V, D]`` for a multi-vector model."""
     return model.encode_target(Products.gallery_of(batch))
 
