@@ -5,9 +5,14 @@
     python benchmarks/search_backends.py --sizes 10000 100000 --kinds torch flat --recall   # + evaluation
 
 Random unit vectors of dimension 1024 stand for product embeddings; each query is a noisy copy of
-one gallery vector (the "planted" answer). For each gallery size and method it prints the build
-time, queries per second for top-10 search, the recall@10 of the method's top-10 against the exact
-top-10, and how often the planted answer is in the top-10. ``--recall`` adds what evaluation does
+one gallery vector (the "planted" answer). Such vectors have no neighbourhood structure besides
+the planted one, the worst case for approximate indexes: ``benchmarks/ann.py`` measures them on
+vectors with a trained model's structure. ``--kinds`` takes ``torch`` and any ``GalleryIndex``
+kind: the presets (flat, ivf, hnsw, ivfpq) or a faiss factory string (``"IVF1024,SQ8"``).
+
+For each gallery size and method it prints the build time, queries per second for top-10 search,
+the recall@10 of the method's top-10 against the exact top-10, and how often the planted answer is
+in the top-10. ``--recall`` adds what evaluation does
 (``RecallAtK.compute``: every query ranked in the whole gallery) with each exact backend.
 """
 
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from lightning_modules.retrieval import RecallAtK
-from lightning_modules.retrieval.gallery_index import build_faiss_index
+from lightning_modules.retrieval.ann import build_faiss_index, find_ivf
 from lightning_modules.retrieval.search import topk
 
 
@@ -48,9 +53,9 @@ def main() -> None:
     print(f"threads: torch {torch.get_num_threads()} (intra-op), faiss/OpenMP {faiss.omp_get_max_threads()}; "
           f"{os.cpu_count()} CPUs; env {blas or '-'}")
     print(f"dim {args.dim}; {args.queries} queries; top-{args.k}; median of {args.repeats} searches\n")
-    print(f"{'gallery':>9} {'method':<16} {'build s':>8} {'queries/s':>10} {'recall@10 vs exact':>19} "
+    print(f"{'gallery':>9} {'method':<22} {'build s':>8} {'queries/s':>10} {'recall@10 vs exact':>19} "
           f"{'planted in top-10':>18}")
-    print("-" * 85)
+    print("-" * 91)
     for n in args.sizes:
         gallery = unit(rng.standard_normal((n, args.dim), dtype=np.float32))
         picks = rng.integers(0, n, args.queries)
@@ -71,7 +76,8 @@ def main() -> None:
             else:
                 index = build_faiss_index(gallery, kind, nprobe=args.nprobe)
                 build = time.perf_counter() - t
-                label = {"flat": "faiss flat", "ivf": f"faiss ivf/{args.nprobe}", "hnsw": "faiss hnsw"}[kind]
+                probes = f"/{args.nprobe}" if find_ivf(index) is not None else ""
+                label = f"faiss {kind}{probes}"
 
                 def search(index: faiss.Index = index, queries: np.ndarray = queries) -> np.ndarray:
                     return index.search(queries, args.k)[1]
@@ -86,7 +92,7 @@ def main() -> None:
             recall = (np.mean([len(set(a) & set(b)) / args.k for a, b in zip(idx, exact, strict=True)])
                       if exact is not None else float("nan"))
             planted = np.mean([p in row for p, row in zip(picks, idx, strict=True)])
-            print(f"{n:>9,} {label:<16} {build:>8.2f} {args.queries / seconds:>10,.0f} {recall:>19.3f} "
+            print(f"{n:>9,} {label:<22} {build:>8.2f} {args.queries / seconds:>10,.0f} {recall:>19.3f} "
                   f"{planted:>18.3f}", flush=True)
         if args.recall:
             for backend in ("torch", "faiss"):
@@ -99,7 +105,7 @@ def main() -> None:
                 t = time.perf_counter()
                 out = metric.compute()
                 seconds = time.perf_counter() - t
-                print(f"{n:>9,} {'RecallAtK ' + backend:<16} {0.0:>8.2f} {args.queries / seconds:>10,.0f} "
+                print(f"{n:>9,} {'RecallAtK ' + backend:<22} {0.0:>8.2f} {args.queries / seconds:>10,.0f} "
                       f"{'-':>19} {float(out[f'recall_at_{args.k}']):>18.3f}", flush=True)
 
 

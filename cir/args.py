@@ -108,3 +108,37 @@ def add_weights_options(parser: argparse.ArgumentParser, untrained_use: str) -> 
     parser.add_argument("--untrained", action="store_true",
                         help=f"{untrained_use} the experiment's initial weights (no --ckpt): for trying the "
                         "command only")
+
+
+def add_index_options(parser: argparse.ArgumentParser) -> None:
+    """How a gallery index is built (``cir search build``, ``cir index``): the faiss kind and what
+    an approximate index keeps."""
+    parser.add_argument("--kind", default="flat",
+                        help="flat (exact), ivf, hnsw, ivfpq (OPQ + IVF + product codes: the least memory), or any "
+                        "faiss factory string such as 'OPQ32_128,IVF1024,PQ32' (inner product)")
+    parser.add_argument("--store-vectors", action="store_true",
+                        help="keep the float vectors beside the index (memory-mapped) for exact re-ranking")
+    parser.add_argument("--rerank", type=int, default=0,
+                        help="default number of candidates re-scored exactly (needs --store-vectors)")
+    parser.add_argument("--nprobe", type=int, default=None, help="default inverted lists searched (ivf, ivfpq)")
+    parser.add_argument("--ef-search", type=int, default=None, help="default HNSW search breadth (hnsw)")
+    parser.add_argument("--on-disk", action="store_true",
+                        help="map an IVF index's inverted lists from disk when loading (indexes larger than memory)")
+
+
+def index_build_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``GalleryIndex.build`` keyword arguments from ``add_index_options``."""
+    return {"store_vectors": args.store_vectors, "rerank": args.rerank, "on_disk": args.on_disk}
+
+
+def configure_index(index: Any, args: argparse.Namespace) -> None:
+    """Query defaults saved with an index (``GalleryIndex.configure``)."""
+    if args.nprobe is not None or args.ef_search is not None:
+        index.configure(nprobe=args.nprobe, ef_search=args.ef_search)
+
+
+def add_query_knobs(parser: argparse.ArgumentParser) -> None:
+    """Per-query knobs of an approximate index (the index's saved defaults when left out)."""
+    parser.add_argument("--nprobe", type=int, default=None, help="inverted lists searched (ivf, ivfpq)")
+    parser.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (hnsw)")
+    parser.add_argument("--rerank", type=int, default=None, help="candidates re-scored exactly (stored vectors)")

@@ -37,7 +37,7 @@ from lightning_modules.core import Retriever
 from lightning_modules.core.embedding import Embedded, embed_products, place
 from lightning_modules.retrieval import GalleryIndex
 
-from .args import add_weights_options, command_parser, parse
+from .args import add_index_options, add_weights_options, command_parser, configure_index, index_build_options, parse
 from .errors import _exit, check_files, one_line, user_errors
 from .models import load_with_fingerprint, require_weights, resolve_device_or_exit
 from .progress import Progress
@@ -58,8 +58,7 @@ def build_parser() -> Any:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--out", required=True, help="folder the index is written to (gallery_index.json, faiss files, "
                    f"{SUMMARY})")
-    p.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
-                   help="faiss index: exact (flat) or approximate (ivf, hnsw) for large catalogues")
+    add_index_options(p)
     p.add_argument("--dataset", default="catalogue",
                    help="gallery name of products whose products.jsonl line names no dataset")
     p.add_argument("--batch-size", type=int, default=32, help="products embedded per forward pass")
@@ -96,13 +95,6 @@ def embed_source(model: Retriever, transform: Any, source: str, layout: str, dat
         except ValueError as exc:  # nothing readable at all
             raise SystemExit(f"{PROG}: {source}: {one_line(exc)}") from None
     return embedded, skipped, unreadable, data.counts
-
-
-def _refuse_multi_vector(model: Any, emb: torch.Tensor) -> None:
-    if emb.ndim != 2:
-        raise SystemExit(f"{PROG}: {type(model).__name__} embeds a product as {emb.shape[1]} vectors (a multi-vector "
-                         "model: SPRC, or a maxsim view strategy); cir index holds one vector per product: use a "
-                         "single-vector model or view strategy (joint, meanpool)")
 
 
 def _refuse_caption_targets(model: Any) -> None:
@@ -168,12 +160,16 @@ def main(argv: list[str] | None = None) -> None:
             source = {"catalogue_dir": str(Path(args.catalogue).resolve()),
                       "layout": resolve_layout(Path(args.catalogue), args.layout), "split": args.split,
                       "dataset": args.dataset}
-        _refuse_multi_vector(model, emb)
         if skipped or unreadable:
             print(f"{PROG}: skipped {unreadable} unreadable views; {len(skipped)} of {len(ids) + len(skipped)} "
                   f"products have no readable view and are left out (listed in {Path(args.out) / SUMMARY})",
                   file=sys.stderr, flush=True)
-        index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint)
+        try:  # a multi-vector model's [N, V, D]: every view indexed with its product, searched by MaxSim
+            index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint,
+                                       **index_build_options(args))
+            configure_index(index, args)
+        except ValueError as exc:  # a factory string faiss refuses, too few vectors to train it, ...
+            raise SystemExit(f"{PROG}: {one_line(exc)}") from None
         out = index.save(args.out)
         indexed = {d: len(v) for d, v in index.ids.items()}
         counts = {**listed, "products_in": len(ids) + len(skipped), "unreadable_views": unreadable,

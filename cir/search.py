@@ -22,8 +22,16 @@ from typing import Any
 from lightning_modules.core.embedding import place
 from lightning_modules.retrieval import GalleryIndex
 
-from .args import add_weights_options, command_parser, parse
-from .errors import check_files, check_images, user_errors
+from .args import (
+    add_index_options,
+    add_query_knobs,
+    add_weights_options,
+    command_parser,
+    configure_index,
+    index_build_options,
+    parse,
+)
+from .errors import check_files, check_images, one_line, user_errors
 from .models import (
     REBUILD,
     encode_gallery,
@@ -68,14 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="folder the index is written to (gallery_index.json and the faiss "
                    "files)")
     b.add_argument("--split", default="val", help="the split whose gallery is indexed")
-    b.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
-                   help="faiss index: flat (exact), ivf or hnsw (approximate, for large galleries)")
+    add_index_options(b)
     q = sub.choices["query"]
     q.add_argument("--index", required=True, help="a folder written by cir search build")
     q.add_argument("--images", nargs="+", required=True, help="views of the source product")
     q.add_argument("--text", required=True, help="the modification text")
     q.add_argument("--dataset", default=None, help="the gallery searched (needed when the index holds several)")
     q.add_argument("-k", type=int, default=10, help="how many products to print")
+    add_query_knobs(q)
     return parser
 
 
@@ -101,12 +109,22 @@ def _main(prog: str, args: Any, extra: list[str]) -> None:
     place(model, device)
     if args.command == "build":
         emb, ids, datasets = encode_gallery(model, dm, args.split)
-        GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint).save(args.out)
+        try:
+            index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint,
+                                       **index_build_options(args))
+            configure_index(index, args)
+        except ValueError as exc:  # a factory string faiss refuses, too few vectors to train it, ...
+            raise SystemExit(f"{prog}: {one_line(exc)}") from None
+        index.save(args.out)
         print(f"indexed {len(ids)} products of {sorted(set(datasets))} ({args.kind}) in {Path(args.out)}")
         return
     if problem := fingerprint_mismatch(index.fingerprint, fingerprint, f"--index {args.index}", REBUILD):
         raise SystemExit(f"{prog}: {problem}")
-    results = index.search(encode_query(model, dm, args.images, args.text), args.k, dataset=dataset)[0]
+    try:
+        results = index.search(encode_query(model, dm, args.images, args.text), args.k, dataset=dataset,
+                               nprobe=args.nprobe, ef_search=args.ef_search, rerank=args.rerank)[0]
+    except ValueError as exc:  # a knob this index has not (nprobe on HNSW, rerank without stored vectors)
+        raise SystemExit(f"{prog}: {one_line(exc)}") from None
     print(f"{'rank':>4}  {'score':>7}  product")
     for rank, (pid, score) in enumerate(results, 1):
         print(f"{rank:>4}  {score:>7.4f}  {pid}")
