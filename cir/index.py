@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"products have no readable view and are left out (listed in {Path(args.out) / SUMMARY})",
                   file=sys.stderr, flush=True)
         try:  # a multi-vector model's [N, V, D]: every view indexed with its product, searched by MaxSim
-            index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint,
-                                       **index_build_options(args))
+            with Progress(PROG, f"indexing ({args.kind})", len(emb) if emb.ndim == 2 else None, "vector") as bar:
+                index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint,
+                                           **index_build_options(args), progress=bar)
             configure_index(index, args)
         except ValueError as exc:  # a factory string faiss refuses, too few vectors to train it, ...
             raise SystemExit(f"{PROG}: {one_line(exc)}") from None

@@ -41,6 +41,7 @@ from .models import (
     require_weights,
     resolve_device_or_exit,
 )
+from .progress import Progress
 
 
 def choose_dataset(available: Sequence[str], wanted: str | None, prog: str) -> str:
@@ -110,8 +111,9 @@ def _main(prog: str, args: Any, extra: list[str]) -> None:
     if args.command == "build":
         emb, ids, datasets = encode_gallery(model, dm, args.split)
         try:
-            index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint,
-                                       **index_build_options(args))
+            with Progress(prog, f"indexing ({args.kind})", len(emb) if emb.ndim == 2 else None, "vector") as bar:
+                index = GalleryIndex.build(emb, ids, datasets, kind=args.kind, fingerprint=fingerprint,
+                                           **index_build_options(args), progress=bar)
             configure_index(index, args)
         except ValueError as exc:  # a factory string faiss refuses, too few vectors to train it, ...
             raise SystemExit(f"{prog}: {one_line(exc)}") from None

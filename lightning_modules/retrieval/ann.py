@@ -25,8 +25,11 @@ import faiss
 import numpy as np
 import torch
 
+from datamodules.interfaces import ProgressSink
+
 IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
 PRESETS: tuple[str, ...] = ("flat", "ivf", "hnsw", "ivfpq")
+ADD_CHUNK = 2**16  # vectors added per call when progress is reported
 MIN_POINTS_PER_CENTROID = 39  # faiss's own threshold for a k-means it does not warn about
 OPQ_CENTROIDS = 256  # OPQ trains an 8-bit product quantizer whatever the index's own codes
 
@@ -146,8 +149,9 @@ def _lighter_training(index: faiss.Index, opq_iterations: int) -> None:
 def build_faiss_index(vectors: Any, kind: str = "flat", nlist: int | None = None, nprobe: int = 16,
                       hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 40,
                       pq_m: int | None = None, opq_iterations: int = 10, train_size: int = 100_000,
-                      seed: int = 0) -> faiss.Index:
-    """A trained faiss index over ``vectors`` ``[n, d]``; ``kind`` a preset or a factory string."""
+                      seed: int = 0, progress: ProgressSink | None = None) -> faiss.Index:
+    """A trained faiss index over ``vectors`` ``[n, d]``; ``kind`` a preset or a factory string.
+    ``progress`` counts the vectors added (they are then added in chunks; training is one call)."""
     vectors = as_f32(vectors)
     n, dim = vectors.shape
     factory = factory_for(kind, n, dim, nlist, hnsw_m, pq_m, train_size)
@@ -173,7 +177,12 @@ def build_faiss_index(vectors: Any, kind: str = "flat", nlist: int | None = None
                              f"{str(exc).strip().splitlines()[-1]}") from None
     set_defaults(index, nprobe=nprobe if find_ivf(index) is not None else None,
                  ef_search=ef_search if hnsw is not None else None)
-    index.add(vectors)
+    if progress is None:
+        index.add(vectors)
+        return index
+    for start in range(0, n, ADD_CHUNK):
+        index.add(vectors[start:start + ADD_CHUNK])
+        progress.update(min(ADD_CHUNK, n - start))
     return index
 
 

@@ -274,3 +274,30 @@ def test_a_save_killed_while_writing_vectors_leaves_the_old_index(data, tmp_path
     loaded = GalleryIndex.load(tmp_path / "idx")
     assert loaded.search(q, 5) == new.search(q, 5) and loaded.defaults == {"rerank": 5}
     assert sorted(f.suffix for f in (tmp_path / "idx").iterdir()) == [".faiss", ".json", ".npy"]
+
+
+def test_building_reports_every_vector_added_and_chunks_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.retrieval import ann
+
+    monkeypatch.setattr(ann, "ADD_CHUNK", 100)  # several chunks on a small set
+
+    class Count:
+        def __init__(self) -> None:
+            self.done = 0
+
+        def update(self, n: int) -> None:
+            self.done += n
+
+        def expect(self, n: int) -> None:
+            pass
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((1000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:20] + 0.01
+    for kind in ("flat", "IVF8,Flat"):
+        count = Count()
+        chunked = ann.build_faiss_index(vectors, kind, progress=count)
+        whole = ann.build_faiss_index(vectors, kind)
+        assert count.done == len(vectors) and chunked.ntotal == whole.ntotal == len(vectors)
+        assert np.array_equal(chunked.search(queries, 5)[1], whole.search(queries, 5)[1]), kind
