@@ -115,6 +115,7 @@ class Writer:
         self.engine, self.uploads, self.compact_after = engine, uploads, compact_after
         self._lock = threading.Lock()
         self._compaction: threading.Thread | None = None
+        self._retry_at = 0  # pending changes before which a failed compaction is not tried again
 
     def job(self, dataset: str, pid: str, views: list[Any], category: str, title: str) -> ProductJob:
         return ProductJob(views, {"product_id": pid, "dataset": dataset, "category": category, "gender": "",
@@ -159,6 +160,8 @@ class Writer:
             return
         if self._compaction is not None and self._compaction.is_alive():
             return
+        if pending < self._retry_at:  # after a failure, not again before as many changes more
+            return
 
         def compact() -> None:
             t0 = time.perf_counter()
@@ -167,8 +170,9 @@ class Writer:
                 print(f"cir serve: compacted the index ({pending} changes) in {time.perf_counter() - t0:.1f} s",
                       file=sys.stderr, flush=True)
             except Exception as exc:  # noqa: BLE001 - the log still holds every change; said, and serving goes on
+                self._retry_at = pending + self.compact_after
                 print(f"cir serve: compaction failed ({type(exc).__name__}: {exc}); the change log keeps every "
-                      "change", file=sys.stderr, flush=True)
+                      f"change; the next try after {self.compact_after} more", file=sys.stderr, flush=True)
 
         self._compaction = threading.Thread(target=compact, name="compaction", daemon=True)
         self._compaction.start()

@@ -83,12 +83,20 @@ def read_log(path: Path) -> tuple[list[tuple[dict[str, Any], np.ndarray | None]]
         whole = at + _FRAME.size <= len(data)
         length, crc = _FRAME.unpack_from(data, at) if whole else (0, 0)
         end = at + _FRAME.size + length
-        if not whole or end > len(data) or zlib.crc32(data[at + _FRAME.size:end]) != crc:
-            if whole and end < len(data):
+        record = None
+        if whole and length >= _COUNT.size and end <= len(data) and zlib.crc32(data[at + _FRAME.size:end]) == crc:
+            try:
+                record = decode_payload(data[at + _FRAME.size:end])
+            except (struct.error, ValueError):  # a checksum that matches by chance over garbage
+                record = None
+        if record is None:
+            # A kill mid-append leaves a torn last record; a power cut may leave zeros where the file
+            # grew. Anything else after damage is not a torn write.
+            if whole and end < len(data) and data[at:].strip(b"\0"):
                 raise ValueError(f"{path}: damaged record at byte {at} with {len(data) - end} bytes after it (not a "
                                  "torn last write); restore the folder from a copy")
-            break  # the last record, torn by a kill: everything before it stands
-        records.append(decode_payload(data[at + _FRAME.size:end]))
+            break  # everything before it stands
+        records.append(record)
         at = end
     if not records or records[0][0].get("op") != "header":
         raise ValueError(f"{path}: no header record; move it away to serve the index without its changes")
@@ -418,13 +426,21 @@ class MutableGallery:
                 if head["op"] == "upsert" and head.get("meta") and head["meta"][n]:
                     kept[pid] = dict(head["meta"][n])
         self._meta = {d: {p: m for p, m in ms.items() if p in self._base_ids.get(d, ())} for d, ms in meta.items()}
+        marks = [n for n, (h, _) in enumerate(records) if h.get("op") == "compacting"]
+        # Writes wait while a compaction runs, so the changes after its mark came once it was over:
+        # when it saved the new base but could not start a new log, they are in no base and are
+        # replayed (and logged again below); the changes before the mark are in the new base.
+        after = [(h, v) for h, v in records[marks[-1] + 1:] if h.get("op") in ("upsert", "delete")] if marks else []
         changes = sum(1 for h, _ in records[1:] if h.get("op") in ("upsert", "delete"))
-        if records[-1][0].get("op") != "compacting" and changes:
+        if not marks and changes:
             aside = self.folder / f"changes-superseded-{time.strftime('%Y%m%d-%H%M%S')}.log"
             os.replace(self.log_path, aside)
             self.notes.append(f"{self.log_path} was written for another base than the index there now (rebuilt "
                               f"since?): its {changes} changes are not replayed; kept as {aside.name}")
         self._write_header(self._all_meta())
+        for head, vectors in after:
+            self._apply(head, vectors)
+            self._append(encode_record(head, vectors))
 
     def compact(self) -> None:
         """Everything into a new base; the log starts again. Searches go on meanwhile; writes wait."""
@@ -444,11 +460,17 @@ class MutableGallery:
             if self.log_path.is_file():
                 self._append(encode_record({"op": "compacting", "dataset": "", "ids": []}))
             if rows:
-                new = GalleryIndex.build(np.stack([r[2] for r in rows]), [r[1] for r in rows], [r[0] for r in rows],
-                                         kind=self.base.kind, fingerprint=self.base.fingerprint, **options)
+                args = (np.stack([r[2] for r in rows]), [r[1] for r in rows], [r[0] for r in rows])
+                try:
+                    new = GalleryIndex.build(*args, kind=self.base.kind, fingerprint=self.base.fingerprint, **options)
+                except ValueError as exc:  # a dataset now too small to train the base's kind (a new one, deletes)
+                    self.notes.append(f"compaction: {exc}; the new base is exact (flat) instead of {self.base.kind}")
+                    new = GalleryIndex.build(*args, kind="flat", fingerprint=self.base.fingerprint,
+                                             store_vectors=bool(options.get("store_vectors")))
             else:
                 new = GalleryIndex(self.base.kind, self.base.fingerprint)
             new.save(self.folder)
+            new = GalleryIndex.load(self.folder)  # as saved: on-disk lists and mapped vectors stay on disk
             with self._state:  # the new base holds exactly what base + overlay held
                 self.base, self.base_name = new, base_id(self.folder)
                 self._overlay, self._hidden, self.pending = {}, {}, 0

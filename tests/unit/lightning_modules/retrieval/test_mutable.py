@@ -279,3 +279,47 @@ def test_a_compaction_keeps_how_the_base_was_built(tmp_path: Path) -> None:
     assert rebuilt.kind == "ivf" and set(rebuilt.stored) == {"a", "b"} and rebuilt.defaults.get("rerank") == 20
     store.close()
     assert_same(MutableGallery.open(tmp_path / "idx"), ref, rng, k=3)
+
+
+def test_changes_after_a_compaction_that_could_not_start_a_new_log_survive_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new base is saved, then writing the new log fails (a full disk): writes go on into the
+    old log, whose header names the old base. A restart must replay them, not set them aside."""
+    rng = np.random.default_rng(7)
+    folder, ref = base_folder(tmp_path, rng)
+    store = MutableGallery.open(folder)
+    random_changes(store, ref, rng, 10)
+    real = MutableGallery._write_header
+    failed = []
+
+    def failing(self, meta):  # noqa: ANN001, ANN202
+        if not failed:
+            failed.append(True)
+            raise OSError("no space left on device")
+        return real(self, meta)
+
+    monkeypatch.setattr(MutableGallery, "_write_header", failing)
+    with pytest.raises(OSError):
+        store.compact()
+    monkeypatch.setattr(MutableGallery, "_write_header", real)
+    random_changes(store, ref, rng, 12)  # acknowledged after the failed compaction
+    store.close()
+    again = MutableGallery.open(folder)
+    q = unit(rng, 5)
+    for dataset in ("a", "b"):
+        assert [[i for i, _ in row] for row in again.search(q, 5, dataset)] == ref.search(q, 5, dataset)
+    assert not list(folder.glob("changes-superseded-*"))
+
+
+def test_a_zero_filled_tail_is_a_torn_write(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    folder, ref = base_folder(tmp_path, rng)
+    store = MutableGallery.open(folder)
+    random_changes(store, ref, rng, 6)
+    store.close()
+    with open(folder / LOG, "ab") as f:
+        f.write(b"\0" * 4096)  # a power cut after the file grew, before its data reached the disk
+    again = MutableGallery.open(folder)
+    q = unit(rng, 4)
+    assert [[i for i, _ in row] for row in again.search(q, 5, "a")] == ref.search(q, 5, "a")
+    assert any("torn" in note for note in again.notes)
