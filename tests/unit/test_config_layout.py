@@ -10,8 +10,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 # Folder of configs/ → the top-level keys its fragments may set.
+# export/: a run mode given after an experiment (lightning predict as the catalogue exporter): it
+# swaps the data for the exporter's and the callbacks for its writer, and keeps the model.
 SECTIONS = {"trainer": {"trainer"}, "callbacks": {"trainer"}, "logger": {"trainer"}, "data": {"data"},
-            "model": {"model"}, "eval": {"model"}}
+            "model": {"model"}, "eval": {"model"}, "export": {"data", "trainer", "return_predictions"}}
 FRAGMENTS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
@@ -26,6 +28,9 @@ def test_a_fragment_sets_only_its_own_section(path: Path) -> None:
         assert set(trainer) == {"callbacks"}
     elif folder in ("trainer", "logger"):
         assert "callbacks" not in trainer  # callback lists live in configs/callbacks/ only
+    if folder == "export":
+        assert set(trainer) <= {"callbacks", "logger"} and "model" not in config
+        assert config["data"]["class_path"] == "datamodules.CatalogueDataModule"
     if folder == "eval":  # a protocol owns model.init_args.evaluation and nothing else of the model
         assert set(config["model"]) == {"init_args"} and set(config["model"]["init_args"]) == {"evaluation"}
     if folder == "model":
