@@ -44,12 +44,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], remove_stale: bo
     except BaseException:
         temp.unlink(missing_ok=True)  # an error (not a kill) leaves nothing behind either
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    fsync_path(path.parent)
     return path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder: the names renamed into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str, remove_stale: bool = False) -> Path:

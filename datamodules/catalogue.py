@@ -50,7 +50,7 @@ class Catalogue:
         return {p.product_id: p for p in self.products}
 
 
-def _readable(path: Path) -> bool:
+def readable(path: Path) -> bool:
     """Decoded whole: ``verify()`` alone passes a truncated JPEG that fails later, mid-stage."""
     try:
         with Image.open(path) as img:
@@ -99,7 +99,7 @@ def read_catalogue(root: str | Path, default_dataset: str = "catalogue", max_vie
     for pid in sorted(set(folders) | set(rows)):
         counts["products_in"] += 1
         listed = sorted(folders.get(pid, []), key=lambda p: p.name)[:max_views]
-        views = [p for p in listed if _readable(p)] if check_views else listed
+        views = [p for p in listed if readable(p)] if check_views else listed
         counts["unreadable_views"] += len(listed) - len(views)
         if not views:
             counts["no_readable_images"] += 1

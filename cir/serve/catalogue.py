@@ -15,22 +15,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from datamodules.catalogue import readable
 from datamodules.catalogue_data import read_view
 from datamodules.converters.common import IMAGE_SUFFIXES
 from datamodules.schema import MAX_VIEWS
 
 from .gallery import MEDIA_TYPES, UnknownProduct
-
-
-def _readable(path: Path) -> bool:
-    try:
-        with Image.open(path) as img:
-            img.load()
-        return True
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
 
 
 class CatalogueStore:
@@ -75,7 +65,7 @@ class CatalogueStore:
             raise UnknownProduct(f"no product {pid!r} in {dataset} (catalogue {self.root})")
         with self._lock:
             if key not in self._views:
-                self._views[key] = [p for p in self._listed[key] if _readable(p)]
+                self._views[key] = [p for p in self._listed[key] if readable(p)]
             return self._views[key]
 
     def source(self, dataset: str, pid: str) -> tuple[list[Any], str]:

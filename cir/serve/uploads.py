@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import threading
 import uuid
@@ -23,20 +22,12 @@ from typing import Any
 
 from PIL import Image
 
-from datamodules.atomic import atomic_write, write_json_atomic, write_text_atomic
+from datamodules.atomic import atomic_write, fsync_path, write_json_atomic, write_text_atomic
 from lightning_modules.backbones.images import open_upright
 
 from .gallery import MEDIA_TYPES, UnknownProduct
 
 CURRENT = "current"
-
-
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -108,7 +99,7 @@ class UploadStore:
         target = folder / version
         target.mkdir(parents=True)
         for made in (self.root.parent, self.root, folder):  # each new folder's entry, durable
-            _sync_dir(made)
+            fsync_path(made)
         names = []
         for n, (data, ext) in enumerate(files):
             names.append(f"view{n}.{ext}")
@@ -147,7 +138,7 @@ class UploadStore:
             self._entries.pop((dataset, pid), None)
         (folder / CURRENT).unlink(missing_ok=True)
         if folder.is_dir():
-            _sync_dir(folder)
+            fsync_path(folder)
             shutil.rmtree(folder, ignore_errors=True)
 
     def _paths(self, dataset: str, pid: str) -> tuple[Uploaded, list[Path]]:

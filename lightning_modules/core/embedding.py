@@ -12,7 +12,7 @@ precision where asked, float32 CPU results, and progress.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -81,6 +81,20 @@ def place(model: Encoders, device: str | torch.device | None) -> torch.device:
     return target
 
 
+@contextmanager
+def inference(model: Encoders, device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Eval mode, no gradients and autocast for the loops below; the model's mode is restored after."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad(), autocast_for(device, dtype):
+            yield
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+
+
 @dataclass
 class Embedded:
     """Embedded products: float32 CPU rows and, per row, the ids and the shard metadata."""
@@ -101,19 +115,12 @@ def iter_product_embeddings(model: Encoders, batches: Iterable[dict[str, Any]], 
     batch (default: every tensor in it); a LightningModule passes its own hook."""
     device = device or model_device(model)
     move = transfer or move_data_to_device
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad(), autocast_for(device, dtype):
-            for batch in batches:
-                emb = embed_product_batch(model, move(batch, device))
-                if progress is not None:
-                    progress.update(len(batch["meta"]))
-                yield emb, batch
-    finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
+    with inference(model, device, dtype):
+        for batch in batches:
+            emb = embed_product_batch(model, move(batch, device))
+            if progress is not None:
+                progress.update(len(batch["meta"]))
+            yield emb, batch
 
 
 def embed_products(model: Encoders, batches: Iterable[dict[str, Any]], device: torch.device | None = None,
@@ -138,16 +145,9 @@ def embed_queries(model: Encoders, batches: Iterable[dict[str, Any]], device: to
                   ) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
     """(float32 CPU embedding, batch) per query batch, embedded as ``iter_product_embeddings`` does."""
     device = device or model_device(model)
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad(), autocast_for(device, dtype):
-            for batch in batches:
-                emb = embed_query_batch(model, move_data_to_device(batch, device)).float().cpu()
-                if progress is not None:
-                    progress.update(len(batch["text"]))
-                yield emb, batch
-    finally:
-        if isinstance(model, torch.nn.Module):
-            model.train(was_training)
+    with inference(model, device, dtype):
+        for batch in batches:
+            emb = embed_query_batch(model, move_data_to_device(batch, device)).float().cpu()
+            if progress is not None:
+                progress.update(len(batch["text"]))
+            yield emb, batch

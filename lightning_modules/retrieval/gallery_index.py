@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import re
 import shutil
 import uuid
@@ -43,7 +42,7 @@ import faiss
 import numpy as np
 import torch
 
-from datamodules.atomic import write_json_atomic
+from datamodules.atomic import fsync_path, write_json_atomic
 
 from .ann import (
     IndexKind,
@@ -74,14 +73,6 @@ def _files_named(meta_path: Path) -> set[str]:
         return {str(entry[key]) for entry in meta["datasets"].values() for key in _FILE_KEYS if key in entry}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
@@ -334,7 +325,7 @@ class GalleryIndex:
                 _write_npy(folder / entry["rows"], self.rows[dataset])
                 files.append(folder / entry["rows"])
             for f in files:
-                _fsync(f)
+                fsync_path(f)
             if dataset in self.factories:
                 entry["factory"] = self.factories[dataset]
             if dataset in self.on_disk:

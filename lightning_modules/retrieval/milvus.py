@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.atomic import fsync_path
+
 from .store import Hit
 
 INSTALL = "pip install 'fashion-cir[milvus]'"
@@ -433,10 +435,6 @@ class MilvusGallery:
         paths = [root.parent] + [Path(folder) / name for folder, _, files in os.walk(root) for name in [*files, "."]]
         for path in paths:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fsync_path(path)
             except FileNotFoundError:
                 continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

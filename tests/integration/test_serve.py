@@ -5,7 +5,6 @@ Chromium), and in-process uvicorn servers for ProCIR (turn-1 cache) and LLaVA-ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -15,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 from support.ports import free_port
-from support.servers import wait_healthy
+from support.servers import in_process_server, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "experiments/demos/clip4cir.yaml"
@@ -295,27 +293,6 @@ def test_the_page_shows_the_result_grid_in_headless_chromium(service: Service) -
     # The target's frame colour (#e08a00) is on screen: the grid was drawn, not only the DOM built.
     frame = sum(1 for px in img.getdata() if abs(px[0] - 0xE0) < 12 and abs(px[1] - 0x8A) < 12 and px[2] < 24)
     assert frame > 100, f"no target frame in {shot}"
-
-
-@contextlib.contextmanager
-def in_process_server(engine: Any, **options: Any) -> Iterator[str]:
-    """The same app as `cir serve`, on a localhost port, in a thread of this process."""
-    import uvicorn
-
-    from cir.serve.app import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, **options), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, limit_s=60)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from support.photos import ROTATED_CW, phone_jpeg
 from support.ports import free_port
-from support.servers import wait_healthy
+from support.servers import in_process_server, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/demos/clip4cir.yaml")
@@ -554,31 +554,6 @@ def test_a_store_reached_only_through_the_protocol_takes_writes(setup: Setup, tm
         assert "fake-1" in listing(url, ds)  # listed from the photos, as the store lists nothing
         assert delete(url, ds, "fake-1")[0] == 200 and (ds, "fake-1") not in store.rows
         assert "fake-1" not in listing(url, ds) and not list((tmp_path / "uploads").iterdir())
-
-
-def in_process_server(engine: Any, **options: Any) -> Any:
-    import contextlib
-
-    import uvicorn
-
-    from cir.serve.app import create_app
-
-    @contextlib.contextmanager
-    def running() -> Iterator[str]:
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, **options), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, limit_s=60)
-            yield url
-        finally:
-            server.should_exit = True
-            thread.join(30)
-
-    return running()
 
 
 def test_uploaded_photos_are_whole_or_absent_after_a_kill(tmp_path: Path) -> None:

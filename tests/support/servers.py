@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from .ports import free_port
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, log: Path | None = None, limit_s: float = 180,
@@ -24,3 +29,24 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, log: Path | Non
                 return
         time.sleep(0.3)
     pytest.fail(f"{name} did not answer /health within {limit_s} s")
+
+
+@contextlib.contextmanager
+def in_process_server(engine: Any, **options: Any) -> Iterator[str]:
+    """The same app as `cir serve`, on a localhost port, in a thread of this process."""
+    import uvicorn
+
+    from cir.serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, **options), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, limit_s=60)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
