@@ -74,6 +74,7 @@ class ShardSetWriter:
         self.split = split
         self.maxcount = maxcount
         self.counts = {"triplets": 0, "products": 0}
+        self.session_lengths: dict[int, int] = {}  # turns → sessions written (session_shards.write_session)
         self._writers: dict[str, wds.ShardWriter] = {}
 
     def _writer(self, kind: str) -> wds.ShardWriter:
@@ -101,12 +102,20 @@ class ShardSetWriter:
         self._writer("triplets").write(sample)
         self.counts["triplets"] += 1
 
+    def write(self, kind: str, sample: dict[str, Any]) -> None:
+        """A sample of another kind (``sessions``), counted under that name."""
+        self._writer(kind).write(sample)
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+
     def close(self) -> dict[str, Any]:
         for w in self._writers.values():
             w.close()
-        shards = {kind: sorted(p.name for p in self.out_dir.glob(f"{self.split}-{kind}-*.tar"))
-                  for kind in ("triplets", "gallery")}
-        return {**self.counts, "shards": shards}
+        # Only kinds this split has: a folder without sessions keeps the manifest it always had.
+        kinds = ["triplets", "gallery"] + sorted(set(self._writers) - {"triplets", "gallery"})
+        shards = {kind: sorted(p.name for p in self.out_dir.glob(f"{self.split}-{kind}-*.tar")) for kind in kinds}
+        extra = {"session_lengths": {str(k): v for k, v in sorted(self.session_lengths.items())}} \
+            if self.session_lengths else {}
+        return {**self.counts, **extra, "shards": shards}
 
 
 def write_manifest(out_dir: str | Path, splits: dict[str, dict[str, Any]], datasets: Iterable[str],
