@@ -10,6 +10,8 @@ Options after ``--`` are passed to the config (e.g. ``-- --data.init_args.data_d
 Both need ``--ckpt`` (or ``--untrained`` for the experiment's initial weights). The index records the
 fingerprint of the model that built it (class, config hash, checkpoint hash, preprocessing,
 normalisation); a query from a model with another fingerprint is refused, naming what differs.
+A query sees the products ``cir serve`` added or removed since the index was built: the folder's
+``changes.log`` is replayed read-only (nothing is written; a record being appended is not read).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from lightning_modules.core.embedding import place
 from lightning_modules.retrieval import GalleryIndex
+from lightning_modules.retrieval.mutable import LOG, MutableGallery, is_multi_vector
 
 from .args import (
     add_index_options,
@@ -102,7 +105,8 @@ def _main(prog: str, args: Any, extra: list[str]) -> None:
     if args.command == "query":
         check_images(prog, args.images)  # before the model: it takes seconds to minutes to load
         index = GalleryIndex.load(args.index)
-        dataset = choose_dataset(list(index.indexes), args.dataset, prog)
+        store = _with_changes(prog, index, args)
+        dataset = choose_dataset(store.datasets(), args.dataset, prog)
         if index.fingerprint is None:  # nothing to compare with: refused before the model is built
             raise SystemExit(f"{prog}: {fingerprint_mismatch(None, {}, f'--index {args.index}', REBUILD)}")
     device = resolve_device_or_exit(prog, args.device)
@@ -123,11 +127,30 @@ def _main(prog: str, args: Any, extra: list[str]) -> None:
     if problem := fingerprint_mismatch(index.fingerprint, fingerprint, f"--index {args.index}", REBUILD):
         raise SystemExit(f"{prog}: {problem}")
     try:
-        results = index.search(encode_query(model, dm, args.images, args.text), args.k, dataset=dataset,
-                               nprobe=args.nprobe, ef_search=args.ef_search, rerank=args.rerank)[0]
+        query = encode_query(model, dm, args.images, args.text)
+        results = (index.search(query, args.k, dataset=dataset, nprobe=args.nprobe, ef_search=args.ef_search,
+                                rerank=args.rerank) if store is index else store.search(query, args.k, dataset))[0]
     except ValueError as exc:  # a knob this index has not (nprobe on HNSW, rerank without stored vectors)
         raise SystemExit(f"{prog}: {one_line(exc)}") from None
     print(f"{'rank':>4}  {'score':>7}  product")
     for rank, (pid, score) in enumerate(results, 1):
         print(f"{rank:>4}  {score:>7.4f}  {pid}")
 
+
+
+def _with_changes(prog: str, index: GalleryIndex, args: Any) -> GalleryIndex | MutableGallery:
+    """The index as ``cir serve`` sees it now: with its change log replayed, when it has one."""
+    if not (Path(args.index) / LOG).is_file():
+        return index
+    if is_multi_vector(index):  # served writes need one vector per product: such a log cannot exist
+        return index
+    try:  # the knobs become the base's defaults: the change overlay searches the base with them
+        index.configure(nprobe=args.nprobe, ef_search=args.ef_search, rerank=args.rerank)
+        store = MutableGallery.open(args.index, base=index, read_only=True)
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: {one_line(exc)}") from None
+    for note in store.notes:
+        print(f"{prog}: {note}")
+    if store.pending:
+        print(f"{prog}: {store.pending} change(s) from {Path(args.index) / LOG} applied")
+    return store

@@ -20,6 +20,9 @@ changes is idempotent in any case (each one sets or removes whole products), so 
 lost or counted twice.
 
 One writer per folder: writes are serialised by a lock, and searches see each change whole.
+``open(folder, read_only=True)`` is for readers beside a live writer (``cir search query`` next to
+``cir serve``): it replays what the log holds now and writes nothing: a torn tail is left for the
+writer (it may be a record being appended), and a log of another base is not set aside.
 """
 
 from __future__ import annotations
@@ -212,6 +215,7 @@ class MutableGallery:
         self._meta: dict[str, dict[str, dict[str, str]]] = {}
         self._index_base()
         self._fd: int | None = None
+        self.read_only = False
         self._state = threading.RLock()  # searches and in-memory changes
         self._writer = threading.Lock()  # one change (log, then memory) at a time
 
@@ -223,15 +227,17 @@ class MutableGallery:
         self._base_ids = {d: set(ids) for d, ids in self.base.ids.items()}
 
     @classmethod
-    def open(cls, folder: str | Path, base: GalleryIndex | None = None) -> MutableGallery:
+    def open(cls, folder: str | Path, base: GalleryIndex | None = None, read_only: bool = False) -> MutableGallery:
         """The index in ``folder`` (``base``: it, already loaded) with its change log replayed. An
-        index of several vectors per product is refused: the overlay holds one per product."""
+        index of several vectors per product is refused: the overlay holds one per product.
+        ``read_only``: replay without writing anything (see the module's doc); changes are refused."""
         folder = Path(folder)
         base = base if base is not None else GalleryIndex.load(folder)
         if is_multi_vector(base):
             raise ValueError(f"{folder} holds several vectors per product (a multi-vector index); MutableGallery "
                              "adds one per product")
         out = cls(folder, base, base_id(folder))
+        out.read_only = read_only
         if out.log_path.is_file():
             out._replay()
         return out
@@ -352,6 +358,9 @@ class MutableGallery:
 
     def _append(self, record: bytes) -> None:
         """``record`` on disk (fsynced) at the log's end, or not at all."""
+        if self.read_only:
+            raise PermissionError(f"{self.folder} was opened read-only: its changes come from the process that "
+                                  "writes them (cir serve)")
         if self._fd is None:
             if not self.log_path.is_file():
                 self._write_header(self._all_meta())
@@ -392,6 +401,9 @@ class MutableGallery:
     # -- loading and compaction ------------------------------------------------------------
     def _replay(self) -> None:
         records, whole = read_log(self.log_path)
+        if self.read_only:
+            self._replay_read_only(records)
+            return
         if whole < self.log_path.stat().st_size:
             self.notes.append(f"{self.log_path}: dropped a torn last record ({self.log_path.stat().st_size - whole} "
                               "bytes of a write cut off by a kill); every change before it is kept")
@@ -406,6 +418,24 @@ class MutableGallery:
             self.dim = int(header["dim"])
         self._meta = {d: {p: dict(m) for p, m in ms.items()} for d, ms in (header.get("meta") or {}).items()}
         for head, vectors in records[1:]:
+            if head.get("op") in ("upsert", "delete"):
+                self._apply(head, vectors)
+
+    def _replay_read_only(self, records: list[tuple[dict[str, Any], np.ndarray | None]]) -> None:
+        """The changes a writer would replay, applied in memory only."""
+        header, changes = records[0][0], records[1:]
+        if header.get("base") != self.base_name:
+            marks = [n for n, (h, _) in enumerate(records) if h.get("op") == "compacting"]
+            if not marks:
+                self.notes.append(f"{self.log_path} was written for another base than the index there now: "
+                                  "its changes are not applied")
+                return
+            changes = records[marks[-1] + 1:]  # the rest are in this base already (see _supersede)
+        else:
+            self._meta = {d: {p: dict(m) for p, m in ms.items()} for d, ms in (header.get("meta") or {}).items()}
+        if self.dim is None and header.get("dim"):
+            self.dim = int(header["dim"])
+        for head, vectors in changes:
             if head.get("op") in ("upsert", "delete"):
                 self._apply(head, vectors)
 

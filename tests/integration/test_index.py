@@ -25,6 +25,7 @@ from datamodules.synthetic import generate
 from datamodules.synthetic.catalogue import write_catalogue_layout
 from lightning_modules.core import Products
 from lightning_modules.retrieval import GalleryIndex
+from lightning_modules.retrieval.mutable import MutableGallery
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments/demos/clip4cir.yaml")
@@ -130,6 +131,25 @@ def test_a_catalogue_without_triplets_is_indexed_and_searched(catalogue: Path, t
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["rank", "score", "product"]
     assert len(table) == 1 + min(10, len(index.ids["synth_street"]))
+
+    # Changes a server made since the build are seen: the top product replaced by a copy of itself
+    # under a new id, read from the log without writing to it.
+    top, score = table[1].split()[2], float(table[1].split()[1])
+    writer = MutableGallery.open(out)
+    row = index.vectors("synth_street")[index.ids["synth_street"].index(top)]
+    writer.upsert("synth_street", ["added_copy"], row[None])
+    writer.delete("synth_street", [top])
+    writer.close()
+    log_bytes = (out / "changes.log").read_bytes()
+    cir_search(["query", "--index", str(out), "--config", DEMO, "--untrained", "--dataset", "synth_street",
+                "--images", str(catalogue / "images/phone/sideways/00_front.jpg"), "--text", "make it red",
+                *NOWHERE])
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 change(s)" in lines[0]
+    after = lines[lines.index(table[0]) + 1:]
+    assert after[0].split()[2] == "added_copy" and float(after[0].split()[1]) == pytest.approx(score, abs=1e-4)
+    assert top not in [row.split()[2] for row in after]
+    assert (out / "changes.log").read_bytes() == log_bytes
 
 
 def test_index_refusals_are_one_line(catalogue: Path, tmp_path: Path) -> None:

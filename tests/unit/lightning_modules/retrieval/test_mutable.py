@@ -323,3 +323,36 @@ def test_a_zero_filled_tail_is_a_torn_write(tmp_path: Path) -> None:
     q = unit(rng, 4)
     assert [[i for i, _ in row] for row in again.search(q, 5, "a")] == ref.search(q, 5, "a")
     assert any("torn" in note for note in again.notes)
+
+
+@pytest.mark.parametrize("state", ["torn", "compacted_old_log"])
+def test_a_read_only_reader_sees_what_a_writer_would_and_writes_nothing(tmp_path: Path, state: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    folder, ref = base_folder(tmp_path, rng)
+    store = MutableGallery.open(folder)
+    random_changes(store, ref, rng, 20)
+    if state == "torn":  # a record being appended as the reader opens the log
+        store.upsert("a", ["in_flight"], unit(rng, 1))
+        store.close()
+        full = (folder / LOG).read_bytes()
+        (folder / LOG).write_bytes(full[:-5])
+    else:  # a compaction saved the new base, then died before replacing the log
+        monkeypatch.setattr(MutableGallery, "_write_header", lambda *_, **__: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            store.compact()
+        monkeypatch.undo()
+        store.upsert("a", ["after"], unit(rng, 1))  # a write once it was over: in no base yet
+        store.close()
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    reader = MutableGallery.open(folder, read_only=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files  # nothing written, nothing cut
+    writer = MutableGallery.open(folder)  # what the writer makes of the same folder
+    for dataset in writer.datasets():
+        assert reader.ids(dataset) == writer.ids(dataset)
+        q = unit(rng, 3)
+        assert reader.search(q, 5, dataset) == writer.search(q, 5, dataset)
+    assert not reader.contains("a", "in_flight")
+    assert reader.contains("a", "after") == (state == "compacted_old_log")
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.upsert("a", ["x"], unit(rng, 1))
