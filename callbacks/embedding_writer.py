@@ -58,6 +58,7 @@ class EmbeddingWriter(BasePredictionWriter):
         self._open: dict[int, dict[str, Any]] = defaultdict(lambda: {"chunks": [], "rows": [], "views": [], "ids": [],
                                                                        "raw_ids": [], "datasets": []})
         self.written: list[int] = []
+        self._plan: dict[str, Any] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Before the predict loader exists: the finished parts must be left out of it.
@@ -67,7 +68,8 @@ class EmbeddingWriter(BasePredictionWriter):
         if not isinstance(dm, PartitionedProducts):
             raise ExportRefused("callbacks.EmbeddingWriter needs data that comes in parts: set data.class_path to "
                              "datamodules.CatalogueDataModule (configs/export/catalogue.yaml does)")
-        if problem := check_plan(self.out_dir, dm.export_plan(), PLAN):
+        self._plan = dm.export_plan()  # once: it digests every product key (millions for a large catalogue)
+        if problem := check_plan(self.out_dir, self._plan, PLAN):
             raise ExportRefused(problem)
         # Each rank reads the finished parts before any rank writes one (no batch runs before
         # on_predict_start's barrier), and only its own parts matter to it.
@@ -79,7 +81,7 @@ class EmbeddingWriter(BasePredictionWriter):
         # together or none does.
         problem = None
         if trainer.is_global_zero:
-            plan = {**trainer.datamodule.export_plan(), **_model_identity(trainer, pl_module, trainer.datamodule)}
+            plan = {**self._plan, **_model_identity(trainer, pl_module, trainer.datamodule)}
             problem = check_plan(self.out_dir, plan, MODEL)
             if problem is None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
