@@ -103,7 +103,8 @@ def asks_for_help(args: Sequence[str]) -> bool:
 LIGHT_PACKAGES = frozenset({"cir", "argparse", "yaml"})
 # Modules of the model packages that a parser reads (choices, defaults) and that import only the
 # standard library: imported for real (their packages' ``__init__`` runs on placeholders).
-LIGHT_MODULES = frozenset({"lightning_modules.construction.prompts"})
+# datamodules.lazy: every package __init__ makes its namespace with it (and imports nothing else).
+LIGHT_MODULES = frozenset({"lightning_modules.construction.prompts", "datamodules.lazy"})
 
 
 class NeedsModelCode(Exception):
