@@ -122,7 +122,7 @@ def read_export(folder: str | Path) -> Export:
     plan_path = folder / EXPORT_FILE
     if not plan_path.is_file():
         raise FileNotFoundError(f"{folder}: no {EXPORT_FILE}; write an export with `lightning predict ... "
-                                "--trainer.callbacks+=callbacks.EmbeddingWriter` (see the README)")
+                                "--trainer.callbacks+=callbacks.EmbeddingWriter` (see docs/serving/indexes.md)")
     plan = json.loads(plan_path.read_text())
     expected = set(range(int(plan["parts"])))
     missing = sorted(expected - finished_parts(folder))

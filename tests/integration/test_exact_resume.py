@@ -72,7 +72,7 @@ def _history(tracking: str, root: Path) -> dict[str, dict[int, set[float]]]:
     out: dict[str, dict[int, set[float]]] = {}
     run = client.get_run(ckpt["mlflow_run_id"])
     for key in run.data.metrics:
-        # The epoch's padding share covers the batches this process saw (README, exact-resume limits).
+        # The epoch's padding share covers the batches this process saw (docs/operations.md, exact-resume limits).
         if key.startswith(("wall", "time")) or key == "data/padding_fraction":
             continue
         for m in client.get_metric_history(run.info.run_id, key):

@@ -1,5 +1,6 @@
 """`cir` help: every subcommand's --help answers without model code, shows the defaults, has no
-reStructuredText markup; `cir --version` prints the installed version; the README lists every command."""
+reStructuredText markup; `cir --version` prints the installed version; the README and the docs list
+every command."""
 
 from __future__ import annotations
 
@@ -108,12 +109,21 @@ def test_version_is_the_installed_one() -> None:
     assert done.stdout.strip() == f"cir (fashion-cir) {importlib.metadata.version('fashion-cir')}"
 
 
-def test_the_readme_command_table_lists_every_command() -> None:
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("| command | what it does |"):]
-    table = table[:table.index("\n\n")]
+def _command_table(doc: Path) -> str:
+    text = doc.read_text()
+    table = text[text.index("| command | what it does |"):]
+    return table[:table.index("\n\n")]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/getting-started.md"])
+def test_the_command_table_lists_every_command(doc: str) -> None:
+    table = _command_table(ROOT / doc)
     listed = set(re.findall(r"^\| `cir ([\w-]+)", table, re.MULTILINE))
     assert set(COMMANDS) <= listed and TRAINER_COMMANDS[0] in listed and "--version" in table
+
+
+def test_the_front_page_and_the_docs_show_the_same_command_table() -> None:
+    assert _command_table(ROOT / "README.md") == _command_table(ROOT / "docs/getting-started.md")
 
 
 def test_help_falls_back_to_the_real_imports_when_the_parser_reads_model_code(

@@ -380,9 +380,11 @@ def _commands_with_checkpoints(text: str) -> list[tuple[str, str]]:
 
 def test_the_documented_commands_load_the_checkpoint_their_experiment_writes() -> None:
     commands = []
-    for doc in [ROOT / "README.md", ROOT / "Makefile", *sorted((ROOT / "cir").rglob("*.py")), *EXPERIMENTS]:
-        commands += [(doc.name, *c) for c in _commands_with_checkpoints(doc.read_text())]
+    docs = sorted((ROOT / "docs").rglob("*.md"))
+    for doc in [ROOT / "README.md", ROOT / "Makefile", *docs, *sorted((ROOT / "cir").rglob("*.py")), *EXPERIMENTS]:
+        commands += [(doc.relative_to(ROOT).as_posix(), *c) for c in _commands_with_checkpoints(doc.read_text())]
     assert any(doc == "Makefile" for doc, *_ in commands)  # `make serve`
+    assert any(doc.startswith("docs/") for doc, *_ in commands)  # the serving and query pages
     for doc, experiment, ckpt in commands:
         # Its own checkpoint, or (an evaluation-only variant) one of the experiment it starts from.
         chain = [ROOT / experiment, *(p for p in _defaults_of((ROOT / experiment).resolve())
