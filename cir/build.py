@@ -4,6 +4,7 @@ the FashionMV paper's three-stage pipeline (captions, left/right filter, triplet
     cir data synthetic --layout catalogue --out data/catalogue --products 300
     cir build --catalogue data/catalogue --out data/built --backend oracle --image-encoder clip:tiny
     cir data fashionmv --root data/built --out data/built-shards
+    # --chain: also multi-turn sessions (data/built/{split}_sessions.jsonl); convert them with --sessions
 
 With a model server (vLLM, SGLang, `transformers serve`, a hosted API) for a real catalogue:
 
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-encoder", default="tfidf", help="tfidf or clip:<preset, hub id or folder>")
     p.add_argument("--dataset", default="catalogue", help="dataset name of products without one in products.jsonl")
     p.add_argument("--retry-failed", action="store_true", help="ask again where answers were recorded as failures")
+    p.add_argument("--chain", action="store_true", help="also chain the triplets into multi-turn sessions "
+                   "(OUT/{split}_sessions.jsonl; `cir data fashionmv --root OUT --sessions` writes them as shards)")
+    p.add_argument("--min-turns", type=int, default=2, help="fewest turns of a chained session (with --chain)")
+    p.add_argument("--max-turns", type=int, default=5, help="most turns of a chained session (with --chain)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -158,6 +163,8 @@ def _stage_flags_for(args: argparse.Namespace, url: str) -> dict[str, str]:
 
 
 def config_from(args: argparse.Namespace) -> BuildConfig:
+    if args.chain and not 1 <= args.min_turns <= args.max_turns:
+        raise SystemExit(f"cir build: --min-turns {args.min_turns} --max-turns {args.max_turns}: need 1 <= min <= max")
     temperature = {s: v if (v := getattr(args, f"{s}_temperature")) is not None else args.temperature for s in STAGES}
     max_tokens = {s: getattr(args, f"{s}_max_tokens") or args.max_tokens or PAPER_MAX_TOKENS[s] for s in STAGES}
     return BuildConfig(
@@ -166,7 +173,8 @@ def config_from(args: argparse.Namespace) -> BuildConfig:
         attempts=args.attempts, composite_height=args.composite_height, max_side=args.max_side,
         image_encoder=args.image_encoder, text_encoder=args.text_encoder, device=args.device,
         default_dataset=args.dataset, temperature=temperature, max_tokens=max_tokens,
-        ranges=WordRanges(slack=args.word_slack), retry_failed=args.retry_failed, progress=not args.no_progress)
+        ranges=WordRanges(slack=args.word_slack), retry_failed=args.retry_failed, progress=not args.no_progress,
+        chain=(args.min_turns, args.max_turns) if args.chain else None)
 
 
 def _refuse_empty(summary: dict, out: str) -> None:
@@ -215,6 +223,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         raise SystemExit(f"cir build: {exc} (CIR_DEBUG=1 shows the traceback)") from exc
     _refuse_empty(summary, args.out)
-    keys = ("catalogue", "captions", "verify", "triplets", "released_products")
-    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    keys = ("catalogue", "captions", "verify", "triplets", "released_products", "sessions")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
     print(f"summary: {Path(args.out) / 'build_summary.json'}")

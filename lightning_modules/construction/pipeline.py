@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.catalogue import Catalogue, assign_splits, read_catalogue
+from datamodules.catalogue import SPLITS, Catalogue, assign_splits, read_catalogue
+from datamodules.converters.release_sessions import chain_release, remove_release_sessions
 
 from ..generation.chat import ChatBackend, ChatRequest
 from .answers import WordRanges, check_captions, check_selections, check_verification
@@ -61,6 +62,8 @@ class BuildConfig:
     ranges: WordRanges = field(default_factory=WordRanges)
     retry_failed: bool = False
     progress: bool = True
+    # Multi-turn sessions chained from the released triplets ({split}_sessions.jsonl): turns per session.
+    chain: tuple[int, int] | None = None
 
 
 def _latest(journal: Journal) -> dict[str, dict[str, Any]]:
@@ -263,6 +266,10 @@ class Build:
         tables = write_release(self.cfg.out, self.products, self.split_of, retained, triplets)
         runs = read_journal(self.work / "runs.jsonl")
         summary = self._summary(stage1, clothing, stage2, verdict, retained, stage3, tables, runs)
+        if self.cfg.chain is not None:  # from the release's own rows, so a rerun chains the same sessions
+            summary["sessions"] = chain_release(self.cfg.out, SPLITS, *self.cfg.chain, seed=self.cfg.seed)
+        else:
+            remove_release_sessions(self.cfg.out, SPLITS)
         write_atomic(self.cfg.out / "build_summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
         return summary
 
