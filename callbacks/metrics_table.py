@@ -1,5 +1,6 @@
 """Prints the final evaluation metrics as a small table: each recall beside its reference lines,
-the model's own text-blind line (the query without its text) and chance."""
+the model's own text-blind line (the query without its text) and chance; then, when sessions were
+evaluated, the same per turn (``{stage}/turn_{t}/...``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_modules.retrieval.recall import DATASET_PATTERN
 
 _RECALL = re.compile(rf"^(?P<stage>\w+)/(?:(?P<ds>{DATASET_PATTERN})/)?recall_at_(?P<k>\d+)$")
+_TURN = re.compile(r"^(?P<stage>\w+)/turn_(?P<t>\d+)/recall_at_(?P<k>\d+)$")
 
 
 def chance_recall(k: int, gallery_size: float) -> float:
@@ -54,7 +56,25 @@ def format_table(metrics: dict[str, float], stage: str = "val") -> str:
     if extra:
         lines += ["", *(f"{n:<40} {v:>8.4f}" for n, v in extra)]
     lines.append("(gain: recall minus the text-blind line, i.e. what reading the text adds)")
-    return "\n".join(lines)
+    return "\n".join(lines + turn_table(metrics, stage))
+
+
+def turn_table(metrics: dict[str, float], stage: str = "val") -> list[str]:
+    """Per-turn lines of the evaluated sessions (none when there were none)."""
+    rows = sorted((int(m["t"]), int(m["k"]), value) for name, value in metrics.items()
+                  if (m := _TURN.match(name)) and m["stage"] == stage)
+    if not rows:
+        return []
+    lines = ["", "sessions, per turn (query: the session so far; answer: the turn's target)",
+             f"{'turn':<6} {'K':>3} {'recall':>8} {'text-blind':>10} {'chance':>8} {'gain':>8} {'queries':>8}",
+             "-" * 58]
+    for t, k, value in rows:
+        blind = metrics.get(f"{stage}/turn_{t}/text_blind/recall_at_{k}", float("nan"))
+        chance = metrics.get(f"{stage}/turn_{t}/chance/recall_at_{k}", float("nan"))
+        queries = metrics.get(f"{stage}/turn_{t}/queries", float("nan"))
+        lines.append(f"{t:<6} {k:>3} {value:>8.4f} {blind:>10.4f} {chance:>8.4f} {value - blind:>+8.4f} "
+                     f"{queries:>8.0f}")
+    return lines
 
 
 class MetricsTable(Callback):

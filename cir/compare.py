@@ -11,7 +11,9 @@ cir sweep to fashion-cir-sweeps.
 ``--layout runs`` (the default, an ablation table): one row per run with its name, the variant
 switches (MLflow tags ``variant.*``, ✓ when on), Recall@K per dataset, their average, the same
 average of the run's own text-blind line (``val/<dataset>/text_blind/recall_at_K``: the query
-without its text), the gain over it (what reading the text adds, in points), and wall time.
+without its text), the gain over it (what reading the text adds, in points), for runs that
+evaluated multi-turn sessions Recall@K per turn beside that turn's text-blind line
+(``turn t R@K``, ``turn t blind R@K`` from ``val/turn_<t>/recall_at_K``), and wall time.
 ``--layout table2``: model, parameters, multi-view strategy (the runs' ``model``, ``parameters``
 and ``strategy`` tags), R@5 and R@10 per dataset, their averages over datasets and the overall
 average. ``--layout fashioniq``: the same with R@10 and R@50 per category. The best value of each
@@ -49,6 +51,14 @@ def _recall() -> re.Pattern[str]:
     """``val/<dataset>/recall_at_K``; ``val/text_blind/recall_at_K`` and the other reference lines are
     not datasets. Compiled on first use: ``cir compare --help`` builds its parser without model code."""
     return re.compile(rf"^val/(?P<ds>{DATASET_PATTERN})/recall_at_(?P<k>\d+)$")
+
+
+_TURN = re.compile(r"^val/turn_(?P<t>\d+)/recall_at_(?P<k>\d+)$")
+
+
+def run_turns(runs: Sequence[Any]) -> list[int]:
+    """The session turns (1-based) the runs logged a per-turn recall of."""
+    return sorted({int(m["t"]) for r in runs for key in r.data.metrics if (m := _TURN.match(key))})
 
 
 def run_datasets(runs: Sequence[Any]) -> list[str]:
@@ -173,7 +183,11 @@ def build_table(runs: list[Any], ks: list[int]) -> tuple[list[str], list[list[st
     switches = sorted({k.removeprefix("variant.") for r in runs for k in r.data.tags if k.startswith("variant.")})
     datasets = run_datasets(runs)
     metric_cols = [f"{ds} R@{k}" for ds in datasets for k in ks]
-    header = ["run", "stage", "family", *switches, *metric_cols, "avg", "text-blind avg", "gain", "minutes"]
+    # Multi-turn sessions: each turn's recall beside its own text-blind line (blank for runs without).
+    turn_keys = [(f"turn {t}{line} R@{k}", f"val/turn_{t}/{prefix}recall_at_{k}") for t in run_turns(runs) for k in ks
+                 for line, prefix in (("", ""), (" blind", "text_blind/"))]
+    header = ["run", "stage", "family", *switches, *metric_cols, "avg", "text-blind avg", "gain",
+              *(name for name, _ in turn_keys), "minutes"]
     rows: list[list[Any]] = []
     for r in runs:
         values = [r.data.metrics.get(f"val/{ds}/recall_at_{k}") for ds in datasets for k in ks]
@@ -188,10 +202,11 @@ def build_table(runs: list[Any], ks: list[int]) -> tuple[list[str], list[list[st
         minutes = (r.info.end_time - r.info.start_time) / 60000 if r.info.end_time else None
         rows.append([r.info.run_name or r.info.run_id[:8], r.data.tags.get("stage", ""), r.data.tags.get("family", ""),
                      *(_switch(r.data.tags.get(f"variant.{s}", "")) for s in switches), *values, avg, blind, gain,
-                     minutes])
+                     *(r.data.metrics.get(key) for _, key in turn_keys), minutes])
     first_metric = 3 + len(switches)
     n_metrics = len(metric_cols) + 1
-    percent_until = first_metric + n_metrics + 2  # the text-blind average and the gain are recalls too
+    # The text-blind average, the gain and the per-turn columns are recalls too.
+    percent_until = first_metric + n_metrics + 2 + len(turn_keys)
     return (header, _mark_best(rows, first_metric, n_metrics, percent_until),
             [*metric_cols, "avg"])
 

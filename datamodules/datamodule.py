@@ -6,7 +6,9 @@ so every DDP rank runs the same number of full batches and none waits forever in
 is a schedule a resumed run continues exactly (``resumable.py``, ``train_epochs.py``). Evaluation:
 every sample exactly once, split over workers by shard and over ranks by sample (so no rank is
 left without data, whatever the shard count); the validation step sees the gallery (dataloader 0)
-before the queries (dataloader 1).
+before the queries (dataloader 1), and with ``eval_sessions`` the split's multi-turn sessions
+(dataloader 2, flattened to one row per turn: ``session_batches.py``). ``train_on="sessions"``
+trains on the training split's sessions instead of its triplets, with the same epoch plan.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -36,11 +38,15 @@ from .negatives import GalleryReader, WithNegatives, read_negatives
 from .resumable import ResumableLoader, TrainStream
 from .sample_index import SampleIndex, SampleReader
 from .schema import stable_id
+from .session_batches import SessionRows, collate_session_rows
+from .session_shards import SESSION_KIND, SessionExample
 from .shards import KeyedStage, SkipCounter, decode_sample, iterate_shards, read_manifest, shard_urls, skip_budget
 from .sidecar import read_sidecar
 from .train_epochs import Sampling, TrainEpochs
 
 log = logging.getLogger(__name__)
+
+TrainOn = Literal["triplets", "sessions"]
 
 
 class TagSkipped:
@@ -113,6 +119,14 @@ class ShardDataModule(L.LightningDataModule):
             source; ``first``: only the source's first view (the first one stored), to measure how
             much a model relies on the other views (``benchmarks/view_incompleteness.py``). The
             gallery and training are unchanged.
+        train_on: ``triplets`` (default) or ``sessions``: the training split's multi-turn sessions
+            (``{split}-sessions-*.tar``), ``batch_size`` sessions a batch, each flattened to one
+            row per turn (``session_batches.flatten_sessions``); the epoch is one pass over the
+            sessions, planned and resumed as the triplets' (``sampling`` applies alike). Not with
+            ``bucket_batches`` or ``hard_negatives``.
+        eval_sessions: also evaluate the evaluation split's sessions, a third dataloader after the
+            gallery and the queries (``eval_batch_size`` sessions a batch): per-turn Recall@K
+            (``core.session_eval``). Not in ``predict``.
     """
 
     def __init__(self, data_dir: str = "data/synthetic", batch_size: int = 32, eval_batch_size: int = 64,
@@ -121,7 +135,8 @@ class ShardDataModule(L.LightningDataModule):
                  predict_split: str | None = None, target_pad_ratio: float | None = None,
                  captions_file: str | None = None, seed: int = 0, bucket_batches: int = 0,
                  hard_negatives: int = 0, query_views: QueryViews = "all",
-                 sampling: Sampling = "permutation", max_skip_rate: float = 0.01) -> None:
+                 sampling: Sampling = "permutation", max_skip_rate: float = 0.01, train_on: TrainOn = "triplets",
+                 eval_sessions: bool = False) -> None:
         super().__init__()
         problems = [f"{key}={value}: must be >= 1" for key, value in
                     (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)) if value < 1]
@@ -135,6 +150,12 @@ class ShardDataModule(L.LightningDataModule):
             problems.append(f"sampling={sampling!r}: must be 'permutation' or 'resampled'")
         if query_views not in ("all", "first"):
             problems.append(f"query_views={query_views!r}: must be 'all' or 'first'")
+        if train_on not in ("triplets", "sessions"):
+            problems.append(f"train_on={train_on!r}: must be 'triplets' or 'sessions'")
+        elif train_on == "sessions":
+            problems += [f"train_on=sessions with {key}={value}: sessions are batched whole; set {key}=0"
+                         for key, value in (("bucket_batches", bucket_batches), ("hard_negatives", hard_negatives))
+                         if value]
         if problems:
             raise ValueError("data.init_args: " + "; ".join(problems))
         self.save_hyperparameters()
@@ -161,11 +182,25 @@ class ShardDataModule(L.LightningDataModule):
 
     @property
     def train_index(self) -> SampleIndex:
-        """The training split's sample index, loaded (or built) once, in the main process: every
-        worker shares it, none rescans."""
+        """The training split's sample index (of its triplets, or of its sessions with
+        ``train_on=sessions``), loaded (or built) once, in the main process: every worker shares it,
+        none rescans."""
         if self._train_index is None:
-            self._train_index = SampleIndex.load(self.data_dir, "train")
+            self._train_index = SampleIndex.load(self.data_dir, "train", self.train_kind)
         return self._train_index
+
+    @property
+    def train_kind(self) -> str:
+        """The shard kind training reads: ``triplets`` or ``sessions``."""
+        return SESSION_KIND if self.hparams.train_on == "sessions" else "triplets"
+
+    def require_sessions(self, split: str, key: str) -> None:
+        """A one-line refusal when ``split`` has no sessions but ``key`` asks for them."""
+        entry = self.manifest["splits"].get(split, {})
+        if not entry.get("sessions") or not entry.get("shards", {}).get(SESSION_KIND):
+            raise ValueError(f"data.init_args.{key}: {self.data_dir}/manifest.json's split {split!r} has no sessions "
+                             f"({split}-sessions-*.tar); write them first (session_shards.write_session) or turn "
+                             f"{key} off")
 
     @property
     def captions(self) -> dict[str, str] | None:
@@ -180,6 +215,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         read_manifest(self.data_dir)  # fail here, with the fix in the message, rather than in a worker
+        if self.hparams.train_on == "sessions":
+            self.require_sessions("train", "train_on")
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -221,9 +258,9 @@ class ShardDataModule(L.LightningDataModule):
         n = len(self.train_index)  # what the plan deals, even from a damaged shard
         per_rank = EpochPlan(n, self.hparams.batch_size, world, self.hparams.seed, 0).batches_per_rank
         if per_rank == 0:
-            raise ValueError(f"{self.data_dir}: the train split has {n} triplets, fewer than one batch on every rank "
-                             f"(data.init_args.batch_size={self.hparams.batch_size} x {world} ranks); lower the batch "
-                             "size")
+            raise ValueError(f"{self.data_dir}: the train split has {n} {self.train_kind}, fewer than one batch on "
+                             f"every rank (data.init_args.batch_size={self.hparams.batch_size} x {world} ranks); lower "
+                             "the batch size")
         return per_rank
 
     def train_batches_per_worker(self) -> tuple[int, int]:
@@ -232,7 +269,7 @@ class ShardDataModule(L.LightningDataModule):
         workers = max(1, self.hparams.num_workers)
         if self.hparams.sampling == "permutation":
             return math.ceil(self.train_batches_per_rank() / workers), workers
-        n = self.manifest["splits"]["train"]["triplets"]
+        n = self.manifest["splits"]["train"][self.train_kind]
         batches = max(1, n // (self.hparams.batch_size * world))
         return math.ceil(batches / workers), workers
 
@@ -247,19 +284,31 @@ class ShardDataModule(L.LightningDataModule):
             reader = SampleReader(index)
             plan = EpochPlan(len(index), hp.batch_size, world, hp.seed, 0)
             if rank == 0:
-                log.info("training epochs: %d triplets in %d steps of %d x %d ranks; %d left out of each epoch "
-                         "(a different %d each time)", len(index), plan.batches_per_rank, hp.batch_size, world,
-                         plan.remainder, plan.remainder)
+                log.info("training epochs: %d %s in %d steps of %d x %d ranks; %d left out of each epoch "
+                         "(a different %d each time)", len(index), self.train_kind, plan.batches_per_rank,
+                         hp.batch_size, world, plan.remainder, plan.remainder)
         counter = SkipCounter("train", self._budget(per_worker * hp.batch_size))
+        tag: Any = TagSkipped("train", counter)
         example: Any = TripletExample(self.image_transform, hp.train_text, seed=hp.seed, captions=self.captions)
+        lengths = self.manifest["splits"]["train"].get("session_lengths") or {}
+        if hp.train_on == "sessions" and world > 1 and len(lengths) > 1:
+            # The contrastive loss gathers every rank's rows, and all_gather needs the same count on each.
+            raise ValueError(f"data.init_args.train_on=sessions on {world} ranks: the train split's sessions have "
+                             f"{sorted(map(int, lengths))} turns, so ranks would hold different row counts; train on "
+                             "one device, or on sessions of one length")
+        if hp.train_on == "sessions":
+            # Sessions are collated as lists (``collate`` pads only ``*images`` fields, which a session
+            # sample has none of) and flattened into turn rows by the last stage, in the worker.
+            example, tag = SessionExample(self.image_transform, hp.train_text, seed=hp.seed), SessionRows(
+                tag, self.captions)
         if hp.hard_negatives:
             # Read (and checked) here, in the main process: a bad sidecar fails before any worker starts.
             example = WithNegatives(example, self.image_transform, read_negatives(self.data_dir, "train",
                                                                                   hp.hard_negatives),
                                     GalleryReader(self.data_dir, "train"), hp.hard_negatives)
-        epochs = TrainEpochs(shard_urls(self.data_dir, self.manifest, "train", "triplets"), example, hp.batch_size,
-                             per_worker, hp.shuffle_buffer, hp.bucket_batches, hp.seed, rank, counter,
-                             TagSkipped("train", counter), hp.sampling, reader, world, workers)
+        epochs = TrainEpochs(shard_urls(self.data_dir, self.manifest, "train", self.train_kind), example,
+                             hp.batch_size, per_worker, hp.shuffle_buffer, hp.bucket_batches, hp.seed, rank, counter,
+                             tag, hp.sampling, reader, world, workers)
         stream = TrainStream(epochs)
         # Every worker may read every shard: the plan (or resampling) decides which samples it reads.
         loader = wds.WebLoader(stream, batch_size=None, num_workers=hp.num_workers)
@@ -295,7 +344,8 @@ class ShardDataModule(L.LightningDataModule):
         rate = self.hparams.max_skip_rate
         return max(1 if rate > 0 and samples > 0 else 0, skip_budget(samples, rate))
 
-    def _eval_pipeline(self, urls: list[str], name: str, example: Any, samples: int) -> wds.DataPipeline:
+    def _eval_pipeline(self, urls: list[str], name: str, example: Any, samples: int,
+                       collation: Any = collate) -> wds.DataPipeline:
         rank, world = self._world()
         workers = max(1, min(self.hparams.num_workers, len(urls)))
         counter = SkipCounter(name, self._budget(math.ceil(samples / (world * workers))))
@@ -306,14 +356,23 @@ class ShardDataModule(L.LightningDataModule):
             SplitSamplesByRank(rank, world),
             wds.map(decode_sample, handler=counter),
             wds.map(KeyedStage(example), handler=counter),
-            wds.batched(self.hparams.eval_batch_size, collation_fn=collate, partial=True),
+            wds.batched(self.hparams.eval_batch_size, collation_fn=collation, partial=True),
             wds.map(TagSkipped(name, counter)),
         )
 
-    def eval_dataloaders(self, split: str) -> list[wds.WebLoader]:
+    def eval_dataloaders(self, split: str, sessions: bool = False) -> list[wds.WebLoader]:
+        """The gallery (0) and the queries (1) of ``split``; with ``sessions`` its sessions (2)."""
         gallery = shard_urls(self.data_dir, self.manifest, split, "gallery")
         queries = shard_urls(self.data_dir, self.manifest, split, "triplets")
         counts = self.manifest["splits"][split]
+        extra = []
+        if sessions:
+            self.require_sessions(split, "eval_sessions")
+            urls = shard_urls(self.data_dir, self.manifest, split, SESSION_KIND)
+            extra.append(self._loader(self._eval_pipeline(urls, f"{split}-sessions",
+                                                          SessionExample(self.image_transform, "short"),
+                                                          counts.get("sessions", 0), collate_session_rows),
+                                      len(urls)))
         return [
             self._loader(self._eval_pipeline(gallery, f"{split}-gallery",
                                              GalleryExample(self.image_transform, self.captions),
@@ -323,10 +382,11 @@ class ShardDataModule(L.LightningDataModule):
                                                             query_views=self.hparams.query_views),
                                              counts.get("triplets", 0)),
                          len(queries)),
+            *extra,
         ]
 
     def val_dataloader(self) -> list[wds.WebLoader]:
-        return self.eval_dataloaders(self.hparams.val_split)
+        return self.eval_dataloaders(self.hparams.val_split, self.hparams.eval_sessions)
 
     @property
     def test_split(self) -> str:
@@ -337,7 +397,7 @@ class ShardDataModule(L.LightningDataModule):
         return self.hparams.predict_split or self.test_split
 
     def test_dataloader(self) -> list[wds.WebLoader]:
-        return self.eval_dataloaders(self.test_split)
+        return self.eval_dataloaders(self.test_split, self.hparams.eval_sessions)
 
     def predict_dataloader(self) -> list[wds.WebLoader]:
         return self.eval_dataloaders(self.predict_split)

@@ -6,7 +6,9 @@ scores each query in its own dataset's gallery at the end of the epoch, beside t
 lines a sceptic asks for: ``text_blind/`` (the source product's own embedding as the query),
 ``chance/``, and on generated data ``recall_subset_at_K`` and ``view_incomplete/``. A query's
 Recall_subset group and view-incompleteness come from its triplet (``subset_ids``,
-``view_incomplete``); real datasets have neither.
+``view_incomplete``); real datasets have neither. Dataloader 2, when the data module has one
+(``eval_sessions``), holds multi-turn sessions as turn rows: each turn's query comes from the
+family's ``encode_session`` and is scored per turn in the same gallery (``core.session_eval``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import torch
 from torch import nn
 
 from datamodules.schema import stable_id
+from datamodules.session_batches import is_session_batch
 
 from ..retrieval.recall import GalleryProtocol, RecallAtK, subset_tensor
 from ..retrieval.search import Backend
 from .contract import Products
 from .embedding import embed_product_batch
+from .session_eval import SessionRecall
 
 Split = Literal["train", "val", "test"]
 
@@ -81,6 +85,7 @@ class GalleryEvaluation:
 
     evaluation: RetrievalEval
     recall: nn.ModuleDict
+    session_recall: nn.ModuleDict
     dataset_names: list[str]
     last_gallery: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     last_ranks: dict[str, dict[str, Any]]
@@ -89,6 +94,7 @@ class GalleryEvaluation:
         self.evaluation = evaluation or RetrievalEval()
         self.dataset_names = []
         self.recall = nn.ModuleDict({split: self.evaluation.metric(split) for split in ("val", "test")})
+        self.session_recall = nn.ModuleDict({split: SessionRecall(self.recall[split]) for split in ("val", "test")})
         # The last evaluated gallery, kept for callbacks (retrieval pictures, indexes) until read.
         self.last_gallery = None
         # Per dataset, the model's and the text-blind line's target ranks (Recall@K curves).
@@ -101,6 +107,12 @@ class GalleryEvaluation:
 
     def after_evaluation(self, split: Split) -> None:
         """Called once Recall@K of ``split`` is logged (families log their extra metrics here)."""
+
+    def encode_session(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Every turn's query of a flattened session batch (``datamodules.session_batches``), one row
+        per turn. The multi-turn rule of a family that reads no history: turn t is the single-turn
+        query (reference p_t, text_t). A family that reads the session so far overrides this."""
+        return self.encode_query(batch)
 
     # -- steps ---------------------------------------------------------------------------------
     def dataset_index(self, names: list[str]) -> torch.Tensor:
@@ -115,7 +127,11 @@ class GalleryEvaluation:
     def evaluation_step(self, batch: dict[str, Any], split: Split) -> None:
         metric = self.recall[split]
         datasets = self.dataset_index(batch["dataset"])
-        if "images" in batch:  # a gallery product
+        if is_session_batch(batch):  # the turns of multi-turn sessions
+            self.session_recall[split].update(self.encode_session(batch), self.id_tensor(batch["target_id"]),
+                                              self.id_tensor(batch["source_id"]), datasets,
+                                              torch.tensor(batch["turn_index"], device=self.device))
+        elif "images" in batch:  # a gallery product
             products = Products.gallery_of(batch)
             emb = embed_product_batch(self, batch)
             ids = self.id_tensor(batch["product_id"])
@@ -146,8 +162,21 @@ class GalleryEvaluation:
                          add_dataloader_idx=False, rank_zero_only=False)
             self.last_gallery = metric.gallery()
             self.last_ranks = metric.last_ranks
+            self.log_session_recall(split)
             metric.reset()
+        self.session_recall[split].reset()  # also when no gallery came: never carried into the next evaluation
         self.after_evaluation(split)
+
+    def log_session_recall(self, split: Split) -> None:
+        """Per-turn Recall@K of the sessions evaluated, ranked in the gallery just scored."""
+        sessions = self.session_recall[split]
+        if not sessions.update_called:
+            return
+        metric = self.recall[split]
+        with metric.sync_context():  # the whole gallery under DDP, as the single-turn queries saw it
+            gallery = metric.gallery()
+        for name, value in sessions.compute(gallery, self.dataset_names).items():
+            self.log(f"{split}/{name}", value, sync_dist=False, add_dataloader_idx=False, rank_zero_only=False)
 
     def on_validation_epoch_end(self) -> None:
         self.log_recall("val")

@@ -16,6 +16,7 @@ carry a group of near-duplicates, CIRR's Recall_subset@K (the target ranked only
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -36,7 +37,9 @@ REFERENCE_LINES = ("text_blind", "chance", "view_incomplete", "subset")
 # Regex fragments for readers of logged keys: a reference line's prefix, and a dataset name (any
 # ``{split}/{name}/...`` segment that is not a reference line).
 REFERENCE_PATTERN = "|".join(REFERENCE_LINES)
-DATASET_PATTERN = rf"(?!(?:{REFERENCE_PATTERN})/)[\w\-]+"
+# Multi-turn sessions log per turn under ``{split}/turn_{t}/...`` (``core.session_eval``): not datasets either.
+TURN_PATTERN = r"turn_\d+"
+DATASET_PATTERN = rf"(?!(?:{REFERENCE_PATTERN}|{TURN_PATTERN})/)[\w\-]+"
 
 
 class NonFiniteEmbeddings(ValueError):
@@ -157,9 +160,9 @@ class RecallAtK(Metric):
 
     def _name(self, d: int) -> str:
         name = self.dataset_names[d] if d < len(self.dataset_names) else str(d)
-        if name in REFERENCE_LINES:  # its keys would be read as a reference line's
-            raise ValueError(f"a dataset named {name!r}: the names {list(REFERENCE_LINES)} are reserved for the "
-                             "evaluation's reference lines; rename the dataset")
+        if name in REFERENCE_LINES or re.fullmatch(TURN_PATTERN, name):  # its keys would be read as a line's
+            raise ValueError(f"a dataset named {name!r}: the names {list(REFERENCE_LINES)} and turn_<t> are reserved "
+                             "for the evaluation's reference lines and session turns; rename the dataset")
         return name
 
     def _check_finite(self, emb: torch.Tensor, ds: torch.Tensor, kind: str) -> None:

@@ -5,6 +5,12 @@ dialogues are in ``dialogue.py``. Losses: L = L_cir(q, d) + λ_d·L_doc(d, t_tgt
 all symmetric InfoNCE at τ = 0.07; t is a text-only forward ``[caption; <emb_all>]`` of the long or
 short caption (50/50 per step). L_doc and L_src are the Align mechanism, L_src only with MT. CoT's
 keep ratio ρ is set each step by a ``CoTRatioSchedule`` callback (``callbacks.CoTSchedule``).
+
+Multi-turn sessions (a batch of turn rows, ``datamodules.session_batches``) are read as one
+dialogue per session (``ProCIRDialogues.session``), one forward each: turn t's q is the
+``<emb_all>`` closing its text, with every earlier turn in context; L_cir is taken at every turn's q
+against that turn's target document, L_doc at every target, and L_src at every turn's s (with MT:
+the ``<emb_all>`` after turn t's reference views, aligned to that reference's caption).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from datamodules.session_batches import is_session_batch
+
 from ...backbones.qwen import PatchedImage, QwenBackbone
 from ...backbones.qwen_chat import Dialogue, DialogueBuilder
 from ...components.false_negatives import batch_keys, id_kwargs
@@ -26,7 +34,7 @@ from ...components.multiview import pool_view_rows
 from ...core import Products, RetrievalEval, RetrievalModule, TrainingPair, save_config_hyperparameters
 from ...core.adapters import LoraSettings
 from ...core.checkpoints import submodule_weights
-from .dialogue import ProCIRDialogues, caption_text, keep_tokens
+from .dialogue import ProCIRDialogues, Turn, caption_text, keep_tokens
 from .image_text import ImageTextRecall
 from .schedule import CoTRatioSchedule
 
@@ -173,9 +181,52 @@ class ProCIR(RetrievalModule):
         sources = [m.get("source") if m else None for m in batch.get("meta") or [None] * len(batch["text"])]
         return self._per_view(self.query, batch["source_images"], batch["text"], sources)
 
+    def _session_turns(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per turn row of a session batch, in its order: [q] single-turn, [s, q] with MT, read from
+        one forward of each session's whole dialogue (every row of a session precedes the next's)."""
+        sessions: dict[int, list[int]] = {}
+        for row, s in enumerate(batch["session_index"]):
+            sessions.setdefault(s, []).append(row)
+        for rows in sessions.values():
+            if [batch["turn_index"][r] for r in rows] != list(range(len(rows))):
+                raise ValueError(f"session {batch['session_id'][rows[0]]!r}: its turn rows are not turns 0..T-1 in "
+                                 "order; build session batches with datamodules.session_batches.flatten_sessions")
+        meta = batch.get("meta") or [None] * len(batch["text"])
+        seqs, queries = [], []
+        for rows in sessions.values():
+            turns = [Turn(batch["text"][r], list(batch["source_images"][r])) for r in rows]
+            thoughts = [self._thought((meta[r] or {}).get("source"), "query") for r in rows]
+            seq, query_index = self.dialogues.session(turns, thoughts)
+            seqs.append(seq)
+            queries.append([seq.emb_positions[i] for i in query_index])
+        inputs = self.dialogue.batch(seqs, self.device)
+        inputs.pop("labels")
+        hidden = self.backbone(**inputs).last_hidden_state
+        # Rows in batch order: dialogue i's turns are rows sessions[i] (their order checked above).
+        row_of = torch.tensor([i for i, rows in enumerate(sessions.values()) for _ in rows], device=hidden.device)
+        q_pos = torch.tensor([p for qs in queries for p in qs], device=hidden.device)
+        order = torch.tensor([r for rows in sessions.values() for r in rows], device=hidden.device)
+        q = hidden.new_empty(len(order), hidden.shape[-1])
+        q[order] = hidden[row_of, q_pos]
+        if not self.two_stage_dialogue:
+            return [q]
+        # With MT every turn brings its reference, so its s is the <emb_all> just before its q.
+        s_pos = torch.tensor([seqs[i].emb_positions[seqs[i].emb_positions.index(p) - 1]
+                              for i, qs in enumerate(queries) for p in qs], device=hidden.device)
+        s = hidden.new_empty(len(order), hidden.shape[-1])
+        s[order] = hidden[row_of, s_pos]
+        return [s, q]
+
     # -- the contract and its hooks ---------------------------------------------------------------
     def encode_query(self, batch: dict[str, Any]) -> torch.Tensor:
         return self._normalize(self._query_turns(batch)[-1])
+
+    def encode_session(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Each turn's q with the session so far in context (the joint dialogue); with a per-view
+        ``view_strategy`` there is no one dialogue to continue, so turns are single-turn queries."""
+        if self.view_strategy != "joint":
+            return super().encode_session(batch)
+        return self._normalize(self._session_turns(batch)[-1])
 
     def encode_target(self, products: Products) -> torch.Tensor:
         meta = products.meta or [None] * len(products)
@@ -193,7 +244,10 @@ class ProCIR(RetrievalModule):
     def embed_pair(self, batch: dict[str, Any]) -> TrainingPair:
         """q and, with MT, turn 1's s from the same forward; then the target documents; with Align,
         the caption embeddings t of the targets (and, with MT, of the sources)."""
-        turns = self._query_turns(batch)
+        if is_session_batch(batch) and self.grad_cache_chunk:
+            raise ValueError("model.init_args.grad_cache_chunk with data.init_args.train_on=sessions: a session's "
+                             "turns are one dialogue and cannot be split into chunks; set grad_cache_chunk=null")
+        turns = self._session_turns(batch) if is_session_batch(batch) else self._query_turns(batch)
         mt = self.two_stage_dialogue and len(turns) == 2
         extras = {"source": F.normalize(turns[0].float(), dim=-1)} if mt else {}
         target = self.encode_target(Products.targets_of(batch))
