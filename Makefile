@@ -20,7 +20,7 @@ LOCK_VENV := .venv-lock
 STAMP := $(VENV)/.installed
 PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile
 
-.PHONY: install demo serve check test lint docs lock upgrade-lock clean
+.PHONY: install demo serve check test lint docs lock upgrade-lock newest clean
 
 install: $(STAMP)
 
@@ -86,5 +86,23 @@ lock: $(LOCK_VENV)/bin/pip-compile
 upgrade-lock: LOCK_ARGS = $(if $(PACKAGES),$(foreach p,$(PACKAGES),--upgrade-package $(p)),--upgrade)
 upgrade-lock: lock
 
+# Before upgrading the lock: the newest release of every dependency pyproject.toml allows (the lock
+# ignored), in a venv of its own, then the inner loop (ruff and the unit tests) on it. Upstream
+# breaks (a transformers internal we rely on, a renamed API) show here before users meet them; a
+# green run says `make upgrade-lock` is safe to try. TORCH_INDEX as for install (otherwise pip may
+# take a CUDA build of torch: it works on the CPU, only larger).
+NEWEST_VENV := .venv-newest
+newest:
+	rm -rf $(NEWEST_VENV)
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade -e ".[dev]"
+	$(NEWEST_VENV)/bin/python -m pip list --format=freeze > $(NEWEST_VENV)/versions.txt
+	@echo "versions installed: $(NEWEST_VENV)/versions.txt (compare with $(LOCK))"
+	$(NEWEST_VENV)/bin/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(NEWEST_VENV)/bin/mkdocs build --strict --quiet --site-dir $(SITE_DIR)
+	$(NEWEST_VENV)/bin/python -m pytest -n 2 --dist loadfile tests/unit $(CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) data outputs mlflow.db mlartifacts lightning_logs $(LOCK).new $(SITE_DIR)
+	rm -rf $(VENV) $(LOCK_VENV) $(NEWEST_VENV) data outputs mlflow.db mlartifacts lightning_logs $(LOCK).new $(SITE_DIR)
