@@ -6,6 +6,10 @@
     query> no, with long sleeves and a pocket
     query> :quit
 
+With ``--session`` the texts are turns of one multi-turn session (``cir/query_session.py``): the
+first from the --images product, each next one refining the last; ``:click N`` makes result N the
+next turn's reference and ``:new`` starts over.
+
 At the prompt, :help lists the commands, :k N changes how many results are shown and :quit (or
 Ctrl-D, Ctrl-C) quits; the arrow keys edit the line and recall earlier ones (the history is kept in
 ~/.cache/fashion-cir/query_history). Texts piped to stdin or given with --text are answered one
@@ -37,6 +41,7 @@ from lightning_modules.families.procir import InteractiveEncoder, ProCIR
 from .args import add_weights_options, command_parser, parse
 from .errors import check_files, check_images, user_errors
 from .models import encode_gallery_with_meta, encode_query, load_model_and_data, require_weights, resolve_device_or_exit
+from .query_session import SESSION_HELP, Refused, session_of
 from .search import choose_dataset
 
 PROMPT = "query> "
@@ -105,14 +110,18 @@ def results_table(results: Iterable[tuple[str, float]], catalogue: Mapping[str, 
 
 
 def repl(search: Search, read: Callable[[str], str], catalogue: Mapping[str, Mapping[str, str]],
-         k: int = DEFAULT_K, write: Callable[[str], None] = print, banner: bool = True) -> None:
+         k: int = DEFAULT_K, write: Callable[[str], None] = print, banner: bool = True,
+         commands: Mapping[str, Callable[[str], str]] | None = None,
+         heading: Callable[[str, float], str] | None = None) -> None:
     """The prompt loop: ``read(prompt)`` gives a line (EOFError at the end: Ctrl-D or no more
     input), ``search`` answers a text, ``write`` prints. ``:help``, ``:k N`` and ``:quit`` (also
     without the colon at a terminal, ``banner``: a user types ``quit``, not a modification text) are
-    commands. Ctrl-C quits
-    cleanly wherever it comes, at the prompt or during a query."""
+    commands, and so is each of ``commands`` (``:word ARG`` → its message: a session's ``:click``);
+    ``heading(text, ms)`` is the line above each answer. A ``Refused`` turn or command is said in
+    one line and the prompt goes on. Ctrl-C quits cleanly wherever it comes, at the prompt or during a query."""
+    commands = commands or {}
     if banner:
-        write(BANNER)
+        write(BANNER + (" :click N refines the next turn from result N, :new starts over." if commands else ""))
     while True:
         try:
             line = read(PROMPT)
@@ -131,7 +140,12 @@ def repl(search: Search, read: Callable[[str], str], catalogue: Mapping[str, Map
             if word in QUIT:
                 return
             if word in HELP_WORDS:
-                write(HELP.format(k=k))
+                write(HELP.format(k=k) + ("\n" + SESSION_HELP if commands else ""))
+            elif word in commands:
+                try:
+                    write(commands[word](arg))
+                except Refused as error:
+                    write(str(error))
             elif word == "k" and arg.strip().isdigit() and int(arg) >= 1:
                 k = int(arg)
                 write(f"showing {k} results per query")
@@ -144,7 +158,10 @@ def repl(search: Search, read: Callable[[str], str], catalogue: Mapping[str, Map
             if banner:
                 write("")
             return
-        write(f"[{ms:.1f} ms] {text!r}")
+        except Refused as error:
+            write(str(error))
+            continue
+        write(heading(text, ms) if heading else f"[{ms:.1f} ms] {text!r}")
         write(results_table(results, catalogue))
 
 
@@ -199,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-k", type=int, default=DEFAULT_K, help=f"results per query (default {DEFAULT_K}; :k N at the "
                    "prompt changes it)")
     p.add_argument("--text", action="append", help="modification texts (default: read lines from stdin)")
+    p.add_argument("--session", action="store_true",
+                   help="the texts are turns of one session, each refining the last (:click N at the prompt makes "
+                        "result N the next turn's reference, :new starts over)")
     p.add_argument("--products", default=None,
                    help="a catalogue's products.jsonl, for titles and categories in the results (default: "
                    "products.jsonl in the shard folder, when there is one)")
@@ -231,6 +251,23 @@ def _run(args: Any, extra: list[str]) -> None:
     metas = [m for m, kept in zip(metas, keep, strict=True) if kept]
     listed = read_products(args.products or Path(dm.data_dir) / "products.jsonl")
     catalogue = {pid: describe(meta, listed.get(pid)) for pid, meta in zip(ids, metas, strict=True)}
+
+    def rank(q: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        scores, idx = torch.topk(gallery.to(q.device) @ q, min(k, len(ids)))
+        return [(ids[i], s) for s, i in zip(scores.tolist(), idx.tolist(), strict=True)]
+
+    interactive = not args.text and sys.stdin.isatty()
+    if interactive:
+        _line_editing(HISTORY)
+        read: Callable[[str], str] = input
+    else:
+        read = _lines(args.text or (line.rstrip("\n") for line in sys.stdin))
+    if args.session:
+        conversation, how = session_of(model, dm, args.images, args.split, dataset, rank)
+        print(f"gallery: {len(ids)} products of {dataset}; session: {how}", flush=True)
+        repl(conversation, read, catalogue, args.k, write=lambda s: print(s, flush=True), banner=interactive,
+             commands={"click": conversation.click, "new": conversation.new}, heading=conversation.heading)
+        return
     t0 = time.perf_counter()
     if isinstance(model, ProCIR) and model.two_stage_dialogue:
         encoder = InteractiveEncoder(model)
@@ -243,16 +280,8 @@ def _run(args: Any, extra: list[str]) -> None:
 
     def search(text: str, k: int) -> tuple[list[tuple[str, float]], float]:
         t0 = time.perf_counter()
-        q = embed(text)
-        scores, idx = torch.topk(gallery.to(q.device) @ q, min(k, len(ids)))
-        ms = 1000 * (time.perf_counter() - t0)
-        return [(ids[i], s) for s, i in zip(scores.tolist(), idx.tolist(), strict=True)], ms
+        results = rank(embed(text), k)
+        return results, 1000 * (time.perf_counter() - t0)
 
     print(f"gallery: {len(ids)} products of {dataset}; {how}", flush=True)
-    interactive = not args.text and sys.stdin.isatty()
-    if interactive:
-        _line_editing(HISTORY)
-        read: Callable[[str], str] = input
-    else:
-        read = _lines(args.text or (line.rstrip("\n") for line in sys.stdin))
     repl(search, read, catalogue, args.k, write=lambda s: print(s, flush=True), banner=interactive)

@@ -10,6 +10,8 @@
     POST /search                                multipart: text, dataset, k, source_id or 1-5 images
     POST /products                              multipart: product_id, dataset, 1-5 images, category, title
     DELETE /products/{dataset}/{id}             (both writes need the API key: ``writes.py``)
+    POST /sessions, POST /sessions/{id}/turns,  multi-turn sessions (``session_routes.py``)
+    GET|DELETE /sessions/{id}
 
 Ids may hold slashes (FashionMV's nested ids), so they come last in a path. Every refusal is a 4xx
 with ``{"error": "<one line>"}``; only a fault of the model itself is a 500.
@@ -32,10 +34,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .batcher import MicroBatcher, QueueFull
-from .engine import ProductJob, SearchEngine
+from .engine import ProductJob, SearchEngine, SessionJob
 from .engine import Query as EngineQuery
 from .gallery import UnknownProduct
-from .limits import BadInput, Limits, upload_digest
+from .limits import BadInput, Limits
+from .session_routes import add_session_routes
+from .sessions import SessionStore
+from .sources import read_source
 from .uploads import UploadStore
 from .writes import WriteGuard, Writer, add_write_routes, writes_off
 
@@ -76,12 +81,14 @@ class BodyLimit:
 def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: int = 8,
                max_wait_ms: float = 5.0, max_queue: int = 256, api_key: str | None = None,
                uploads: UploadStore | None = None, writes_refused: str | None = None,
-               compact_after: int = 10_000) -> FastAPI:
+               compact_after: int = 10_000, sessions: SessionStore | None = None) -> FastAPI:
     """The service. ``api_key`` (``CIR_API_KEY``) turns the write routes on, given a store that keeps
-    changes and ``uploads`` for their photos; ``writes_refused`` says why they stay off otherwise."""
+    changes and ``uploads`` for their photos; ``writes_refused`` says why they stay off otherwise.
+    ``sessions`` keeps the multi-turn sessions (default: 1 GiB, 30 min idle, 5 turns)."""
     limits = limits or Limits()
-    batcher: MicroBatcher[EngineQuery | ProductJob, Any] = MicroBatcher(engine.run, max_batch, max_wait_ms / 1000,
-                                                                         max_queue)
+    sessions = sessions or SessionStore(1024 * 2**20)
+    batcher: MicroBatcher[EngineQuery | ProductJob | SessionJob, Any] = MicroBatcher(
+        engine.run, max_batch, max_wait_ms / 1000, max_queue)
     off = writes_off(engine, api_key, writes_refused)
     writer = Writer(engine, uploads, compact_after)
 
@@ -145,6 +152,7 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
                 "changes_not_compacted": getattr(engine.gallery, "pending", None),
                 "datasets": {d: engine.gallery_size(d) for d in engine.datasets},
                 "turn1_cache": engine.cache.stats() if engine.caches_turn1 else None,
+                "sessions": {"mode": "kv-cache" if engine.sessions is not None else "joined", **sessions.stats()},
                 "batching": batcher.stats()}
 
     @app.get("/datasets", summary="The datasets and their gallery sizes")
@@ -184,21 +192,7 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
                      ) -> dict[str, Any]:
         t0 = time.perf_counter()
         ds, text, k = dataset_of(dataset), limits.text(text), limits.k(k)
-        uploads = [f for f in images or [] if f.filename or f.size]
-        if source_id and uploads:
-            raise BadInput(400, "give either source_id or images, not both")
-        if source_id:
-            views, caption = await asyncio.to_thread(engine.store.source, ds, source_id)
-            key: Any = engine.store.source_key(ds, source_id)
-        elif uploads:
-            limits.view_count(len(uploads))
-            data = [await f.read(limits.max_image_bytes + 1) for f in uploads]
-            names = [f.filename or f"image {i}" for i, f in enumerate(uploads)]
-            views = await asyncio.to_thread(lambda: [limits.image(n, b) for n, b in zip(names, data, strict=True)])
-            key = ("upload", upload_digest(data))
-            caption = limits.text(source_caption, "source_caption") if source_caption else ""
-        else:
-            raise BadInput(400, "no source: give source_id (a gallery product) or 1-5 images")
+        views, key, caption = await read_source(engine, limits, ds, source_id, images, source_caption)
         try:
             answer = await batcher(EngineQuery(ds, text, k, views, key, caption), limits.timeout_s)
         except QueueFull as error:
@@ -212,4 +206,5 @@ def create_app(engine: SearchEngine, limits: Limits | None = None, max_batch: in
                             for r, (pid, score) in enumerate(answer.results, 1)]}
 
     add_write_routes(app, engine, batcher, limits, writer, image_url)
+    add_session_routes(app, engine, batcher, limits, sessions, image_url, dataset_of)
     return app

@@ -16,8 +16,11 @@ gallery while it is served (an index keeps each change in its change log before 
 compacts it after ``--compact-after`` changes). Open http://HOST:PORT/ for the page and /docs for
 the API. Concurrent queries are batched on the model (``--max-batch``, up to ``--max-wait-ms`` of
 extra wait; ``--max-batch 1`` turns batching off); a ProCIR model with the two-stage dialogue
-caches turn 1 of each source (``--cache-mb``, 0 turns it off). Options after ``--`` go to the
-config (e.g. ``-- --data.init_args.data_dir=data/fashionmv``).
+caches turn 1 of each source (``--cache-mb``, 0 turns it off). Multi-turn sessions (``POST /sessions``)
+last ``--max-turns`` turns, end after ``--session-ttl-s`` idle seconds and hold at most ``--session-mb``
+in all (the least recently used go first); such a ProCIR model keeps each session's KV cache, so a turn
+runs only its own tokens. Options after ``--`` go to the config (e.g.
+``-- --data.init_args.data_dir=data/fashionmv``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .device import device_of, dtype_of, place, trainer_precision
 from .engine import SearchEngine
 from .limits import Limits
 from .products import Products
+from .sessions import SessionStore
 from .stores import PROG, Opened, open_index, open_milvus, photos, probe, refuse_caption_targets
 from .writes import API_KEY_ENV, writes_off
 
@@ -64,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="queries per model batch (1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest a query waits for others to join it")
     p.add_argument("--cache-mb", type=float, default=512.0, help="ProCIR turn-1 cache size (0: no cache)")
+    p.add_argument("--session-mb", type=float, default=1024.0,
+                   help="memory of all multi-turn sessions together (ProCIR: their KV caches); the least recently "
+                        "used session goes first")
+    p.add_argument("--session-ttl-s", type=float, default=1800.0, help="a session ends after this many idle seconds")
+    p.add_argument("--max-turns", type=int, default=5, help="turns of one session")
     p.add_argument("--max-image-mb", type=float, default=10.0, help="largest uploaded view accepted")
     p.add_argument("--timeout-s", type=float, default=60.0, help="longest a query may wait for the model")
     return p
@@ -79,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
 def _serve(p: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
     if args.max_batch < 1:
         p.error(f"--max-batch {args.max_batch}: at least 1 (1 turns batching off)")
+    if args.max_turns < 1 or args.session_ttl_s <= 0 or args.session_mb <= 0:
+        p.error(f"--max-turns {args.max_turns}, --session-ttl-s {args.session_ttl_s:g}, --session-mb "
+                f"{args.session_mb:g}: sessions need at least 1 turn, a positive idle time and some memory")
     if args.index and args.milvus:
         p.error("--index and --milvus each name the gallery: give one")
     if (args.catalogue or args.uploads) and not (args.index or args.milvus):
@@ -116,8 +128,10 @@ def _serve(p: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str
     engine = SearchEngine(model, dm, args.split, opened.gallery, args.cache_mb, products=products, device=device,
                           dtype=dtype)
     limits = Limits(max_image_bytes=int(args.max_image_mb * 2**20), timeout_s=args.timeout_s)
+    sessions = SessionStore(int(args.session_mb * 2**20), args.session_ttl_s, args.max_turns)
     app = create_app(engine, limits, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, api_key=api_key,
-                     uploads=uploads, writes_refused=opened.refused, compact_after=args.compact_after)
+                     uploads=uploads, writes_refused=opened.refused, compact_after=args.compact_after,
+                     sessions=sessions)
     sizes = ", ".join(f"{d}: {engine.gallery_size(d)}" for d in engine.datasets) or "empty"
     what = (f"index {args.index}" if args.index else f"Milvus {args.milvus} ({args.milvus_collection})"
             if args.milvus else f"the {args.split} gallery")

@@ -2,7 +2,8 @@
 
 ProCIR's turn-1 caches differ by an order of magnitude in size (one view or five, 256 or 1,024
 image tokens each), so a count bound either wastes memory or runs out of it; the service sizes it
-in MiB. Used from one thread (the model worker), so it takes no lock.
+in MiB. It takes no lock: the turn-1 cache is used from one thread (the model worker), the session
+store (``sessions.py``) holds its own.
 """
 
 from __future__ import annotations
@@ -84,6 +85,23 @@ class BytesLRU(Generic[V]):
             self.bytes -= old
             self.evictions += 1
         return True
+
+    def peek(self, key: Hashable) -> V | None:
+        """The value of ``key`` without using it (its place and the counters stay as they are)."""
+        found = self._items.get(key)
+        return found[0] if found is not None else None
+
+    def pop(self, key: Hashable) -> V | None:
+        """Remove ``key`` (an ended session); its value, or None when it was not kept."""
+        found = self._items.pop(key, None)
+        if found is None:
+            return None
+        self.bytes -= found[1]
+        return found[0]
+
+    def keys(self) -> list[Hashable]:
+        """The kept keys, least recently used first."""
+        return list(self._items)
 
     def stats(self) -> dict[str, int]:
         return {"entries": len(self._items), "bytes": self.bytes, "budget_bytes": self.budget, "hits": self.hits,

@@ -7,9 +7,14 @@ attention (Gated DeltaNet) layers, plus the next M-RoPE position. ``encode_query
 then runs only the turn-2 tokens (the modification text and the assistant's ``<emb_all>``). The
 cache is copied per query, so one source serves any number of texts.
 
+Multi-turn sessions (``start_session``, ``extend``, ``encode_session``) come from ``SessionEncoder``
+(``session_cache.py``): each turn runs only its own tokens on the previous turn's cache.
+
     encoder = InteractiveEncoder.from_checkpoint("outputs/procir_sft/checkpoints/last.ckpt", backbone)
     cache = encoder.cache_source(["front.jpg", "back.jpg"])
     q = encoder.encode_query(None, "make it red with long sleeves", cache=cache)
+    q1, state = encoder.start_session(["front.jpg", "back.jpg"], "like this but blue")
+    q2, state = encoder.extend(state, "with long sleeves")
 """
 
 from __future__ import annotations
@@ -21,15 +26,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from ...backbones.images import open_upright
-from ...backbones.qwen import PatchedImage, QwenBackbone
+from ...backbones.qwen import QwenBackbone
 from ...backbones.qwen_chat import Dialogue
 from ...core.checkpoints import submodule_weights
 from .model import ProCIR
-
-Source = list[Image.Image | str | Path | PatchedImage]
+from .session_cache import SessionEncoder, Source
 
 
 @dataclass
@@ -42,16 +44,14 @@ class SourceCache:
     tokens: int
 
 
-class InteractiveEncoder:
-    """Query encoding for one user at a time (batch size 1), cached or from scratch."""
+class InteractiveEncoder(SessionEncoder):
+    """Query encoding for one user at a time (batch size 1), cached or from scratch; sessions too."""
 
-    def __init__(self, model: ProCIR) -> None:
+    def __init__(self, model: ProCIR, max_tokens: int | None = None) -> None:
         if not model.two_stage_dialogue:
             raise ValueError("KV-cached queries need the two-stage dialogue (model.init_args.two_stage_dialogue=true):"
                              " a single-turn query mixes the text into the image turn, so nothing can be cached")
-        self.model = model.eval()
-        self.backbone = model.backbone
-        self.dialogue = model.dialogue
+        super().__init__(model, max_tokens)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path | None, backbone: str = "tiny",
@@ -62,22 +62,6 @@ class InteractiveEncoder:
         if checkpoint is not None:
             model.backbone.load_state_dict(submodule_weights(checkpoint, "backbone."))
         return cls(model.to(device))
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    def views(self, source: Source) -> list[PatchedImage]:
-        """``source``'s views as patches; files are read upright (their EXIF orientation applied),
-        images given as PIL images are taken as they are."""
-        transform = self.backbone.image_transform
-        out = []
-        for v in source:
-            if isinstance(v, PatchedImage):
-                out.append(v)
-            else:
-                out.append(transform(open_upright(v) if isinstance(v, str | Path) else v))
-        return out
 
     def _run(self, seq: Dialogue, cached: bool = False, **kw: Any) -> Any:
         inputs = self.dialogue.batch([seq], self.device)
@@ -92,11 +76,9 @@ class InteractiveEncoder:
         d = self.dialogue
         seq = d.assistant(d.user(Dialogue(), self.views(source)))
         out, inputs = self._run(seq, use_cache=True)
-        positions, _ = self.backbone.model.model.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])
+        _, next_position = self.positions(inputs, 0)
         s = F.normalize(out.last_hidden_state[0, seq.emb_positions[0]].float(), dim=-1)
-        return SourceCache(out.past_key_values, int(positions.max()) + 1, s, len(seq.ids))
+        return SourceCache(out.past_key_values, next_position, s, len(seq.ids))
 
     @torch.no_grad()
     def encode_query(self, source: Source | None, text: str, cache: SourceCache | None = None) -> torch.Tensor:
