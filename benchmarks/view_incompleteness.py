@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from lightning_modules.retrieval.recall import DATASET_PATTERN
+from lightning_modules.retrieval.metric_names import DATASET_PATTERN
 
 _QUERIES = re.compile(rf"^val/(?P<name>{DATASET_PATTERN})/queries$")
 

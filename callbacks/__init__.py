@@ -13,16 +13,17 @@ if TYPE_CHECKING:
     from .embedding_writer import EmbeddingWriter
     from .eval_artifacts import EvalArtifacts
     from .metrics_table import MetricsTable
-    from .mlflow_logging import DEFAULT_TRACKING_URI, LogConfigToMLflow, MLflowLogger
+    from .mlflow_logging import LogConfigToMLflow, MLflowLogger
     from .run_tags import RunTags
     from .speedups import Speedups
     from .stage_switch import StageSwitch
     from .submission import RetrievalSubmission
+    from .tracking import DEFAULT_TRACKING_URI
 
 _EXPORTS = {
     "BestCheckpoint": ".best_checkpoint",
     "CoTSchedule": ".cot_schedule",
-    "DEFAULT_TRACKING_URI": ".mlflow_logging",
+    "DEFAULT_TRACKING_URI": ".tracking",
     "EmbeddingWriter": ".embedding_writer",
     "EvalArtifacts": ".eval_artifacts",
     "LogConfigToMLflow": ".mlflow_logging",

@@ -28,7 +28,7 @@ from lightning_modules.core.checkpoints import checkpoint_metadata
 from lightning_modules.core.embedding import embed_query_batch
 from lightning_modules.core.interfaces import Retriever
 from lightning_modules.retrieval import similarities
-from lightning_modules.retrieval.recall import DATASET_PATTERN, REFERENCE_PATTERN
+from lightning_modules.retrieval.metric_names import DATASET_PATTERN, REFERENCE_PATTERN
 
 # ``val/<dataset>/recall_at_5``, ``val/<dataset>/text_blind/recall_at_5``: a reference line's prefix
 # is never read as a dataset name.

@@ -9,7 +9,7 @@ import re
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_modules.retrieval.recall import DATASET_PATTERN
+from lightning_modules.retrieval.metric_names import DATASET_PATTERN
 
 _RECALL = re.compile(rf"^(?P<stage>\w+)/(?:(?P<ds>{DATASET_PATTERN})/)?recall_at_(?P<k>\d+)$")
 _TURN = re.compile(r"^(?P<stage>\w+)/turn_(?P<t>\d+)/recall_at_(?P<k>\d+)$")

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from callbacks.mlflow_logging import resolve_tracking_uri
-from lightning_modules.retrieval.recall import DATASET_PATTERN
+from callbacks.tracking import resolve_tracking_uri
+from lightning_modules.retrieval.metric_names import DATASET_PATTERN
 
 from .args import command_parser, parse
 from .reported import TABLE2, TABLE2_DATASETS, table2_recalls

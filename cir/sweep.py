@@ -39,7 +39,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from callbacks.mlflow_logging import resolve_tracking_uri
+from callbacks.tracking import resolve_tracking_uri
 from lightning_modules.core.checkpoints import checkpoint_metadata
 
 from .args import command_parser, parse

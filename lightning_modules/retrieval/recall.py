@@ -24,6 +24,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from .metric_names import REFERENCE_LINES, TURN_PATTERN
 from .search import Backend, faiss_target_ranks, resolve_backend, similarities, target_ranks
 
 GalleryProtocol = Literal["all", "queries"]
@@ -32,14 +33,6 @@ GalleryProtocol = Literal["all", "queries"]
 SUBSET_WIDTH = 16  # ids a query's Recall_subset group may hold (fixed so DDP can concatenate the state)
 SUBSET_K = (1, 2, 3)  # CIRR's K for Recall_subset
 MISS = torch.iinfo(torch.long).max  # the rank of a query that cannot be answered (no gallery, no source)
-# Metric-name prefixes of the reference lines: never dataset names in a ``{split}/{name}/...`` key.
-REFERENCE_LINES = ("text_blind", "chance", "view_incomplete", "subset")
-# Regex fragments for readers of logged keys: a reference line's prefix, and a dataset name (any
-# ``{split}/{name}/...`` segment that is not a reference line).
-REFERENCE_PATTERN = "|".join(REFERENCE_LINES)
-# Multi-turn sessions log per turn under ``{split}/turn_{t}/...`` (``core.session_eval``): not datasets either.
-TURN_PATTERN = r"turn_\d+"
-DATASET_PATTERN = rf"(?!(?:{REFERENCE_PATTERN}|{TURN_PATTERN})/)[\w\-]+"
 
 
 class NonFiniteEmbeddings(ValueError):

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from cir.lightning_cli import build_cli, expand_defaults
-from lightning_modules.retrieval.recall import REFERENCE_LINES
+from lightning_modules.retrieval.metric_names import REFERENCE_LINES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "experiments/demos/clip4cir.yaml"
@@ -173,7 +173,11 @@ def data_args(experiment: Path, datasets: dict[str, Path], tiny_folder: Path | N
         assert blip2_folder is not None, f"{experiment.name} needs the saved tiny BLIP-2"
         args += [f"--model.init_args.query_text_encoder.init_args.backbone.init_args.name_or_path={blip2_folder}",
                  "--model.init_args.query_text_encoder.init_args.dim=48"]
-    if data["class_path"].endswith("SyntheticDataModule"):
+    if data["class_path"].endswith("SyntheticDataModule") and data["init_args"].get("sessions"):
+        # Generated sessions: a folder of their own, written on first use (200 products, 40 sessions).
+        args += [f"--data.init_args.data_dir={datasets['synthetic'].parent / 'synthetic-sessions'}",
+                 "--data.init_args.products=200", "--data.init_args.sessions=40"]
+    elif data["class_path"].endswith("SyntheticDataModule"):
         args += [f"--data.init_args.data_dir={datasets['synthetic']}", "--data.init_args.products=200"]
     else:
         kind = next(k for k in ("fashioniq", "fashionmv") if k in data["init_args"]["data_dir"])
