@@ -8,8 +8,7 @@ removed or replaced base products are hidden from the base's results (which are 
 as many as are hidden, so ``k`` stays full on an exact base). ``compact()`` folds everything into a
 new base (``GalleryIndex.save``, itself kill-safe) and starts a new log.
 
-The log never holds pickles: it is ``MAGIC`` then records of ``<u32 length><u32 crc32><payload>``,
-a payload being ``<u32 n><n bytes of JSON><float32 little-endian vectors>``. Its first record (the
+The log's format is in ``change_log.py`` (no pickles; framed, checksummed records). Its first record (the
 header, written whole by an atomic rename) names the base it applies to by the faiss files the
 base's ``gallery_index.json`` lists (every save names them afresh). A kill mid-append leaves a torn
 last record: it is found by its length or checksum, dropped on load and cut off the file, and every
@@ -27,178 +26,21 @@ writer (it may be a record being appended), and a log of another base is not set
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import faiss
 import numpy as np
-import torch
 
 from datamodules.atomic import atomic_write
 
+from .change_log import LOG, MAGIC, as_f32, encode_record, read_log
 from .gallery_index import GalleryIndex
+from .overlay import Overlay, base_id, build_options, is_multi_vector, vectors_of
 from .store import Hit
-
-LOG = "changes.log"
-MAGIC = b"CIRCHG1\n"
-_FRAME = struct.Struct("<II")  # payload length, crc32 of the payload
-_COUNT = struct.Struct("<I")
-
-
-def _f32(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().float().cpu().numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-def encode_record(head: Mapping[str, Any], vectors: np.ndarray | None = None) -> bytes:
-    body = json.dumps(head, separators=(",", ":")).encode()
-    payload = _COUNT.pack(len(body)) + body + (b"" if vectors is None else _f32(vectors).astype("<f4").tobytes())
-    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def decode_payload(payload: bytes) -> tuple[dict[str, Any], np.ndarray | None]:
-    (n,) = _COUNT.unpack_from(payload)
-    head = json.loads(payload[_COUNT.size:_COUNT.size + n])
-    raw = payload[_COUNT.size + n:]
-    if "shape" not in head:
-        return head, None
-    return head, np.frombuffer(raw, dtype="<f4").reshape(head["shape"]).astype(np.float32)
-
-
-def read_log(path: Path) -> tuple[list[tuple[dict[str, Any], np.ndarray | None]], int]:
-    """The log's records and the byte length of its whole part. A damaged last record (a kill
-    mid-append) is left out; damage followed by more records is not a kill's and is refused."""
-    data = path.read_bytes()
-    if not data.startswith(MAGIC):
-        raise ValueError(f"{path}: not a gallery change log (it does not start with {MAGIC!r}); move it away "
-                         "to serve the index without its changes")
-    records, at = [], len(MAGIC)
-    while at < len(data):
-        whole = at + _FRAME.size <= len(data)
-        length, crc = _FRAME.unpack_from(data, at) if whole else (0, 0)
-        end = at + _FRAME.size + length
-        record = None
-        if whole and length >= _COUNT.size and end <= len(data) and zlib.crc32(data[at + _FRAME.size:end]) == crc:
-            try:
-                record = decode_payload(data[at + _FRAME.size:end])
-            except (struct.error, ValueError):  # a checksum that matches by chance over garbage
-                record = None
-        if record is None:
-            # A kill mid-append leaves a torn last record; a power cut may leave zeros where the file
-            # grew. Anything else after damage is not a torn write.
-            if whole and end < len(data) and data[at:].strip(b"\0"):
-                raise ValueError(f"{path}: damaged record at byte {at} with {len(data) - end} bytes after it (not a "
-                                 "torn last write); restore the folder from a copy")
-            break  # everything before it stands
-        records.append(record)
-        at = end
-    if not records or records[0][0].get("op") != "header":
-        raise ValueError(f"{path}: no header record; move it away to serve the index without its changes")
-    return records, at
-
-
-def base_id(folder: Path) -> str:
-    """Which saved base an index folder holds: its faiss file names, new at every save."""
-    try:
-        meta = json.loads((folder / "gallery_index.json").read_text())
-        return ",".join(sorted(str(e["file"]) for e in meta["datasets"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return ""
-
-
-def base_vectors(index: faiss.Index) -> np.ndarray:
-    """Every vector of a faiss index, in insertion order (flat, IVF-flat and HNSW-flat store them whole)."""
-    if index.ntotal == 0:
-        return np.zeros((0, index.d), dtype=np.float32)
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.make_direct_map()
-    return index.reconstruct_n(0, index.ntotal)
-
-
-def build_options(base: GalleryIndex) -> dict[str, Any]:
-    """How a base was built and is searched, kept when it is rebuilt: the faiss settings, and (where
-    the index keeps them) its stored vectors, re-ranking depth and on-disk lists."""
-    out: dict[str, Any] = {}
-    index = next(iter(base.indexes.values()), None)
-    ivf = faiss.try_extract_index_ivf(index) if index is not None else None
-    if ivf is not None:
-        out["nprobe"] = int(ivf.nprobe)
-    elif hasattr(index, "hnsw"):
-        out.update(hnsw_m=int(index.hnsw.nb_neighbors(1)), ef_search=int(index.hnsw.efSearch))
-    if getattr(base, "stored", None):
-        out["store_vectors"] = True
-        out["rerank"] = int(getattr(base, "defaults", {}).get("rerank", 0))
-    if getattr(base, "on_disk", None):
-        out["on_disk"] = True
-    return out
-
-
-def vectors_of(base: GalleryIndex, dataset: str) -> np.ndarray:
-    """A base dataset's vectors in id order: the index's own (stored ones where it keeps them), else
-    rebuilt from faiss."""
-    own = getattr(base, "vectors", None)
-    return np.asarray(own(dataset), dtype=np.float32) if callable(own) else base_vectors(base.indexes[dataset])
-
-
-def is_multi_vector(base: GalleryIndex) -> bool:
-    return any(len(r) for r in getattr(base, "rows", {}).values())
-
-
-@dataclass
-class Overlay:
-    """One dataset's added or replaced products: an exact search over a growing array."""
-
-    dim: int
-    ids: list[str] = field(default_factory=list)
-    rows: dict[str, int] = field(default_factory=dict)
-    vectors: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.vectors = np.zeros((16, self.dim), dtype=np.float32)
-
-    def put(self, pid: str, vector: np.ndarray) -> None:
-        row = self.rows.get(pid)
-        if row is None:
-            row = len(self.ids)
-            if row == len(self.vectors):  # doubling: n adds cost O(n) copies in all
-                self.vectors = np.concatenate([self.vectors, np.zeros_like(self.vectors)])
-            self.ids.append(pid)
-            self.rows[pid] = row
-        self.vectors[row] = vector
-
-    def remove(self, pid: str) -> bool:
-        row = self.rows.pop(pid, None)
-        if row is None:
-            return False
-        last = len(self.ids) - 1
-        if row != last:  # the last product takes the freed row
-            self.ids[row], self.vectors[row] = self.ids[last], self.vectors[last]
-            self.rows[self.ids[row]] = row
-        self.ids.pop()
-        return True
-
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        n = len(self.ids)
-        if n == 0 or k <= 0:
-            return [[] for _ in queries]
-        scores = queries @ self.vectors[:n].T
-        k = min(k, n)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        out = []
-        for row, cand in zip(scores, top, strict=True):
-            order = cand[np.argsort(-row[cand], kind="stable")]
-            out.append([(self.ids[i], float(row[i])) for i in order])
-        return out
 
 
 class MutableGallery:
@@ -275,7 +117,7 @@ class MutableGallery:
 
     def search(self, queries: Any, k: int, dataset: str | None = None,
                where: Mapping[str, str] | None = None) -> list[list[Hit]]:
-        q = _f32(queries)
+        q = as_f32(queries)
         if q.ndim != 2:
             raise ValueError(f"queries of shape {tuple(q.shape)}: this store holds one vector per product ([Q, D])")
         with self._state:
@@ -311,7 +153,7 @@ class MutableGallery:
     def upsert(self, dataset: str, ids: Sequence[str], vectors: Any,
                meta: Sequence[Mapping[str, str]] | None = None) -> None:
         ids = [str(i) for i in ids]
-        v = _f32(vectors)
+        v = as_f32(vectors)
         if v.ndim != 2 or len(v) != len(ids):
             raise ValueError(f"{len(ids)} ids and vectors of shape {tuple(v.shape)}: give one [D] row per id")
         if self.dim is not None and v.shape[1] != self.dim:
