@@ -5,9 +5,9 @@ a triplet whose target is another's source continues it) and writes them beside 
 ``{split}-sessions-*.tar`` (``session_shards.write_session``), the chain products' views copied
 from the split's gallery; the manifest's split entries gain ``sessions``, ``session_lengths`` and
 ``shards.sessions``, written last and atomically, so a killed run leaves a folder without sessions
-(and is simply run again). ``ChainedSyntheticDataModule`` is the generated dataset with that pass
-in ``prepare_data``: the stand-in until the generator writes sessions itself
-(``cir data synthetic --sessions``), when the demo's data class becomes ``SyntheticDataModule``.
+(and is simply run again). The multi-turn demo now trains on the generator's own sessions
+(``SyntheticDataModule(sessions=N)``); this pass remains for tests/unit/datamodules/test_session_batches.py,
+and ``cir data sessions`` (``converters.chaining``) is the chaining for real data.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .schema import Triplet
 from .session_shards import SESSION_KIND, SessionRecord, write_session
 from .sessions import sample_sessions
 from .shards import ShardSetWriter, read_manifest, shard_urls, write_manifest
-from .synthetic_datamodule import SyntheticDataModule
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +72,3 @@ def add_chained_sessions(data_dir: str | Path, splits: tuple[str, ...] = ("train
                                                  "max_turns": max_turns, "seed": seed}}
     write_manifest(data_dir, manifest["splits"], manifest["datasets"], source)
     return lengths
-
-
-class ChainedSyntheticDataModule(SyntheticDataModule):
-    """The generated dataset (``SyntheticDataModule``) with sessions chained from its triplets in
-    ``prepare_data`` when its folder has none (``add_chained_sessions``).
-
-    Args:
-        session_min_turns, session_max_turns: the turns of a chained session.
-        session_seed: seed of the chaining.
-        **kwargs: ``SyntheticDataModule``'s and ``ShardDataModule``'s (``train_on``, ``eval_sessions``).
-    """
-
-    def __init__(self, session_min_turns: int = 2, session_max_turns: int = 5, session_seed: int = 0,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.save_hyperparameters({**self.hparams, "session_min_turns": session_min_turns,
-                                   "session_max_turns": session_max_turns, "session_seed": session_seed})
-
-    def prepare_data(self) -> None:
-        super().prepare_data()  # generated (or checked) first
-        manifest = read_manifest(self.data_dir)
-        splits = tuple(s for s in ("train", self.hparams.val_split) if not manifest["splits"][s].get(SESSION_KIND))
-        if splits:
-            hp = self.hparams
-            add_chained_sessions(self.data_dir, splits, hp.session_min_turns, hp.session_max_turns, hp.session_seed)
-            self._manifest = None  # read again: it now lists the sessions

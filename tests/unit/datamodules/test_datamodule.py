@@ -164,6 +164,65 @@ def test_a_folder_from_an_older_generator_is_refused(tmp_path: Path) -> None:
     assert "--data.init_args.products" not in message  # the settings match: only regenerating helps
 
 
+def test_synthetic_sessions_are_generated_recorded_and_a_folder_with_others_refused(tmp_path: Path) -> None:
+    import json
+
+    from datamodules.session_shards import session_lengths_of
+
+    dm = SyntheticDataModule(str(tmp_path / "d"), products=40, sessions=5, session_turns=(2, 3), num_workers=0,
+                             train_on="sessions", batch_size=1)
+    dm.prepare_data()
+    manifest = read_manifest(tmp_path / "d")
+    assert manifest["source"]["sessions"] == {"count": 5, "min_turns": 2, "max_turns": 3}
+    # val_fraction 0.2: val gets ceil(5 * 0.2) = 1 session, train the other 4, each of 2 or 3 turns.
+    lengths = {split: session_lengths_of(manifest["splits"][split]) for split in ("train", "val")}
+    assert sum(lengths["train"].values()) == 4 and sum(lengths["val"].values()) == 1
+    assert set(lengths["train"]) | set(lengths["val"]) <= {2, 3}
+    turns = [len(b["session_id"]) for b in dm.train_dataloader()]  # one row a turn, one session a batch
+    assert len(turns) == 4 and sum(turns) == sum(k * v for k, v in lengths["train"].items())
+    dm.prepare_data()  # same settings: nothing to do
+    for kwargs, config in [({}, "none"), ({"sessions": 5, "session_turns": (2, 5)}, "5 of 2-5 turns"),
+                           ({"sessions": 6, "session_turns": (2, 3)}, "6 of 2-3 turns")]:
+        with pytest.raises(ValueError, match="delete") as err:
+            SyntheticDataModule(str(tmp_path / "d"), products=40, num_workers=0, **kwargs).prepare_data()
+        message = str(err.value)
+        assert f"sessions: folder 5 of 2-3 turns, config {config}" in message and "\n" not in message
+        assert "--data.init_args.sessions=5 --data.init_args.session_turns=[2,3]" in message
+    # A single-turn folder asked for sessions: the flag that trains on it as it is says sessions=0.
+    SyntheticDataModule(str(tmp_path / "e"), products=40, num_workers=0).prepare_data()
+    with pytest.raises(ValueError, match="sessions: folder none, config 5 of 2-5 turns") as err:
+        SyntheticDataModule(str(tmp_path / "e"), products=40, sessions=5, num_workers=0).prepare_data()
+    assert "--data.init_args.sessions=0" in str(err.value)
+    # Sessions chained from the triplets after generation (cir data sessions): the generator's own data,
+    # trained as before with sessions=0, refused to a config that asks for generated sessions.
+    manifest = tmp_path / "e" / "manifest.json"
+    chained = json.loads(manifest.read_text())
+    chained["source"]["sessions"] = {"chained": True, "min_turns": 2, "max_turns": 5, "seed": 0}
+    manifest.write_text(json.dumps(chained))
+    SyntheticDataModule(str(tmp_path / "e"), products=40, num_workers=0).prepare_data()
+    with pytest.raises(ValueError, match="sessions: folder chained from its triplets, config 5 of 2-5 turns"):
+        SyntheticDataModule(str(tmp_path / "e"), products=40, sessions=5, num_workers=0).prepare_data()
+    with pytest.raises(ValueError, match="sessions=-1"):
+        SyntheticDataModule(str(tmp_path / "f"), sessions=-1)
+
+
+def members(shard: Path) -> dict[str, bytes]:
+    with tarfile.open(shard) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+
+
+def test_synthetic_defaults_write_what_the_generator_writes_without_sessions(tmp_path: Path) -> None:
+    from datamodules.synthetic import write_synthetic
+
+    SyntheticDataModule(str(tmp_path / "dm"), products=40, num_workers=0).prepare_data()
+    write_synthetic(tmp_path / "direct", products=40, seed=0)
+    files = sorted(p.name for p in (tmp_path / "direct").glob("*.tar"))
+    assert files and files == sorted(p.name for p in (tmp_path / "dm").glob("*.tar"))
+    for name in files:  # member by member (a tar header carries its write time)
+        assert members(tmp_path / "dm" / name) == members(tmp_path / "direct" / name)
+    assert "sessions" not in read_manifest(tmp_path / "dm")["source"]
+
+
 def test_shards_written_before_the_group_fields_still_read(small_data: Path, tmp_path: Path) -> None:
     import json
 
