@@ -272,7 +272,7 @@ def test_the_page_shows_the_result_grid_in_headless_chromium(service: Service) -
     the page's own JavaScript, the target framed; the screenshot is kept for a look."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); docs/serving/index.md gives the command")
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); see docs/serving/index.md")
     example = json.loads(get(f"{service.url}/examples/synth_street?n=1")[1])[0]
     k = json.loads(get(f"{service.url}/health")[1])["datasets"]["synth_street"]  # all of it: the target is shown
     query = urllib.parse.urlencode({"dataset": "synth_street", "source": example["source_id"], "text": example["text"],

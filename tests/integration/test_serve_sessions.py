@@ -263,7 +263,7 @@ def test_the_page_holds_a_conversation_in_headless_chromium(procir: Served, tmp_
     a result clicked before turn 3 becomes its reference; the screenshot is kept for a look."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the README gives the command")
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); see docs/serving/index.md")
     pid = first_products(procir.url, 1)[0]
     texts = ["like this but blue", "with long sleeves", "and a back zipper"]
     script = [("dataset", DS), ("source", pid), ("k", "5"), ("turn", texts[0]), ("turn", texts[1]), ("click", "2"),

@@ -27,7 +27,8 @@ def test_every_export_resolves_to_its_module_s_object(package: str) -> None:
 
 
 def test_importing_the_packages_loads_no_model_code() -> None:
-    code = ("import sys, lightning_modules, datamodules, callbacks, lightning_modules.core, lightning_modules.backbones; "
+    code = ("import sys, lightning_modules, datamodules, callbacks, lightning_modules.core, "
+            "lightning_modules.backbones; "
             "print(sorted(m for m in ('transformers', 'lightning', 'peft', 'faiss', "
             "'lightning_modules.families.procir.model') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

@@ -11,8 +11,8 @@ from PIL import Image
 from callbacks.cot_schedule import CoTSchedule, keep_ratio
 from callbacks.eval_artifacts import retrieval_picture
 from callbacks.metrics_table import format_table
-from callbacks.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from callbacks.stage_switch import StageSwitch
+from callbacks.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
 from lightning_modules.families.procir import CoTRatioSchedule
 
 
