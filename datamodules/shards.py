@@ -112,7 +112,11 @@ class ShardSetWriter:
             w.close()
         # Only kinds this split has: a folder without sessions keeps the manifest it always had.
         kinds = ["triplets", "gallery"] + sorted(set(self._writers) - {"triplets", "gallery"})
-        shards = {kind: sorted(p.name for p in self.out_dir.glob(f"{self.split}-{kind}-*.tar")) for kind in kinds}
+        # Only this writer's names ({split}-{kind}-NNNNNN.tar): a chained folder's session tars
+        # ({split}-sessions-c{N}-NNNNNN.tar) or other leftovers must never join this split's list.
+        own = {kind: re.compile(rf"{re.escape(self.split)}-{re.escape(kind)}-\d{{6}}\.tar") for kind in kinds}
+        shards = {kind: sorted(p.name for p in self.out_dir.glob(f"{self.split}-{kind}-*.tar")
+                               if own[kind].fullmatch(p.name)) for kind in kinds}
         extra = {"session_lengths": {str(k): v for k, v in sorted(self.session_lengths.items())}} \
             if self.session_lengths else {}
         return {**self.counts, **extra, "shards": shards}

@@ -316,6 +316,9 @@ class MutableGallery:
 
     def compact(self) -> None:
         """Everything into a new base; the log starts again. Searches go on meanwhile; writes wait."""
+        if self.read_only:
+            raise PermissionError(f"{self.folder} was opened read-only: compaction belongs to the process that "
+                                  "writes its changes (cir serve)")
         with self._writer:
             with self._state:
                 rows = []

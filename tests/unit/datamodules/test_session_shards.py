@@ -57,3 +57,15 @@ def test_products_must_be_the_chain(tmp_path: Path) -> None:
     writer = ShardSetWriter(tmp_path, "val")
     with pytest.raises(SchemaError, match="not its chain"):
         write_session(writer, _record(["a", "b"]), [encode_product(_product("b", (0, 0, 0)))] * 2)
+
+
+def test_a_writer_lists_only_its_own_shards(tmp_path: Path) -> None:
+    # A chained folder's session tars (another name generation) and stray tars sit beside it.
+    for stray in ("val-sessions-c1-000000.tar", "val-gallery-old.tar"):
+        (tmp_path / stray).write_bytes(b"")
+    writer = ShardSetWriter(tmp_path, "val")
+    write_session(writer, _record(["a", "b"]), [encode_product(_product(p, (9, 9, 9))) for p in "ab"])
+    writer.write_product(*encode_product(_product("a", (9, 9, 9))))
+    entry = writer.close()
+    assert entry["shards"]["sessions"] == ["val-sessions-000000.tar"]
+    assert entry["shards"]["gallery"] == ["val-gallery-000000.tar"]

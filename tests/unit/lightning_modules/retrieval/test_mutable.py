@@ -356,3 +356,5 @@ def test_a_read_only_reader_sees_what_a_writer_would_and_writes_nothing(tmp_path
     assert reader.contains("a", "after") == (state == "compacted_old_log")
     with pytest.raises(PermissionError, match="read-only"):
         reader.upsert("a", ["x"], unit(rng, 1))
+    with pytest.raises(PermissionError, match="read-only"):
+        reader.compact()
