@@ -32,19 +32,21 @@ def kernels() -> str:
     return f"flash-linear-attention: {'yes' if fla else 'no'}, causal-conv1d: {'yes' if conv else 'no'}"
 
 
+def call_ms(fn: Callable[[], object], device: str) -> float:
+    """Milliseconds of one call (a GPU's queued work included)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0)
+
+
 def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
     """Median milliseconds of ``repeats`` calls after one warm-up call."""
     fn()
-    out = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        out.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(out)
+    return statistics.median(call_ms(fn, device) for _ in range(repeats))
 
 
 def main() -> None:

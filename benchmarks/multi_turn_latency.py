@@ -18,24 +18,13 @@ import argparse
 import statistics
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
+from kv_cache_latency import call_ms
 from PIL import Image
 
 TEXTS = ["like this but in navy blue", "with long sleeves and buttoned cuffs", "and a zipper at the back",
          "a bit shorter, above the knee", "in a softer, matte fabric"]
-
-
-def sample(fn: Callable[[], object], device: str) -> float:
-    """Milliseconds of one call."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - t0)
 
 
 def product(n: int, seed: int, size: int) -> list[Image.Image]:
@@ -88,7 +77,7 @@ def main() -> None:
         times: dict[int, tuple[list[float], list[float]]] = {t: ([], []) for t in calls}
         for round_ in range(args.repeats + 1):
             for t, (cached, full) in calls.items():
-                c, f = sample(cached, args.device), sample(full, args.device)
+                c, f = call_ms(cached, args.device), call_ms(full, args.device)
                 if round_:
                     times[t][0].append(c)
                     times[t][1].append(f)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from support.procir import model, product_images
 
-from cir.query import repl
+from cir.query import _lines, repl
 from cir.query_session import CachedTurns, Conversation, JoinedTurns, Reference
 from lightning_modules.backbones.qwen import QwenBackbone
 from lightning_modules.families.procir.dialogue import Turn
@@ -20,16 +20,6 @@ SCRIPT = ["like this but blue", "with long sleeves", ":click 2", "and a back zip
           "in red"]
 
 
-def lines(script: list[str]):
-    it = iter(script)
-
-    def read(_: str) -> str:
-        try:
-            return next(it)
-        except StopIteration:
-            raise EOFError from None
-
-    return read
 
 
 def clicked_views(pid: str) -> tuple[list[Image.Image], str]:
@@ -38,7 +28,7 @@ def clicked_views(pid: str) -> tuple[list[Image.Image], str]:
 
 def run(conversation: Conversation, script: list[str]) -> list[str]:
     out: list[str] = []
-    repl(conversation, lines(script), {}, k=4, write=out.append, banner=False,
+    repl(conversation, _lines(script), {}, k=4, write=out.append, banner=False,
          commands={"click": conversation.click, "new": conversation.new}, heading=conversation.heading)
     return "\n".join(out).splitlines()
 
